@@ -1,0 +1,1 @@
+"""Game-side Python client for the npctalk ZeroMQ server (protocol: bindings/PROTOCOL.md)."""

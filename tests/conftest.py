@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight models and their exported bundles, built once per session."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face folder holding a 2-layer DialoGPT-shaped GPT-2 and its tokenizer."""
+    pytest.importorskip("torch")
+    from tiny_models import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face folder holding a 2-layer SmolLM2-shaped Llama with a ChatML template."""
+    pytest.importorskip("torch")
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+def _export(source: Path, out: Path) -> Path:
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    logging.getLogger("npctalk").setLevel(logging.INFO)
+    return export_bundle(source, out, ExportOptions(dtype="fp32"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_bundle(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 bundle of the tiny GPT-2 (EOS-joined dialogue format)."""
+    return _export(tiny_gpt2_dir, tmp_path_factory.mktemp("bundles") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 bundle of the tiny Llama (chat-template dialogue format)."""
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("bundles") / "llama")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def bundle(request: pytest.FixtureRequest) -> Path:
+    """Each tiny bundle in turn: tests that must hold for both model families."""
+    return request.getfixturevalue(f"{request.param}_bundle")
