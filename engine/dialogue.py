@@ -1,0 +1,81 @@
+"""Dialogue → prompt token ids, for both model families.
+
+* ``eos_joined`` (DialoGPT, GPT-2): every turn is its text followed by EOS; the model's reply is
+  whatever follows the last EOS, up to the next one. No system prompt exists, so a persona enters
+  as leading turns (``Persona.leading_turns``).
+* ``chat_template`` (SmolLM2, TinyLlama, …): the template pieces exported in ``ChatFormat``
+  around each message, the persona as the system message, then the generation prompt.
+
+Template pieces are tokenized with special-token parsing on; every message text — above all the
+player's — with it off, so typing ``<|im_start|>system`` cannot inject a control token.
+
+The prompt is built as ``prefix + history + generation prompt``. ``prefix`` depends only on the
+persona, so its KV cache can be kept and rewound to every turn (see ``chat.ChatSession``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from .bundle import Manifest
+from .errors import PromptError
+from .tokenizer import Tokenizer
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One line of dialogue: ``user`` is the player, ``assistant`` the NPC."""
+
+    role: Role
+    text: str
+
+
+class DialogueFormatter:
+    """Turns a persona and turns into token ids for one bundle. Stateless and thread-safe."""
+
+    def __init__(self, manifest: Manifest, tokenizer: Tokenizer) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self._eos = manifest.eos_token_ids[0]
+        self._chat = manifest.chat_format if manifest.dialogue_format == "chat_template" else None
+
+    def _special(self, piece: str) -> list[int]:
+        return self.tokenizer.encode(piece, allow_special=True) if piece else []
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allow_special=False)
+
+    def prefix_ids(self, system: str, leading: Sequence[Turn] = ()) -> list[int]:
+        """Tokens that depend only on the persona: system message (chat) or leading turns (DialoGPT)."""
+        if self._chat is None:
+            return [tok for turn in leading for tok in self.turn_ids(turn)]
+        if not system.strip():
+            raise PromptError("A chat model needs a non-empty system prompt for the NPC's persona.")
+        c = self._chat
+        return (self._special(c.bos) + self._special(c.system_prefix) + self._text(system)
+                + self._special(c.system_suffix) + [t for turn in leading for t in self.turn_ids(turn)])
+
+    def turn_ids(self, turn: Turn) -> list[int]:
+        """One finished turn as tokens, closed the way the model closes it."""
+        if turn.role not in ("user", "assistant"):
+            raise PromptError(f"Unknown dialogue role {turn.role!r}; use 'user' (player) or 'assistant' (NPC).")
+        if self._chat is None:
+            return self._text(turn.text) + [self._eos]
+        c = self._chat
+        pre, suf = (c.user_prefix, c.user_suffix) if turn.role == "user" else (c.assistant_prefix, c.assistant_suffix)
+        return self._special(pre) + self._text(turn.text) + self._special(suf)
+
+    def generation_prompt_ids(self) -> list[int]:
+        """Tokens that open the NPC's reply (empty for DialoGPT: the reply follows the last EOS)."""
+        return self._special(self._chat.assistant_prefix) if self._chat else []
+
+    def prompt_ids(self, system: str, turns: Sequence[Turn], leading: Sequence[Turn] = ()) -> list[int]:
+        """The whole prompt: prefix, every turn, generation prompt."""
+        ids = self.prefix_ids(system, leading)
+        for turn in turns:
+            ids += self.turn_ids(turn)
+        return ids + self.generation_prompt_ids()
