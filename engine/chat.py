@@ -88,7 +88,9 @@ class ChatSession:
                     f"The player's line is {len(ids)} tokens; at most {budget} fit beside the persona "
                     f"and a {self.options.max_new_tokens}-token reply."
                 )
-            start += 2 if turns[start].role == "user" and start + 1 < len(turns) - 1 else 1
+            start += 1
+            while start < len(turns) - 1 and turns[start].role != "user":
+                start += 1  # keep the history opening with a player line
 
 
 def run_terminal_chat(
