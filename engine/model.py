@@ -1,0 +1,169 @@
+"""A loaded bundle: ONNX Runtime session, tokenizer, manifest, and one forward step over a KV cache.
+
+``Model.forward`` is the only place that talks to ONNX Runtime. It feeds exactly the inputs the
+graph declares (older GPT-2 graphs take no ``attention_mask``/``position_ids``; the engine computes
+them when they are asked for) and returns the logits of the last position only.
+
+Thread-safety: ``forward`` may be called from several threads with different caches (ONNX Runtime's
+``run`` is thread-safe); a ``KVCache`` itself belongs to one caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Manifest, load_manifest
+from .errors import BundleError, ConfigError, ContextOverflowError, GenerationError
+from .kv_cache import KV_DTYPES, KVCache
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Provider = Literal["auto", "cpu", "cuda"]
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The graph's real input/output names; ``attention_mask``/``position_ids`` None when not declared."""
+
+    input_ids: str
+    attention_mask: str | None
+    position_ids: str | None
+    past_keys: tuple[str, ...]
+    past_values: tuple[str, ...]
+    logits: str
+    present_keys: tuple[str, ...]
+    present_values: tuple[str, ...]
+    id_dtype: type
+
+    @classmethod
+    def resolve(cls, manifest: Manifest, session: ort.InferenceSession) -> GraphIO:
+        """Match ``manifest.io`` against what the session declares; ``BundleError`` on any mismatch."""
+        io, layers = manifest.io, range(manifest.num_layers)
+        inputs = {i.name: i.type for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+
+        def optional(key: str) -> str | None:
+            name = io.get(key)
+            return name if name in inputs else None
+
+        found = cls(
+            input_ids=io["input_ids"], attention_mask=optional("attention_mask"), position_ids=optional("position_ids"),
+            past_keys=tuple(io["past_key"].format(layer=i) for i in layers),
+            past_values=tuple(io["past_value"].format(layer=i) for i in layers),
+            logits=io["logits"],
+            present_keys=tuple(io["present_key"].format(layer=i) for i in layers),
+            present_values=tuple(io["present_value"].format(layer=i) for i in layers),
+            id_dtype=ORT_INT_TYPES.get(inputs.get(io["input_ids"], ""), np.int64),
+        )
+        fed = {found.input_ids, found.attention_mask, found.position_ids, *found.past_keys, *found.past_values}
+        missing_in = sorted(n for n in fed - {None} if n not in inputs)
+        unknown_in = sorted(set(inputs) - fed)
+        missing_out = sorted({found.logits, *found.present_keys, *found.present_values} - outputs)
+        if missing_in or unknown_in or missing_out:
+            raise BundleError(
+                f"{manifest.model_file} does not match the manifest's I/O: graph lacks inputs {missing_in} and "
+                f"outputs {missing_out}, and declares inputs {unknown_in} the engine cannot feed. Re-export the bundle."
+            )
+        kv_type = ORT_FLOAT_TYPES.get(inputs[found.past_keys[0]]) if found.past_keys else None
+        if kv_type is not KV_DTYPES[manifest.kv_dtype]:
+            raise BundleError(f"The manifest says kv_dtype {manifest.kv_dtype} but the graph's past is "
+                              f"{inputs.get(found.past_keys[0]) if found.past_keys else 'absent'}. Re-export the bundle.")
+        return found
+
+
+class Model:
+    """A bundle ready to run. ``provider`` is ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA if it starts).
+
+    ``intra_op_threads`` caps ONNX Runtime's worker threads (None: one per core); a game that
+    shares the CPU with its own frame loop should set it to a few cores.
+    """
+
+    def __init__(self, bundle_path: str | Path, *, provider: Provider = "auto", intra_op_threads: int | None = None) -> None:
+        self.path = Path(bundle_path)
+        self.manifest = load_manifest(self.path)
+        self.tokenizer = Tokenizer.from_file(self.path / self.manifest.tokenizer_file)
+        self.session = _create_session(self.path / self.manifest.model_file, provider, intra_op_threads)
+        self.provider = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
+        self.io = GraphIO.resolve(self.manifest, self.session)
+        self._outputs = [self.io.logits, *self.io.present_keys, *self.io.present_values]
+        log.info("Loaded %s (%s, %d layers, context %d) on %s", self.manifest.name, self.manifest.dtype,
+                 self.manifest.num_layers, self.manifest.max_context, self.provider)
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty KV cache for ``batch_size`` streams."""
+        return KVCache.for_manifest(self.manifest, batch_size)
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run ``input_ids`` (batch, seq) after ``cache``; return last-position logits (batch, vocab)
+        as float32 and extend ``cache`` by ``seq`` positions. Raises before exceeding ``max_context``."""
+        ids = np.asarray(input_ids, dtype=self.io.id_dtype)
+        if ids.ndim != 2 or ids.shape[0] != cache.batch_size or ids.shape[1] == 0:
+            raise GenerationError(f"input_ids must be (batch={cache.batch_size}, seq>=1), got shape {ids.shape}.")
+        if ids.min() < 0 or ids.max() >= self.manifest.vocab_size:
+            raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}), got {ids.min()}..{ids.max()}.")
+        batch, seq = ids.shape
+        total = cache.length + seq
+        if total > self.manifest.max_context:
+            raise ContextOverflowError(
+                f"{seq} new tokens after {cache.length} cached make {total}, more than the model's context of "
+                f"{self.manifest.max_context} tokens; shorten the dialogue history or the reply."
+            )
+        mask = np.concatenate([cache.mask, np.ones((batch, seq), dtype=np.int64)], axis=1)  # (batch, past + seq)
+        feed: dict[str, np.ndarray] = {self.io.input_ids: ids}
+        if self.io.attention_mask:
+            feed[self.io.attention_mask] = mask.astype(self.io.id_dtype)
+        if self.io.position_ids:
+            # Position = number of real tokens before it, so left padding (batching) keeps positions right.
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]  # (batch, seq)
+            feed[self.io.position_ids] = positions.astype(self.io.id_dtype)
+        feed.update(zip(self.io.past_keys, cache.keys))  # each (batch, kv_heads, past, head_dim)
+        feed.update(zip(self.io.past_values, cache.values))
+        logits, *presents = self.session.run(self._outputs, feed)  # logits (batch, seq, vocab)
+        layers = self.manifest.num_layers
+        cache.update(presents[:layers], presents[layers:], mask)  # each (batch, kv_heads, past + seq, head_dim)
+        return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
+
+
+def _create_session(model_file: Path, provider: str, intra_op_threads: int | None) -> ort.InferenceSession:
+    if provider not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}.")
+    if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
+        raise ConfigError(f"intra_op_threads must be a positive integer or None, got {intra_op_threads!r}.")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads or 0  # 0: ONNX Runtime picks one per physical core
+    options.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    if provider == "cuda" and CUDA not in available:
+        raise ConfigError(f"provider='cuda' was requested but this onnxruntime build has no CUDA support "
+                          f"(it offers {available}); install onnxruntime-gpu or use provider='cpu'.")
+    want_cuda = provider == "cuda" or (provider == "auto" and CUDA in available)
+    try:
+        if want_cuda and provider == "auto":
+            # A machine without CUDA libraries makes ONNX Runtime log an error before falling back;
+            # for "auto" that fallback is expected, so keep the game's console quiet and log it ourselves.
+            ort.set_default_logger_severity(4)
+        session = ort.InferenceSession(str(model_file), options, providers=[CUDA, CPU] if want_cuda else [CPU])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
+        raise BundleError(f"ONNX Runtime cannot load {model_file}: {exc}") from exc
+    finally:
+        if want_cuda and provider == "auto":
+            ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
+    running = session.get_providers()
+    if want_cuda and CUDA not in running:
+        if provider == "cuda":
+            raise ConfigError("provider='cuda' was requested but ONNX Runtime could not start CUDA (missing CUDA/cuDNN "
+                              "libraries or no GPU); use provider='cpu' or 'auto'.")
+        log.info("CUDA is not usable here (missing libraries or no GPU); running on the CPU.")
+    return session

@@ -1,0 +1,185 @@
+"""Search options and the sampler: logits of shape (batch, vocab) → next token ids (batch,).
+
+Processing order and semantics follow Hugging Face ``generate`` so that greedy output can be compared
+with it: repetition penalty, no-repeat n-gram ban, then (sampling only) temperature, top-k, top-p.
+Greedy decoding (``do_sample`` False or ``temperature`` 0) takes the argmax after the first two.
+
+Each stream owns a ``numpy.random.Generator`` seeded from ``SearchOptions.seed``: the same seed and
+the same prompt give the same reply, whatever else runs beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to pick each next token. Counts are tokens; ``stop_strings`` are matched on decoded text.
+
+    ``top_k`` 0 and ``top_p`` 1.0 disable those filters; ``repetition_penalty`` 1.0 and
+    ``no_repeat_ngram_size`` 0 disable those; ``seed`` None draws fresh entropy.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str) or not isinstance(self.stop_strings, (tuple, list)):
+            raise ConfigError(f"stop_strings must be a list of strings, got {self.stop_strings!r}.")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        problems = [p for p in self._problems() if p]
+        if problems:
+            raise ConfigError("Invalid search options: " + "; ".join(problems) + ".")
+
+    def _problems(self) -> list[str | None]:
+        def integer(name: str, low: int) -> str | None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                return f"{name} must be an integer >= {low}, got {value!r}"
+            return None
+
+        def number(name: str) -> float | None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return float(value) if ok else None
+
+        temperature, top_p, penalty = number("temperature"), number("top_p"), number("repetition_penalty")
+        return [
+            integer("max_new_tokens", 1),
+            None if isinstance(self.do_sample, bool) else f"do_sample must be True or False, got {self.do_sample!r}",
+            None if temperature is not None and temperature >= 0
+            else f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}",
+            integer("top_k", 0),
+            None if top_p is not None and 0 < top_p <= 1 else f"top_p must be in (0, 1], got {self.top_p!r}",
+            None if penalty is not None and penalty > 0
+            else f"repetition_penalty must be a number > 0 (1 disables it), got {self.repetition_penalty!r}",
+            integer("no_repeat_ngram_size", 0),
+            None if self.seed is None else integer("seed", 0),
+            None if all(isinstance(s, str) and s for s in self.stop_strings)
+            else f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}",
+        ]
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax: ``do_sample`` off or ``temperature`` 0."""
+        return not self.do_sample or self.temperature == 0
+
+
+# --- logits processors: (batch, vocab) float32 in, same shape out; histories are per row -------------
+
+
+def apply_repetition_penalty(logits: np.ndarray, histories: Sequence[Sequence[int]], penalty: float) -> np.ndarray:
+    """HF semantics: each token already seen has its logit divided by ``penalty`` if positive,
+    multiplied if negative (so ``penalty`` > 1 always makes it less likely)."""
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    for row, history in enumerate(histories):
+        seen = np.unique(np.asarray(history, dtype=np.int64))  # (n_seen,)
+        if seen.size:
+            scores = out[row, seen]
+            out[row, seen] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return out
+
+
+def banned_ngram_tokens(history: Sequence[int], n: int) -> np.ndarray:
+    """Tokens that would complete an ``n``-gram already present in ``history`` (HF semantics)."""
+    h = np.asarray(history, dtype=np.int64)
+    if n <= 0 or h.size + 1 < n:
+        return np.empty(0, dtype=np.int64)
+    if n == 1:
+        return np.unique(h)
+    grams = np.lib.stride_tricks.sliding_window_view(h, n)  # (num_ngrams, n)
+    match = (grams[:, :-1] == h[h.size - (n - 1):]).all(axis=1)  # earlier n-grams starting like our tail
+    return np.unique(grams[match, -1])
+
+
+def apply_no_repeat_ngram(logits: np.ndarray, histories: Sequence[Sequence[int]], n: int) -> np.ndarray:
+    """Set to -inf every token that would repeat an ``n``-gram of its row's history."""
+    if n <= 0:
+        return logits
+    out = logits.copy()
+    for row, history in enumerate(histories):
+        out[row, banned_ngram_tokens(history, n)] = -np.inf
+    return out
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the ``k`` largest logits of each row (ties at the cut-off kept too); 0 disables."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]  # (batch, 1)
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep each row's smallest set of most likely tokens whose probabilities sum to >= ``p``."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1, kind="stable")  # (batch, vocab), most likely first
+    probs = softmax(np.take_along_axis(logits, order, axis=-1))
+    before = np.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = before >= p  # the top token always has before == 0 < p
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (sums are exact enough for the sampling CDF)."""
+    x = logits.astype(np.float64)
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+class Sampler:
+    """Picks next tokens for ``batch_size`` streams sharing one ``SearchOptions``.
+
+    Row ``i`` draws from its own generator, spawned from ``options.seed``. Not thread-safe.
+    """
+
+    def __init__(self, options: SearchOptions, batch_size: int = 1) -> None:
+        self.options = options
+        self._rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(batch_size)]
+
+    def process(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """Logits (batch, vocab) after every processor the options enable, -inf where banned."""
+        o = self.options
+        logits = apply_repetition_penalty(logits, histories, o.repetition_penalty)
+        logits = apply_no_repeat_ngram(logits, histories, o.no_repeat_ngram_size)
+        if o.greedy:
+            return logits
+        logits = logits / np.float32(o.temperature)
+        logits = apply_top_k(logits, o.top_k)
+        return apply_top_p(logits, o.top_p)
+
+    def next_tokens(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """Next token id per row, int64 (batch,). ``histories`` are prompt + reply ids per row."""
+        if logits.ndim != 2 or logits.shape[0] != len(histories) or len(histories) > len(self._rngs):
+            raise ValueError(f"logits {logits.shape} do not match {len(histories)} histories / "
+                             f"{len(self._rngs)} streams")
+        logits = self.process(logits, histories)
+        if self.options.greedy:
+            return logits.argmax(axis=-1).astype(np.int64)
+        probs = softmax(logits)  # (batch, vocab), zeros where filtered
+        cdf = np.cumsum(probs, axis=-1)
+        draws = np.array([rng.random() for rng in self._rngs[: len(histories)]])[:, None]  # (batch, 1)
+        picks = (cdf <= draws * cdf[:, -1:]).sum(axis=-1)  # inverse CDF: first index with cdf > u
+        return np.minimum(picks, logits.shape[-1] - 1).astype(np.int64)
