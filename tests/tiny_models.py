@@ -61,7 +61,7 @@ def build_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
     tok.save_pretrained(folder)
     eos = raw.token_to_id("<|endoftext|>")
     config = GPT2Config(
-        vocab_size=raw.get_vocab_size(), n_positions=256, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
+        vocab_size=raw.get_vocab_size(), n_positions=1024, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
         bos_token_id=eos, eos_token_id=eos,
     )
     torch.manual_seed(seed)
@@ -84,7 +84,7 @@ def build_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
     tok.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=raw.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=raw.token_to_id("<|im_start|>"), eos_token_id=raw.token_to_id("<|im_end|>"),
         pad_token_id=raw.token_to_id("<|im_end|>"), tie_word_embeddings=True, rope_theta=10000.0,
         initializer_range=0.2,
