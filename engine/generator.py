@@ -58,13 +58,18 @@ class GeneratorParams:
         self.model = model
         self.search_options = search_options or SearchOptions()
 
-    def set_search_options(self, **options: object) -> None:
-        """Change some ``SearchOptions`` fields by name; ``ConfigError`` for unknown names or bad values."""
+    def set_search_options(self, options: SearchOptions | None = None, /, **changes: object) -> None:
+        """Use ``options`` (if given), then change fields by name: ``set_search_options(top_k=20)``.
+
+        ``ConfigError`` for unknown names or bad values.
+        """
+        if options is not None and not isinstance(options, SearchOptions):
+            raise ConfigError(f"set_search_options takes a SearchOptions or keywords, got {type(options).__name__}.")
         known = {f.name for f in dataclasses.fields(SearchOptions)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(changes) - known)
         if unknown:
             raise ConfigError(f"Unknown search options {unknown}; known ones are {sorted(known)}.")
-        self.search_options = dataclasses.replace(self.search_options, **options)
+        self.search_options = dataclasses.replace(options or self.search_options, **changes)
 
 
 class Generator:

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Manifest, load_manifest
+from .bundle import DEFAULT_IO, Manifest, load_manifest
 from .errors import BundleError, ConfigError, ContextOverflowError, GenerationError
 from .kv_cache import KV_DTYPES, KVCache
 from .tokenizer import Tokenizer
@@ -53,7 +53,8 @@ class GraphIO:
         outputs = {o.name for o in session.get_outputs()}
 
         def optional(key: str) -> str | None:
-            name = io.get(key)
+            # Fed exactly when the graph declares it, under the manifest's name or the contract's default.
+            name = io.get(key) or DEFAULT_IO[key]
             return name if name in inputs else None
 
         found = cls(

@@ -102,7 +102,7 @@ def apply_repetition_penalty(logits: np.ndarray, histories: Sequence[Sequence[in
 def banned_ngram_tokens(history: Sequence[int], n: int) -> np.ndarray:
     """Tokens that would complete an ``n``-gram already present in ``history`` (HF semantics)."""
     h = np.asarray(history, dtype=np.int64)
-    if n <= 0 or h.size + 1 < n:
+    if n <= 0 or h.size < n:  # no complete n-gram in the history yet
         return np.empty(0, dtype=np.int64)
     if n == 1:
         return np.unique(h)
