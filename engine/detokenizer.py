@@ -9,8 +9,12 @@ Decoding each token on its own is wrong twice over:
 
 So we decode a short window of recent tokens and emit only what it adds beyond the window's
 already-emitted prefix (the "prefix offset" method of vLLM and TGI). While the window's text ends in
-U+FFFD the character is still incomplete and nothing is emitted. The guarantee, tested:
-``"".join(chunks) + flush() == tokenizer.decode(all_ids)``.
+U+FFFD the character is still incomplete and nothing is emitted.
+
+Byte sequences that are not UTF-8 at all (a random or badly quantized model can produce them) would
+decode to U+FFFD; a player should never see that, so those are dropped. The guarantee, tested:
+``"".join(chunks) + flush() == tokenizer.decode(all_ids).replace("\ufffd", "")``, which for
+well-formed text is ``tokenizer.decode(all_ids)`` exactly, and no chunk ever holds U+FFFD.
 
 Not thread-safe: one detokenizer per stream.
 """
@@ -48,19 +52,22 @@ class StreamingDetokenizer:
         window = self._decode(self._prefix)
         if len(window) <= len(emitted) or window.endswith(REPLACEMENT):
             return ""
-        new = window[len(emitted):]
         # The window now becomes context: keep it short so each push decodes a handful of tokens.
         self._prefix, self._read = self._read, len(self._ids)
-        self._chunks.append(new)
-        return new
+        return self._emit(window[len(emitted):])
 
     def flush(self) -> str:
-        """Emit whatever is held back (a trailing incomplete character decodes to U+FFFD here)."""
+        """Emit whatever is held back; a trailing incomplete character is invalid and dropped."""
         if self._read == len(self._ids):
             return ""
         new = self._decode(self._prefix)[len(self._decode(self._prefix, self._read)):]
         self._prefix, self._read = self._read, len(self._ids)
-        self._chunks.append(new)
+        return self._emit(new)
+
+    def _emit(self, new: str) -> str:
+        new = new.replace(REPLACEMENT, "")  # bytes that were never UTF-8: nothing a player should see
+        if new:
+            self._chunks.append(new)
         return new
 
     @property
