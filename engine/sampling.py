@@ -133,13 +133,23 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep each row's smallest set of most likely tokens whose probabilities sum to >= ``p``."""
     if p >= 1.0:
         return logits
-    order = np.argsort(-logits, axis=-1, kind="stable")  # (batch, vocab), most likely first
-    probs = softmax(np.take_along_axis(logits, order, axis=-1))
-    before = np.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = before >= p  # the top token always has before == 0 < p
-    drop = np.empty_like(drop_sorted)
-    np.put_along_axis(drop, order, drop_sorted, axis=-1)
-    return np.where(drop, -np.inf, logits)
+    out = np.full_like(logits, -np.inf)
+    for row in range(logits.shape[0]):
+        allowed = np.flatnonzero(np.isfinite(logits[row]))  # (n,): after top-k only k tokens
+        probs = softmax(logits[row, allowed][None])[0]  # (n,)
+        # Sorting a 50k vocabulary costs milliseconds: sort only the m most likely tokens, with m
+        # grown until they hold mass >= p (then the nucleus is among them).
+        m = min(64, allowed.size)
+        while True:
+            top = np.argpartition(-probs, m - 1)[:m] if m < allowed.size else np.arange(allowed.size)
+            if m == allowed.size or probs[top].sum() >= p:
+                break
+            m = min(4 * m, allowed.size)
+        order = top[np.argsort(-probs[top], kind="stable")]  # (m,), most likely first
+        before = np.cumsum(probs[order]) - probs[order]  # mass of more likely tokens; 0 for the top one
+        keep = allowed[order[before < p]]
+        out[row, keep] = logits[row, keep]
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -178,8 +188,11 @@ class Sampler:
         logits = self.process(logits, histories)
         if self.options.greedy:
             return logits.argmax(axis=-1).astype(np.int64)
-        probs = softmax(logits)  # (batch, vocab), zeros where filtered
-        cdf = np.cumsum(probs, axis=-1)
-        draws = np.array([rng.random() for rng in self._rngs[: len(histories)]])[:, None]  # (batch, 1)
-        picks = (cdf <= draws * cdf[:, -1:]).sum(axis=-1)  # inverse CDF: first index with cdf > u
-        return np.minimum(picks, logits.shape[-1] - 1).astype(np.int64)
+        picks = np.empty(len(histories), dtype=np.int64)  # (batch,)
+        for row, rng in enumerate(self._rngs[: len(histories)]):
+            allowed = np.flatnonzero(np.isfinite(logits[row]))  # (n,): after top-k, only k tokens
+            cdf = np.cumsum(softmax(logits[row, allowed][None])[0])  # (n,)
+            # Inverse CDF: the first token whose cumulative probability exceeds a uniform draw.
+            index = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
+            picks[row] = allowed[min(index, allowed.size - 1)]
+        return picks
