@@ -8,7 +8,7 @@
     gen.append_tokens(turn_ids)
     while not gen.is_done():
         gen.generate_next_token()
-        print(gen.get_next_tokens())
+        new_ids = gen.get_next_tokens()     # [token] (batch of one)
     gen.rewind_to(prefix_len)              # next turn reuses the prefix's KV cache
 
 ``append_tokens`` may also follow a finished reply (the player's next turn after the NPC's);
