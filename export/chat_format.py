@@ -38,9 +38,11 @@ def chat_format_from_tokenizer(tokenizer: Any) -> ChatFormat:
         no_system = _render(tokenizer, [user_msg], False)
     except Exception as exc:  # Jinja raises TemplateError and friends for templates that need other roles
         raise UnsupportedModelError(f"The model's chat template could not render a system/user/assistant dialogue: {exc}") from exc
-    # A BOS the template writes itself (Llama-2/3 style) opens every conversation, with or without system.
+    # A BOS the template writes once (Llama-3 style) opens every conversation, with or without a
+    # system turn; a token that opens every turn (ChatML's <|im_start|>, often also named bos) is
+    # part of the role prefixes instead.
     bos = tokenizer.bos_token if isinstance(getattr(tokenizer, "bos_token", None), str) else ""
-    if not (bos and all(r.startswith(bos) for r in (r1, r2, r3, r4, no_system))):
+    if not (bos and all(r.startswith(bos) for r in (r1, r2, r3, r4, no_system)) and not r2[len(r1):].startswith(bos)):
         bos = ""
     r1, r2, r3, r4 = (r[len(bos):] for r in (r1, r2, r3, r4))
     if not (r2.startswith(r1) and r3.startswith(r2) and r4.startswith(r2) and _S in r1 and _U in r2 and _A in r4):
