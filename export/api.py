@@ -30,7 +30,7 @@ from .notices import resolve_license
 from .optimize import optimize
 from .progress import Stages
 from .tokenizer_file import write_tokenizer_json
-from .validate import PROMPT, OnnxDecoder, validate, write_report
+from .validate import PROMPT, OnnxDecoder, cuda_usable, validate, write_report
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,11 @@ def _reusable(output: Path, requested: SourceInfo, options: ExportOptions) -> bo
 
 def _check_device(device: str) -> None:
     """Fail in a second, not after the export, when CUDA is asked for but unusable."""
-    if device != "cuda":
-        return
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ExportError("--device cuda needs onnxruntime-gpu with CUDA; this onnxruntime has only "
-                          f"{ort.get_available_providers()}. Use --device cpu.")
+    if device == "cuda" and not cuda_usable():
+        raise ExportError(
+            "--device cuda was asked for, but onnxruntime cannot use CUDA on this machine (no NVIDIA GPU, "
+            "no onnxruntime-gpu, or missing CUDA/cuDNN libraries). Use --device cpu; fp16 bundles validate on the CPU too."
+        )
 
 
 def _remove_stale_partials(output: Path) -> None:

@@ -9,7 +9,8 @@
   ORT casts around most fp16 CPU kernels), so it can be validated on a CPU-only machine.
 - ``int8``: ``onnxruntime.quantization.quantize_dynamic`` (weights int8 per output channel,
   activations uint8 scaled per call) of every weight MatMul/Gather except the MLP down
-  projections: for the CPU execution provider. KV cache and logits stay float32.
+  projections: for the CPU execution provider. KV cache and logits stay float32. GPT-2's Gemm
+  layers are first rewritten as MatMul + Add, which the quantizer handles and Gemm it does not.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from npctalk.engine.errors import ExportError
 
 from .progress import heartbeat
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +70,53 @@ def to_fp16(model_path: Path) -> None:
     _replace(model_path, tmp)
 
 
-def int8_excluded_nodes(model_path: Path) -> list[str]:
-    """Nodes left in fp32 by ``to_int8``: the MLP down projections (see ``KEEP_FP32_NODES``)."""
-    import onnx
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite ``Gemm(A, W, b)`` with a constant ``W`` as ``MatMul(A, W) + b``, in place; return the count.
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and KEEP_FP32_NODES.search(n.name)]
+    GPT-2's linear layers (``Conv1D``) export as Gemm, which ``quantize_dynamic`` does not handle:
+    without this, an "int8" GPT-2 would quantize its embeddings and nothing else.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = inits[node.input[1]]
+        if attrs.get("transB", 0):
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))
+        base = node.name.removesuffix("/Gemm") if node.name.endswith("/Gemm") else node.name
+        if len(node.input) > 2 and node.input[2]:
+            product = f"{base}/MatMul_output_0"
+            nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=f"{base}/MatMul"))
+            nodes.append(helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{base}/Add"))
+        else:
+            nodes.append(helper.make_node("MatMul", node.input[:2], list(node.output), name=f"{base}/MatMul"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
 
 
 def to_int8(model_path: Path) -> None:
     """Quantize ``model_path``'s weights to int8 in place (dynamic quantization for the CPU provider)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    external = _size(model_path) // 4 > EXTERNAL_DATA_BYTES
+    model = onnx.load(str(model_path))
+    rewritten = gemm_to_matmul(model)
+    if rewritten:
+        log.info("Rewrote %d Gemm nodes as MatMul + Add so they can be quantized", rewritten)
+    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and KEEP_FP32_NODES.search(n.name)]
     tmp = model_path.with_name("int8.tmp.onnx")
     quantize_dynamic(
-        model_path, tmp, weight_type=QuantType.QInt8, per_channel=True,
-        nodes_to_exclude=int8_excluded_nodes(model_path),
-        use_external_data_format=_size(model_path) // 4 > EXTERNAL_DATA_BYTES,
-        extra_options={"MatMulConstBOnly": True},
+        model, tmp, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded,
+        use_external_data_format=external, extra_options={"MatMulConstBOnly": True},
     )
     _replace(model_path, tmp)
 

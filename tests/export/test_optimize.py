@@ -1,0 +1,84 @@
+"""optimize.py: fp16 and int8 bundles of both families build, validate, and say what they hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from npctalk.engine.bundle import load_manifest
+from npctalk.export.optimize import KEEP_FP32_NODES
+from npctalk.export.validate import DECODE_STEPS, TOLERANCES
+
+
+def _graph(bundle: Path) -> onnx.GraphProto:
+    return onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+
+
+def _report(bundle: Path) -> dict:
+    return json.loads((bundle / "validation.json").read_text())
+
+
+def test_int8_bundle_is_quantized_and_validates_with_top1_reported(int8_bundle: Path) -> None:
+    manifest = load_manifest(int8_bundle)
+    assert manifest.dtype == "int8" and manifest.kv_dtype == "fp32"
+    ops = {n.op_type for n in _graph(int8_bundle).node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops, ops
+    report = _report(int8_bundle)
+    assert report["passed"] and report["dtype"] == "int8" and len(report["steps"]) == DECODE_STEPS + 1
+    assert report["tolerance"]["atol"] == TOLERANCES["int8"].atol
+    assert all(s["logits_max_abs_diff"] <= s["logits_limit"] for s in report["steps"])
+    assert 0.0 <= report["top1_agreement"] <= 1.0 and all(isinstance(s["top1_match"], bool) for s in report["steps"])
+    # Quantization really moved the numbers: this is not the fp32 graph under another name.
+    assert max(s["logits_max_abs_diff"] for s in report["steps"]) > 1e-3
+
+
+def test_int8_keeps_mlp_down_projections_in_fp32(int8_bundle: Path) -> None:
+    nodes = _graph(int8_bundle).node
+    kept = [n for n in nodes if KEEP_FP32_NODES.search(n.name) and n.op_type == "MatMul"]
+    assert len(kept) == load_manifest(int8_bundle).num_layers
+    assert not any(KEEP_FP32_NODES.search(n.name) for n in nodes if n.op_type == "MatMulInteger")
+
+
+def test_fp16_bundle_has_fp16_cache_and_fp32_logits_and_validates_on_cpu(fp16_bundle: Path) -> None:
+    manifest = load_manifest(fp16_bundle)
+    graph = _graph(fp16_bundle)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    assert manifest.dtype == "fp16" and manifest.kv_dtype == "fp16"
+    assert types["past_key_values.0.key"] == types["present.0.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    assert types["input_ids"] == types["attention_mask"] == onnx.TensorProto.INT64
+    # No LayerNormalization/MatMul left mixing float and float16 (the optimum fp16 trap).
+    weights = [i for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in weights) > 0.9 * len(weights)
+    report = _report(fp16_bundle)
+    assert report["passed"] and report["provider"] == "CPUExecutionProvider"
+    assert report["left_padding"]["supported"] and report["left_padding"]["max_abs_diff"] <= report["left_padding"]["limit"]
+    assert 1e-5 < max(s["logits_max_abs_diff"] for s in report["steps"]) < TOLERANCES["fp16"].atol * 10
+
+
+def test_smaller_graphs_than_fp32(int8_bundle: Path, fp16_bundle: Path, gpt2_bundle: Path) -> None:
+    fp32 = (gpt2_bundle / "model.onnx").stat().st_size
+    assert (fp16_bundle / "model.onnx").stat().st_size < 0.8 * fp32
+    assert (int8_bundle / "model.onnx").stat().st_size < 0.8 * fp32
+
+
+def test_gemm_rewrite_keeps_gpt2_logits(gpt2_bundle: Path, tmp_path: Path) -> None:
+    """GPT-2's Gemm layers become MatMul + Add (quantizable) without changing a logit."""
+    import numpy as np
+
+    from npctalk.export.optimize import gemm_to_matmul
+    from npctalk.export.validate import OnnxDecoder
+
+    model = onnx.load(str(gpt2_bundle / "model.onnx"))
+    assert gemm_to_matmul(model) == 4 * load_manifest(gpt2_bundle).num_layers
+    assert not any(n.op_type == "Gemm" for n in model.graph.node)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    manifest = load_manifest(gpt2_bundle)
+    ids, mask, pos = np.array([[3, 14, 15, 92, 65]]), np.ones((1, 5)), np.arange(5)[None]
+    outputs = []
+    for path in (gpt2_bundle / "model.onnx", tmp_path / "model.onnx"):
+        dec = OnnxDecoder(path, manifest.io, manifest.num_layers)
+        outputs.append(dec.step(ids, mask, pos, dec.empty_past(1))[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
