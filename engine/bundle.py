@@ -7,7 +7,8 @@ disk never leaves a folder that looks finished. Layout::
     <bundle>/
       manifest.json        Manifest below (written last)
       model.onnx           decoder with KV cache (+ model.onnx.data when weights exceed 2 GB)
-      tokenizer.json       Hugging Face `tokenizers` file; the runtime needs nothing else
+      tokenizer.json       Hugging Face `tokenizers` file; the runtime needs nothing else. Its encode()
+                           never adds special tokens; a conversation BOS is ChatFormat.bos
       validation.json      ONNX-vs-PyTorch logit differences measured at export
       LICENSE.model        the model's license and attribution text
 
@@ -17,8 +18,11 @@ ONNX I/O contract (names are in ``Manifest.io``)::
     attention_mask       int64 (batch, past + seq)
     position_ids         int64 (batch, seq)              only when Manifest.io["position_ids"]
     past_key_values.{i}.key / .value   (batch, kv_heads, past, head_dim)   past may be 0
-    logits               (batch, seq, vocab)
+    logits               float32 (batch, seq, vocab)
     present.{i}.key / .value           (batch, kv_heads, past + seq, head_dim)
+
+past/present are float32 or float16 as ``Manifest.kv_dtype`` says (fp16 bundles), whatever ``dtype``.
+``attention_mask``/``position_ids`` are None in ``Manifest.io`` when the graph lacks them.
 
 One graph serves prefill (past = 0) and decode (seq = 1).
 """

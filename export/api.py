@@ -82,6 +82,8 @@ def export_bundle(source: str | Path, output: str | Path | None = None, options:
     if _reusable(output, requested, options):
         return output
     _check_device(options.device)
+    if options.dtype == "int8" and options.device == "cuda":
+        log.warning("int8 bundles are made for the CPU provider; on CUDA most quantized ops fall back to the CPU.")
     _remove_stale_partials(output)
     partial = output.with_name(f"{output.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)

@@ -68,8 +68,28 @@ def convert_to_onnx(model: PreTrainedModel, out_dir: Path) -> Path:
         for name in (MODEL_FILE, *_DATA_FILES):
             if (produced / name).exists():
                 shutil.move(str(produced / name), out_dir / name)
+    _rename_external_data(out_dir / MODEL_FILE)
     log.info("ONNX graph written: %s", out_dir / MODEL_FILE)
     return out_dir / MODEL_FILE
+
+
+def _rename_external_data(model_path: Path) -> None:
+    """optimum names external weights ``model.onnx_data``; the bundle contract says ``model.onnx.data``."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    old = model_path.with_name(model_path.name + "_data")
+    if not old.exists():
+        return
+    new_name = model_path.name + ".data"
+    model = onnx.load(str(model_path), load_external_data=False)
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = new_name
+    onnx.save(model, str(model_path))  # tensors without raw data stay external, untouched
+    old.rename(model_path.with_name(new_name))
 
 
 @dataclass(frozen=True)

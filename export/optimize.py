@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # ONNX protobufs cannot exceed 2 GiB; above this size weights go to one external data file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
+SCRATCH = "optimize-scratch"
 KEEP_FLOAT32 = ["logits"]
 # int8: the MLP down projection's input (after the gated activation) carries the model's outlier
 # activations; one per-tensor uint8 scale for it wrecks every other token. Keeping these MatMuls in
@@ -38,22 +40,41 @@ KEEP_FLOAT32 = ["logits"]
 KEEP_FP32_NODES = re.compile(r"/mlp/(down_proj|c_proj)/")
 
 
-def _data_files(model_path: Path) -> list[Path]:
+def data_files(model_path: Path) -> list[Path]:
+    """External-data files next to ``model_path`` (``model.onnx.data``, or optimum's ``model.onnx_data``)."""
     return [p for p in (model_path.with_name(model_path.name + "_data"), model_path.with_name(model_path.name + ".data"))
             if p.exists()]
 
 
 def _size(model_path: Path) -> int:
-    return model_path.stat().st_size + sum(p.stat().st_size for p in _data_files(model_path))
+    return model_path.stat().st_size + sum(p.stat().st_size for p in data_files(model_path))
 
 
-def _replace(model_path: Path, new_path: Path) -> None:
-    """Move ``new_path`` (and its ``.data`` file) over ``model_path``, removing the old external data."""
-    for old in _data_files(model_path):
+def _scratch(model_path: Path) -> Path:
+    """Folder where a converted graph is written under its final names (external data keeps its location)."""
+    scratch = model_path.parent / f".{SCRATCH}"
+    scratch.mkdir(exist_ok=True)
+    return scratch / model_path.name
+
+
+def _install(new_path: Path, model_path: Path) -> None:
+    """Replace ``model_path`` and its external data by ``new_path`` and its own."""
+    for old in data_files(model_path):
         old.unlink()
-    for data in _data_files(new_path):
-        data.rename(model_path.with_name(model_path.name + ".data"))
+    for data in data_files(new_path):
+        data.rename(model_path.parent / data.name)
     new_path.replace(model_path)
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Save ``model`` at ``path``; with ``external``, all weights go to ``<path name>.data`` beside it."""
+    import onnx
+
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
 
 
 def to_fp16(model_path: Path) -> None:
@@ -61,13 +82,12 @@ def to_fp16(model_path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    size = _size(model_path)
     model = onnx.load(str(model_path))
-    model = convert_float_to_float16(model, keep_io_types=KEEP_FLOAT32, disable_shape_infer=_size(model_path) > EXTERNAL_DATA_BYTES)
-    tmp = model_path.with_name("fp16.tmp.onnx")
-    external = _size(model_path) // 2 > EXTERNAL_DATA_BYTES
-    onnx.save(model, str(tmp), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=tmp.name + ".data" if external else None)
-    _replace(model_path, tmp)
+    model = convert_float_to_float16(model, keep_io_types=KEEP_FLOAT32, disable_shape_infer=size > EXTERNAL_DATA_BYTES)
+    new_path = _scratch(model_path)
+    save(model, new_path, external=size // 2 > EXTERNAL_DATA_BYTES)
+    _install(new_path, model_path)
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
@@ -113,12 +133,12 @@ def to_int8(model_path: Path) -> None:
     if rewritten:
         log.info("Rewrote %d Gemm nodes as MatMul + Add so they can be quantized", rewritten)
     excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and KEEP_FP32_NODES.search(n.name)]
-    tmp = model_path.with_name("int8.tmp.onnx")
+    new_path = _scratch(model_path)
     quantize_dynamic(
-        model, tmp, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded,
+        model, new_path, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded,
         use_external_data_format=external, extra_options={"MatMulConstBOnly": True},
     )
-    _replace(model_path, tmp)
+    _install(new_path, model_path)
 
 
 def optimize(model_path: Path, dtype: str) -> None:
@@ -138,6 +158,5 @@ def optimize(model_path: Path, dtype: str) -> None:
     except Exception as exc:  # onnx / onnxruntime tools raise assorted types
         raise ExportError(f"Converting the graph to {dtype} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        for leftover in model_path.parent.glob("*.tmp.onnx*"):
-            leftover.unlink()
+        shutil.rmtree(model_path.parent / f".{SCRATCH}", ignore_errors=True)
     log.info("%s graph: %.1f MB (fp32 was %.1f MB)", dtype, _size(model_path) / 1e6, before / 1e6)

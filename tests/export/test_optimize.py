@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import onnx
+import pytest
 
 from npctalk.engine.bundle import load_manifest
 from npctalk.export.optimize import KEEP_FP32_NODES
@@ -82,3 +83,18 @@ def test_gemm_rewrite_keeps_gpt2_logits(gpt2_bundle: Path, tmp_path: Path) -> No
         dec = OnnxDecoder(path, manifest.io, manifest.num_layers)
         outputs.append(dec.step(ids, mask, pos, dec.empty_past(1))[0])
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_external_weights_layout(dtype: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big models keep weights in ``model.onnx.data``: forced here on a tiny one, through every step."""
+    from npctalk.export import optimize
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum reads it at export time
+    monkeypatch.setattr(optimize, "EXTERNAL_DATA_BYTES", 0)
+    out = export_bundle(tiny_llama_dir, tmp_path / "b", ExportOptions(dtype=dtype))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["LICENSE.model", "manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"])
+    assert (out / "model.onnx.data").stat().st_size > 64_000  # the weights really moved out
+    assert _report(out)["passed"] and load_manifest(out).dtype == dtype
