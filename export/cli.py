@@ -11,12 +11,12 @@ messages). Exit codes: 0 done, 1 the export failed (one ``error: …`` line), 2 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from npctalk.engine.bundle import DEVICES, DTYPES
 from npctalk.engine.errors import NpctalkError
@@ -27,6 +27,8 @@ from .api import ExportOptions, export_bundle
 log = logging.getLogger("npctalk.export")
 _NOISY = ("transformers", "optimum", "torch", "onnxruntime", "huggingface_hub")
 _QUIET_ROOT = logging.NullHandler()
+_LIB_LOGGING = ("transformers.utils.logging", "optimum.utils.logging")
+_VERBOSITY_ENV = "TRANSFORMERS_VERBOSITY"  # read by transformers and optimum
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,50 +62,42 @@ def _options(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(dtype=args.dtype, device=args.device, atol=args.atol, force=args.force)
 
 
-def _setup_logging(verbose: bool) -> dict[str, int]:
-    """Send npctalk's records to stderr; quiet the libraries unless ``verbose``. Returns levels to restore."""
+@contextmanager
+def _cli_logging(verbose: bool) -> Iterator[None]:
+    """For one run: npctalk's records to stderr, the libraries quiet unless ``verbose``; undone on exit."""
+    ours, root = logging.getLogger("npctalk"), logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.set_name("export-onnx")
-    saved = {name: logging.getLogger(name).level for name in ("npctalk", *_NOISY)}
-    ours = logging.getLogger("npctalk")
+    levels = {name: logging.getLogger(name).level for name in ("npctalk", *_NOISY)}
+    env = os.environ.get(_VERBOSITY_ENV)
+    loaded = {name for name in _LIB_LOGGING if name in sys.modules}
+    verbosity = {name: sys.modules[name].get_verbosity() for name in loaded}
     ours.addHandler(handler)
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     ours.propagate = False  # a library calling logging.basicConfig() must not print our lines twice
     if not verbose:
-        # onnxruntime.quantization logs advice through the root logger (and so calls basicConfig()).
-        logging.getLogger().addHandler(_QUIET_ROOT)
+        root.addHandler(_QUIET_ROOT)  # onnxruntime.quantization advises through the root logger
         for name in _NOISY:
             logging.getLogger(name).setLevel(logging.ERROR)
-        # transformers and optimum (re)set their root logger's level when first used; pin it now.
-        for lib in _library_logging():
-            saved[f"{lib.__name__}:verbosity"] = lib.get_verbosity()
-            lib.set_verbosity_error()
-    return saved
-
-
-def _library_logging() -> list[Any]:
-    mods = []
-    for name in ("transformers.utils.logging", "optimum.utils.logging"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ImportError:
-            pass
-    return mods
-
-
-def _restore_logging(saved: dict[str, int]) -> None:
-    ours = logging.getLogger("npctalk")
-    for h in [h for h in ours.handlers if h.get_name() == "export-onnx"]:
-        ours.removeHandler(h)
-    ours.propagate = True
-    logging.getLogger().removeHandler(_QUIET_ROOT)
-    libs = {lib.__name__: lib for lib in _library_logging()}
-    for name, level in saved.items():
-        if name.endswith(":verbosity"):
-            libs[name.removesuffix(":verbosity")].set_verbosity(level)
-        else:
+        # transformers and optimum set their level from this variable when first used (after now) …
+        os.environ[_VERBOSITY_ENV] = "error"
+        for name in loaded:  # … or already were.
+            sys.modules[name].set_verbosity_error()
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        ours.propagate = True
+        root.removeHandler(_QUIET_ROOT)
+        for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        if env is None:
+            os.environ.pop(_VERBOSITY_ENV, None)
+        else:
+            os.environ[_VERBOSITY_ENV] = env
+        for name in _LIB_LOGGING:
+            if name in sys.modules:
+                sys.modules[name].set_verbosity(verbosity.get(name, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,18 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"export-onnx: error: --atol must be >= 0, got {args.atol}\n")
         return 2
-    saved = _setup_logging(args.verbose)
-    try:
-        path = export_bundle(args.source, args.output, _options(args))
-    except NpctalkError as exc:
-        log.error("error: %s", exc)
-        log.debug("details", exc_info=True)
-        return 1
-    except KeyboardInterrupt:
-        log.error("error: interrupted; the partial export was removed.")
-        return 130
-    finally:
-        _restore_logging(saved)
+    with _cli_logging(args.verbose):
+        try:
+            path = export_bundle(args.source, args.output, _options(args))
+        except NpctalkError as exc:
+            log.error("error: %s", exc)
+            log.debug("details", exc_info=True)
+            return 1
+        except KeyboardInterrupt:
+            log.error("error: interrupted; the partial export was removed.")
+            return 130
     sys.stdout.write(f"{path}\n")
     return 0
 

@@ -120,7 +120,9 @@ def describe_graph(model_path: Path, num_layers: int) -> GraphIO:
         missing += [n for n in (io["present_key"].format(layer=layer), io["present_value"].format(layer=layer))
                     if n not in outputs]
     if missing:
-        raise ExportError(f"The exported graph lacks {missing[:4]} (inputs {sorted(inputs)}); it does not fit the bundle contract.")
+        raise ExportError(
+            f"The exported graph lacks {missing[:4]} (inputs {sorted(inputs)}); it does not fit the bundle contract."
+        )
     for role in ("attention_mask", "position_ids"):
         if role not in inputs:
             log.warning("The exported graph has no %s input; the runtime cannot batch left-padded streams with it.", role)

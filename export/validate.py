@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from npctalk.engine.errors import ExportError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class OnnxDecoder:
             feed[self.io["attention_mask"]] = mask.astype(np.int64)
         if self.io.get("position_ids"):
             feed[self.io["position_ids"]] = positions.astype(np.int64)
-        feed.update(zip(self.past_names, past))
+        feed.update(zip(self.past_names, past, strict=True))
         out = self.session.run([self.io["logits"], *self.present_names], feed)
         return out[0].astype(np.float32), out[1:]
 
@@ -175,7 +174,7 @@ def check_parity(decoder: OnnxDecoder, model: Any, prompt_ids: list[int], tol: T
             "top1_match": bool(logits[0, -1].argmax() == ref_logits[0, -1].argmax()),
         }
         worst = ("", 0.0, 0.0)
-        for name, got, want in zip(decoder.present_names, past, _torch_present(cache, decoder.num_layers)):
+        for name, got, want in zip(decoder.present_names, past, _torch_present(cache, decoder.num_layers), strict=True):
             d, s = _max_diff(got, want)
             if d - tol.limit(s) > worst[1] - worst[2] or not worst[0]:
                 worst = (name, d, tol.limit(s))
@@ -232,7 +231,8 @@ def validate(decoder: OnnxDecoder, model: Any, prompt_ids: list[int], pad_id: in
     }
     for s in steps:
         log.info("  %-9s logits max|diff| %.2e (limit %.2e)  present max|diff| %.2e  top-1 %s", s["step"],
-                 s["logits_max_abs_diff"], s["logits_limit"], s["present_max_abs_diff"], "same" if s["top1_match"] else "DIFFERENT")
+                 s["logits_max_abs_diff"], s["logits_limit"], s["present_max_abs_diff"],
+                 "same" if s["top1_match"] else "DIFFERENT")
     if padding["supported"]:
         log.info("  left-padded batch vs single stream: max|diff| %.2e (limit %.2e)", padding["max_abs_diff"], padding["limit"])
     failures = []  # (step, output, diff, limit) in step order, logits before the cache

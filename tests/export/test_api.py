@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine import paths
 from npctalk.engine.bundle import Manifest, load_manifest
 from npctalk.engine.errors import ConfigError
@@ -50,10 +49,9 @@ def test_tokenizer_json_never_adds_special_tokens(bundle: Path) -> None:
 
 def test_strips_a_bos_adding_post_processor(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Llama tokenizers prepend BOS on every encode; the bundle's tokenizer.json must not."""
+    from npctalk.export.tokenizer_file import write_tokenizer_json
     from tokenizers import Tokenizer, processors
     from transformers import AutoTokenizer
-
-    from npctalk.export.tokenizer_file import write_tokenizer_json
 
     hf = AutoTokenizer.from_pretrained(tiny_llama_dir)
     bos = hf.convert_tokens_to_ids("<|im_start|>")

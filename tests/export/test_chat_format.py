@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.bundle import load_manifest
 from npctalk.engine.errors import UnsupportedModelError
 from npctalk.export.chat_format import chat_format_from_tokenizer, end_of_turn_ids, render_chat

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.bundle import MANIFEST_NAME, load_manifest
 
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.bundle import ChatFormat, load_manifest
 from npctalk.export.sources import DEFAULT_WHEEL_SHA256
 

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.bundle import load_manifest
 from npctalk.export.notices import LICENSE_FILE, card_license, resolve_license, to_spdx
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import onnx
 import pytest
-
 from npctalk.engine.bundle import load_manifest
 from npctalk.export.optimize import KEEP_FP32_NODES
 from npctalk.export.validate import DECODE_STEPS, TOLERANCES
@@ -68,7 +67,6 @@ def test_smaller_graphs_than_fp32(int8_bundle: Path, fp16_bundle: Path, gpt2_bun
 def test_gemm_rewrite_keeps_gpt2_logits(gpt2_bundle: Path, tmp_path: Path) -> None:
     """GPT-2's Gemm layers become MatMul + Add (quantizable) without changing a logit."""
     import numpy as np
-
     from npctalk.export.optimize import gemm_to_matmul
     from npctalk.export.validate import OnnxDecoder
 

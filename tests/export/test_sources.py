@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.errors import SourceUnavailableError, UnsupportedModelError
 from npctalk.export import sources
 

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from npctalk.engine.bundle import load_manifest
 from npctalk.engine.errors import ValidationError
 from npctalk.export.validate import (
-    DECODE_STEPS, PROMPT, TOLERANCES, OnnxDecoder, Tolerance, check_left_padding, tolerance_for, validate,
+    DECODE_STEPS,
+    PROMPT,
+    TOLERANCES,
+    OnnxDecoder,
+    Tolerance,
+    check_left_padding,
+    tolerance_for,
+    validate,
 )
 
 
