@@ -2,6 +2,7 @@
 
     npctalk chat --npc bram [--model BUNDLE]     talk to an NPC in the terminal (in-process)
     npctalk personas                             list the built-in personas
+    npctalk serve --model BUNDLE [--bind ADDR]   ZeroMQ server for games (protocol: bindings/PROTOCOL.md)
     npctalk export-onnx SOURCE ...               same as the export-onnx command (needs the export extra)
 """
 
@@ -42,6 +43,28 @@ def _personas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .sampling import SearchOptions
+    from .scheduler import SchedulerConfig
+    from .server import ServerConfig, serve
+
+    if not args.verbose:
+        logging.getLogger("npctalk").setLevel(logging.INFO)  # a server says where it listens and when it stops
+    config = ServerConfig(
+        bind=args.bind,
+        scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue),
+        defaults=SearchOptions(
+            max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens), do_sample=args.temperature > 0,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
+        ),
+        max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
+        client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, drain_timeout_s=args.drain_timeout,
+        personas_dir=args.personas,
+    )
+    return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npctalk", description="NPC dialogue engine for games.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -64,6 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     personas = sub.add_parser("personas", help="list the built-in personas")
     personas.set_defaults(func=_personas)
+
+    srv = sub.add_parser("serve", help="serve NPC dialogue to games over ZeroMQ")
+    srv.add_argument("--model", type=Path, default=None, help=f"model bundle folder (default: {default_bundle_path()})")
+    srv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (tcp://HOST:PORT or ipc://PATH)")
+    srv.add_argument("--personas", type=Path, default=None, help="folder of persona .toml files to preload")
+    srv.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    srv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    srv.add_argument("--max-batch", type=int, default=32, help="streams decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="streams that may wait; more are answered busy")
+    srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")
+    srv.add_argument("--default-max-new-tokens", type=int, default=64, help="reply length when a say sets none")
+    srv.add_argument("--request-timeout", type=float, default=60.0, help="seconds from receipt to done")
+    srv.add_argument("--client-timeout", type=float, default=15.0,
+                     help="seconds a client with streams may stay silent before they are cancelled")
+    srv.add_argument("--send-hwm", type=int, default=1000, help="messages queued per client before it counts as stuck")
+    srv.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running streams may finish on SIGTERM")
+    srv.add_argument("--temperature", type=float, default=0.7, help="default; 0 = greedy")
+    srv.add_argument("--top-k", type=int, default=40)
+    srv.add_argument("--top-p", type=float, default=0.9)
+    srv.add_argument("--repetition-penalty", type=float, default=1.15)
+    srv.add_argument("--no-repeat-ngram", type=int, default=4)
+    srv.set_defaults(func=_serve)
 
     # Parsed by export-onnx itself; listed here so `npctalk --help` shows it.
     sub.add_parser("export-onnx", help="build a model bundle (see `export-onnx --help`)", add_help=False)

@@ -9,7 +9,9 @@
     ├── GenerationError        the generator was driven wrongly (bad token ids, context overflow, …)
     │   └── ContextOverflowError    the prompt plus reply would not fit the model's context
     ├── PromptError            a dialogue could not be formatted (unknown role, empty persona, …)
-    └── ConfigError            a setting is out of range (temperature < 0, top_p > 1, …)
+    ├── ConfigError            a setting is out of range (temperature < 0, top_p > 1, …)
+    └── ServeError             the server could not start or was driven wrongly
+        └── RequestStateError       a request was moved between states its state machine forbids (a bug)
 
 Catch ``NpctalkError`` to catch them all. Each message is a full sentence that says what was wrong
 and, where one exists, what to do about it.
@@ -56,3 +58,11 @@ class PromptError(NpctalkError):
 
 class ConfigError(NpctalkError):
     """A configuration value is out of range or of the wrong type."""
+
+
+class ServeError(NpctalkError):
+    """``npctalk serve`` cannot start (address in use, bad bind) or its engine was driven wrongly."""
+
+
+class RequestStateError(ServeError):
+    """A server request was moved between states its state machine forbids; always a bug."""

@@ -1,0 +1,214 @@
+"""Protocol v1 ops → replies, and scheduler events → stream messages. No sockets here.
+
+``Handlers.handle(identity, frames)`` answers one incoming message with the reply map to send (None
+for an accepted ``say``: its messages come from scheduler events through ``message_for``). It never
+lets an exception escape: protocol problems become their error code, and anything unexpected is
+logged and answered with ``internal`` while the server keeps running (llama.cpp's rule: the handler
+never throws). Not thread-safe: the engine loop owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, protocol
+from .errors import ConfigError, PromptError
+from .generator import LanguageModel
+from .memory import DialogueMemory
+from .npcs import NpcRegistry, PromptBuilder, persona_to_dict
+from .persona import Persona
+from .protocol import ErrorCode, Op, ProtocolError
+from .request import DoneEvent, ErrorEvent, Event, Request, RequestKey, TokenEvent
+from .sampling import SearchOptions
+from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from .server import ServerConfig
+
+log = logging.getLogger(__name__)
+
+Reply = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SayMeta:
+    """What the server remembers about a ``say`` to record the exchange when it finishes."""
+
+    npc: str
+    player: str
+    line: str
+
+
+class Handlers:
+    """Every op of protocol v1 for one model, NPC registry, dialogue memory and scheduler."""
+
+    def __init__(self, model: LanguageModel, scheduler: Scheduler, config: ServerConfig, registry: NpcRegistry,
+                 memory: DialogueMemory, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self.config = config
+        self.registry = registry
+        self.memory = memory
+        self.clock = clock
+        self.accepting = True  # False while the server drains for shutdown: new says get busy
+        self.started_at = clock()
+        self.prompts = PromptBuilder(model.manifest, model.tokenizer)
+        self._eos = frozenset(model.manifest.eos_token_ids)
+        self.counters = {"requests": 0, "rejected": 0, "busy": 0, "internal_errors": 0}
+        self._ops: dict[Op, Callable[[bytes, protocol.Request], Reply | None]] = {
+            Op.HELLO: self._hello, Op.PING: self._ping, Op.NPC_UPSERT: self._npc_upsert, Op.NPC_GET: self._npc_get,
+            Op.NPC_LIST: self._npc_list, Op.SAY: self._say, Op.CANCEL: self._cancel, Op.STATS: self._stats,
+        }
+
+    def handle(self, identity: bytes, frames: Sequence[bytes]) -> Reply | None:
+        """The reply to one message (``frames`` after the routing identity), or None for a started say."""
+        self.counters["requests"] += 1
+        request: protocol.Request | None = None
+        try:
+            if len(frames) != 1:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"A message must be exactly one frame holding one msgpack "
+                                    f"map; this one has {len(frames)} frames.")
+            request = protocol.parse_request(frames[0])
+            return self._ops[request.op](identity, request)
+        except ProtocolError as exc:
+            self.counters["rejected"] += 1
+            self.counters["busy"] += exc.code is ErrorCode.BUSY
+            seq = 0 if request is not None and request.op is Op.SAY else None  # a say's error is its terminal message
+            return protocol.error(exc.request_id or (request.id if request else None), exc.code, exc.message, seq=seq)
+        except Exception as exc:  # a bug in the server: answer, log, keep serving
+            self.counters["internal_errors"] += 1
+            log.exception("Handling a %s request failed.", request.op.value if request else "malformed")
+            return protocol.error(request.id if request else None, ErrorCode.INTERNAL,
+                                  f"The server failed on this request ({type(exc).__name__}); the error is in its log.",
+                                  seq=0 if request is not None and request.op is Op.SAY else None)
+
+    # --- ops ------------------------------------------------------------------------------------------
+
+    def _hello(self, identity: bytes, request: protocol.Request) -> Reply:
+        m = self.model.manifest
+        return protocol.ok(
+            request.id, server="npctalk", version=__version__, protocol=protocol.PROTOCOL_VERSION,
+            model={"name": m.name, "architecture": m.architecture, "dialogue_format": m.dialogue_format,
+                   "max_context": m.max_context, "provider": getattr(self.model, "provider", "cpu")},
+            capabilities={"ops": [op.value for op in Op], "batching": self.scheduler.batched,
+                          "max_batch": self.scheduler.config.max_batch, "max_queue": self.scheduler.config.max_queue,
+                          "max_new_tokens": self.config.max_new_tokens, "max_request_bytes": protocol.MAX_REQUEST_BYTES,
+                          "request_timeout_ms": int(self.config.request_timeout_s * 1000),
+                          "client_timeout_ms": int(self.config.client_timeout_s * 1000)},
+        )
+
+    def _ping(self, identity: bytes, request: protocol.Request) -> Reply:
+        return protocol.ok(request.id)
+
+    def _npc_upsert(self, identity: bytes, request: protocol.Request) -> Reply:
+        params = request.params
+        assert isinstance(params, protocol.NpcUpsert)
+        try:
+            persona = Persona.from_dict(params.persona, source=f"persona of NPC {params.npc!r}")
+        except PromptError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        try:
+            # The persona must leave room for a line and a reply, or every say to this NPC would fail.
+            self.prompts.build(persona, [], "Hello.", {}, self._options(protocol.Say(params.npc, "Hello.")).max_new_tokens)
+            old = self.registry.get(params.npc)
+            created = self.registry.upsert(params.npc, persona)
+        except PromptError as exc:
+            raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        if old is not None and old != persona:
+            self.memory.forget_npc(params.npc)  # conversations held with the old character no longer fit
+        return protocol.ok(request.id, npc=params.npc, created=created)
+
+    def _npc_get(self, identity: bytes, request: protocol.Request) -> Reply:
+        params = request.params
+        assert isinstance(params, protocol.NpcRef)
+        return protocol.ok(request.id, npc=params.npc, persona=persona_to_dict(self._persona(params.npc)))
+
+    def _npc_list(self, identity: bytes, request: protocol.Request) -> Reply:
+        npcs = [{"npc": npc, "name": p.name, "role": p.role} for npc, p in self.registry.items()]
+        return protocol.ok(request.id, npcs=npcs)
+
+    def _say(self, identity: bytes, request: protocol.Request) -> None:
+        params = request.params
+        assert isinstance(params, protocol.Say)
+        if not self.accepting:
+            raise ProtocolError(ErrorCode.BUSY, "The server is shutting down and takes no new say requests.")
+        persona = self._persona(params.npc)
+        key = RequestKey(identity, request.id)
+        if self.scheduler.has_live(key):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"Request id {request.id!r} is still streaming; use a new id.")
+        options = self._options(params)
+        try:
+            prompt = self.prompts.build(persona, self.memory.turns(params.npc, params.player), params.text,
+                                        params.context, options.max_new_tokens)
+        except PromptError as exc:
+            raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        now = self.clock()
+        manifest = self.model.manifest
+        say = Request(key, prompt, options, self.model.tokenizer, self._eos, manifest.max_context, received_at=now,
+                      deadline=now + self.config.request_timeout_s, meta=SayMeta(params.npc, params.player, params.text))
+        if not self.scheduler.submit(say):
+            cap = self.scheduler.config
+            raise ProtocolError(ErrorCode.BUSY, f"The server is at capacity ({cap.max_batch} streams running, "
+                                f"{cap.max_queue} waiting); retry later.")
+        return None
+
+    def _cancel(self, identity: bytes, request: protocol.Request) -> Reply:
+        params = request.params
+        assert isinstance(params, protocol.Cancel)
+        found = self.scheduler.cancel(RequestKey(identity, params.target))
+        return protocol.ok(request.id, target=params.target, found=found)
+
+    def _stats(self, identity: bytes, request: protocol.Request) -> Reply:
+        return protocol.ok(request.id, **self.scheduler.stats(), uptime_s=round(self.clock() - self.started_at, 3),
+                           npcs=len(self.registry), conversations=len(self.memory), accepting=self.accepting,
+                           **self.counters)
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _persona(self, npc: str) -> Persona:
+        persona = self.registry.get(npc)
+        if persona is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_NPC, f"No NPC {npc[:64]!r}; register it with npc.upsert "
+                                f"(npc.list shows the {len(self.registry)} known).")
+        return persona
+
+    def _options(self, params: protocol.Say) -> SearchOptions:
+        limit = self.config.max_new_tokens
+        if params.max_new_tokens is not None and params.max_new_tokens > limit:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'max_new_tokens' is {params.max_new_tokens}; this server "
+                                f"allows at most {limit}.")
+        changes: dict[str, Any] = {"max_new_tokens": params.max_new_tokens or min(self.config.defaults.max_new_tokens, limit)}
+        if params.temperature is not None:
+            changes.update(temperature=params.temperature, do_sample=params.temperature > 0)
+        for name in ("top_p", "top_k", "seed"):
+            if getattr(params, name) is not None:
+                changes[name] = getattr(params, name)
+        try:
+            return dataclasses.replace(self.config.defaults, **changes)
+        except ConfigError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+
+    # --- scheduler events → stream messages -----------------------------------------------------------
+
+    def message_for(self, event: Event) -> Reply:
+        """The protocol message of one scheduler event; a finished exchange is remembered."""
+        request = event.request
+        if isinstance(event, TokenEvent):
+            return protocol.token(request.key.id, event.seq, event.text)
+        if isinstance(event, ErrorEvent):
+            return protocol.error(request.key.id, event.code, event.message, seq=event.seq)
+        assert isinstance(event, DoneEvent) and request.finish_reason is not None
+        meta = request.meta
+        if isinstance(meta, SayMeta) and request.finish_reason != "cancelled" and request.text.strip():
+            self.memory.record(meta.npc, meta.player, meta.line, request.text)
+        timings = request.timings_ms()
+        return protocol.done(
+            request.key.id, event.seq, request.text, request.finish_reason, prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens, queue_ms=timings["queue_ms"] or 0.0,
+            ttft_ms=timings["ttft_ms"], total_ms=timings["total_ms"] or 0.0,
+        )

@@ -1,0 +1,404 @@
+"""Wire protocol v1 between a game and ``npctalk serve``: names, limits, validation, encoding.
+
+This module and ``bindings/PROTOCOL.md`` are the protocol; the server and the Python client both
+use this module, and other bindings implement the document. Summary:
+
+* The server binds a ZeroMQ ROUTER socket, clients connect DEALER sockets. Every message is one
+  frame holding one msgpack map (strings are UTF-8 ``str``, never ``bin``).
+* Request: ``{v: 1, id: <str, 1..64 chars>, op: <name>, ...op fields}``. Unknown fields are errors.
+* Replies: ``{type: "ok", id, ...}`` for every op but ``say``; ``say`` streams
+  ``{type: "token", id, seq, text}`` then exactly one ``{type: "done", ...}`` or ``{type: "error",
+  ...}``; ``seq`` counts 0, 1, 2, … per request, terminal message included.
+* Errors: ``{type: "error", id, code, message}`` with ``code`` one of ``ErrorCode``; ``id`` is nil
+  when the request's own id could not be read; errors ending a ``say`` stream also carry ``seq``.
+
+``parse_request`` turns a frame into a typed ``Request`` or raises ``ProtocolError`` (a code and a
+full-sentence message, ready to send back); ``parse_reply`` does the same for the client side.
+Both decode with hard limits (frame size, string/array/map lengths, nesting depth), so a hostile
+frame costs at most ``MAX_REQUEST_BYTES`` of parsing. Stateless and thread-safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+# --- limits (bytes, characters, counts) ------------------------------------------------------------
+MAX_REQUEST_BYTES = 64 * 1024      # a larger request frame is answered with too_large
+MAX_SOCKET_MESSAGE_BYTES = 1 << 20  # ZMQ_MAXMSGSIZE: libzmq drops a peer that sends more (no reply possible)
+MAX_REPLY_BYTES = 1 << 20          # what a client accepts from the server
+MAX_ID_CHARS = 64                  # request ids, NPC ids, player ids
+MAX_TEXT_CHARS = 4000              # a player's line; longer is too_large
+MAX_CONTEXT_ENTRIES = 16
+MAX_CONTEXT_CHARS = 2000           # all keys and values of ``context`` together
+MAX_DEPTH = 6                      # nesting of maps/arrays in one message; the request map is depth 1
+MAX_ARRAY_LEN = 256
+MAX_MAP_LEN = 64
+MAX_SEED = 2**63 - 1
+MAX_TEMPERATURE = 5.0
+
+
+class Op(enum.StrEnum):
+    HELLO = "hello"
+    PING = "ping"
+    NPC_UPSERT = "npc.upsert"
+    NPC_GET = "npc.get"
+    NPC_LIST = "npc.list"
+    SAY = "say"
+    CANCEL = "cancel"
+    STATS = "stats"
+
+
+class MessageType(enum.StrEnum):
+    OK = "ok"
+    TOKEN = "token"
+    DONE = "done"
+    ERROR = "error"
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_REQUEST = "bad_request"                  # not a valid request: shape, types, unknown fields
+    UNSUPPORTED_VERSION = "unsupported_version"  # ``v`` is not a version this server speaks
+    UNKNOWN_OP = "unknown_op"
+    UNKNOWN_NPC = "unknown_npc"
+    TOO_LARGE = "too_large"                      # frame, text or prompt over a limit
+    BUSY = "busy"                                # queue full or server shutting down: retry later
+    TIMEOUT = "timeout"                          # the request's deadline passed
+    INTERNAL = "internal"                        # a server bug; the server keeps running
+
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+CONTEXT_SCALARS = (str, int, float, bool)
+
+
+class ProtocolError(Exception):
+    """A request (or reply) that breaks the protocol: ``code`` and a sentence to send back.
+
+    ``request_id`` is the offending request's id when it could be read, else None.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# --- typed requests ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Empty:
+    """Fields of ``hello``, ``ping``, ``npc.list`` and ``stats``: none."""
+
+
+@dataclass(frozen=True)
+class NpcRef:
+    """``npc.get``: the NPC's id."""
+
+    npc: str
+
+
+@dataclass(frozen=True)
+class NpcUpsert:
+    """``npc.upsert``: the NPC's id and its persona fields (``engine.persona.Persona``)."""
+
+    npc: str
+    persona: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Say:
+    """``say``: one player line to one NPC. None means the server's default."""
+
+    npc: str
+    text: str
+    player: str = "player"
+    context: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """``cancel``: the id of one of this client's ``say`` requests."""
+
+    target: str
+
+
+Params = Empty | NpcRef | NpcUpsert | Say | Cancel
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: envelope plus the op's typed fields."""
+
+    id: str
+    op: Op
+    params: Params
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One message → one frame."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(frame: bytes, *, max_bytes: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
+    """One frame → one map, within the limits above; ``ProtocolError`` otherwise."""
+    if len(frame) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"The message is {len(frame)} bytes; the limit is {max_bytes}.")
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=max_bytes, max_str_len=max_bytes, max_bin_len=max_bytes,
+        max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN, max_ext_len=0,
+    )
+    try:
+        unpacker.feed(frame)
+        message = unpacker.unpack()
+        trailing = unpacker.tell() != len(frame)
+    except msgpack.OutOfData:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "The message is truncated msgpack.") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # FormatError, StackError, limits, invalid UTF-8 and non-string map keys all land here.
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"The message is not valid msgpack within the limits: {exc}.") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"A message must be a msgpack map, got {type(message).__name__}.")
+    if trailing:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "The frame holds bytes after its msgpack map; send one map per frame.")
+    problem = _shape_problem(message)
+    if problem:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, problem)
+    return message
+
+
+def _shape_problem(value: Any) -> str | None:
+    """Nesting deeper than ``MAX_DEPTH`` or a non-string map key, found iteratively (a hostile
+    message must not exhaust the stack); None when the message is fine."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return "Every map key must be a UTF-8 string (str), not bin."
+            children: list[Any] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return f"The message nests maps/arrays more than {MAX_DEPTH} levels deep."
+        todo.extend((child, depth + 1) for child in children)
+    return None
+
+
+def parse_request(frame: bytes) -> Request:
+    """Validate a request frame; ``ProtocolError`` names the first problem."""
+    message = decode(frame)
+    raw_id = message.get("id")
+    request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_CHARS else None
+    try:
+        if request_id is None:
+            raise _bad(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters, got {_describe(raw_id)}.")
+        version = message.get("v")
+        if type(version) is not int:
+            raise _bad(f"'v' must be the integer protocol version, got {_describe(version)}.")
+        if version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
+                                f"Protocol version {version} is not supported; this server speaks {list(SUPPORTED_VERSIONS)}.")
+        op_name = message.get("op")
+        if not isinstance(op_name, str):
+            raise _bad(f"'op' must be a string, got {_describe(op_name)}.")
+        if op_name not in Op.__members__.values():
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"Unknown op {op_name[:40]!r}; known ops are {[o.value for o in Op]}.")
+        op = Op(op_name)
+        fields = {k: v for k, v in message.items() if k not in ("v", "id", "op")}
+        return Request(request_id, op, _PARSERS[op](fields))
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _parse_empty(fields: dict[str, Any]) -> Empty:
+    _allow(fields, ())
+    return Empty()
+
+
+def _parse_npc_ref(fields: dict[str, Any]) -> NpcRef:
+    _allow(fields, ("npc",))
+    return NpcRef(_ident(fields, "npc"))
+
+
+def _parse_upsert(fields: dict[str, Any]) -> NpcUpsert:
+    _allow(fields, ("npc", "persona"))
+    persona = fields.get("persona")
+    if not isinstance(persona, dict):
+        raise _bad(f"'persona' must be a map of persona fields, got {_describe(persona)}.")
+    return NpcUpsert(_ident(fields, "npc"), persona)
+
+
+def _parse_say(fields: dict[str, Any]) -> Say:
+    _allow(fields, ("npc", "player", "text", "context", "max_new_tokens", "temperature", "top_p", "top_k", "seed"))
+    text = fields.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise _bad(f"'text' must be a non-empty string, got {_describe(text)}.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is {len(text)} characters; the limit is {MAX_TEXT_CHARS}.")
+    return Say(
+        npc=_ident(fields, "npc"), text=text,
+        player=_ident(fields, "player") if "player" in fields else "player",
+        context=_context(fields.get("context", {})),
+        max_new_tokens=_optional_int(fields, "max_new_tokens", 1, 1 << 20),
+        temperature=_optional_float(fields, "temperature", 0.0, MAX_TEMPERATURE, low_open=False),
+        top_p=_optional_float(fields, "top_p", 0.0, 1.0, low_open=True),
+        top_k=_optional_int(fields, "top_k", 0, 1 << 20),
+        seed=_optional_int(fields, "seed", 0, MAX_SEED),
+    )
+
+
+def _parse_cancel(fields: dict[str, Any]) -> Cancel:
+    _allow(fields, ("target",))
+    return Cancel(_ident(fields, "target"))
+
+
+_PARSERS = {
+    Op.HELLO: _parse_empty, Op.PING: _parse_empty, Op.NPC_LIST: _parse_empty, Op.STATS: _parse_empty,
+    Op.NPC_GET: _parse_npc_ref, Op.NPC_UPSERT: _parse_upsert, Op.SAY: _parse_say, Op.CANCEL: _parse_cancel,
+}
+
+
+# --- field checks -----------------------------------------------------------------------------------
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (str, bytes)) and len(value) > 40:
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _allow(fields: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        shown = [u[:40] for u in unknown[:5]]
+        raise _bad(f"Unknown field(s) {shown}; this op takes {list(allowed) or 'no fields'} besides v, id and op.")
+
+
+def _ident(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS:
+        raise _bad(f"'{name}' must be a non-empty string of at most {MAX_ID_CHARS} characters, got {_describe(value)}.")
+    return value
+
+
+def _optional_int(fields: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    if fields.get(name) is None:
+        return None
+    value = fields[name]
+    if type(value) is not int or not low <= value <= high:
+        raise _bad(f"'{name}' must be an integer in [{low}, {high}], got {_describe(value)}.")
+    return value
+
+
+def _optional_float(fields: dict[str, Any], name: str, low: float, high: float, *, low_open: bool) -> float | None:
+    if fields.get(name) is None:
+        return None
+    value = fields[name]
+    number = type(value) in (int, float) and math.isfinite(value)
+    if not number or not (low < value if low_open else low <= value) or value > high:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise _bad(f"'{name}' must be a number in {interval}, got {_describe(value)}.")
+    return float(value)
+
+
+def _context(value: Any) -> dict[str, Any]:
+    """``context``: string keys; values are strings, numbers, booleans or lists of strings."""
+    if not isinstance(value, dict):
+        raise _bad(f"'context' must be a map of game state, got {_describe(value)}.")
+    if len(value) > MAX_CONTEXT_ENTRIES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'context' has {len(value)} entries; the limit is {MAX_CONTEXT_ENTRIES}.")
+    size = 0
+    for key, item in value.items():
+        items = item if isinstance(item, list) else [item]
+        if not all(isinstance(i, CONTEXT_SCALARS) and not (isinstance(i, float) and not math.isfinite(i)) for i in items) \
+                or (isinstance(item, list) and not all(isinstance(i, str) for i in item)):
+            raise _bad(f"context[{key[:40]!r}] must be a string, number, boolean or list of strings, got {_describe(item)}.")
+        size += len(key) + sum(len(str(i)) for i in items)
+    if size > MAX_CONTEXT_CHARS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'context' holds {size} characters; the limit is {MAX_CONTEXT_CHARS}.")
+    return dict(value)
+
+
+# --- replies ----------------------------------------------------------------------------------------
+
+
+def ok(request_id: str, **fields: Any) -> dict[str, Any]:
+    return {"type": MessageType.OK.value, "id": request_id, **fields}
+
+
+def token(request_id: str, seq: int, text: str) -> dict[str, Any]:
+    return {"type": MessageType.TOKEN.value, "id": request_id, "seq": seq, "text": text}
+
+
+def done(request_id: str, seq: int, text: str, finish_reason: str, *, prompt_tokens: int, completion_tokens: int,
+         queue_ms: float, ttft_ms: float | None, total_ms: float) -> dict[str, Any]:
+    """The terminal message of a ``say``; ``ttft_ms`` is nil when no token was generated."""
+    return {
+        "type": MessageType.DONE.value, "id": request_id, "seq": seq, "text": text, "finish_reason": finish_reason,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "timings": {"queue_ms": round(queue_ms, 3), "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
+                    "total_ms": round(total_ms, 3)},
+    }
+
+
+def error(request_id: str | None, code: ErrorCode, message: str, *, seq: int | None = None) -> dict[str, Any]:
+    reply = {"type": MessageType.ERROR.value, "id": request_id, "code": code.value, "message": message}
+    if seq is not None:
+        reply["seq"] = seq
+    return reply
+
+
+_REPLY_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    MessageType.OK: {},
+    MessageType.TOKEN: {"seq": int, "text": str},
+    MessageType.DONE: {"seq": int, "text": str, "finish_reason": str, "usage": dict, "timings": dict},
+    MessageType.ERROR: {"code": str, "message": str},
+}
+
+
+def parse_reply(frame: bytes) -> dict[str, Any]:
+    """Client side: a server frame → its map, checked for its type's required fields.
+
+    Raises ``ProtocolError`` (code ``bad_request`` from the client's point of view: the server sent
+    something this client cannot read).
+    """
+    message = decode(frame, max_bytes=MAX_REPLY_BYTES)
+    kind = message.get("type")
+    if kind not in _REPLY_FIELDS:
+        raise _bad(f"Reply type {_describe(kind)} is not one of {list(_REPLY_FIELDS)}.")
+    if not (message.get("id") is None or isinstance(message.get("id"), str)):
+        raise _bad(f"Reply 'id' must be a string or nil, got {_describe(message.get('id'))}.")
+    for name, expected in _REPLY_FIELDS[kind].items():
+        if not isinstance(message.get(name), expected) or isinstance(message.get(name), bool):
+            raise _bad(f"A {kind} reply needs '{name}' of type {expected}, got {_describe(message.get(name))}.")
+    if kind == MessageType.DONE and message["finish_reason"] not in FINISH_REASONS:
+        raise _bad(f"Unknown finish_reason {message['finish_reason']!r}.")
+    return message

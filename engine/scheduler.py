@@ -1,0 +1,273 @@
+"""Continuous batching: requests join and leave the decode batch between steps.
+
+One ``step()`` does, in order::
+
+    1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
+    2. admit    queued requests are prefilled one by one (their own cache, at most ``prefill_tokens``
+                prompt tokens per step so decoding streams are never starved), sample their first
+                token, and join the batch
+    3. decode   one forward for every row of the batch (B, 1) → logits (B, vocab); each row samples
+                its next token; finished rows leave
+
+and returns the events (token / done / error) the step produced, in order. A request is cancelled
+within one step of ``cancel``. The queue is bounded: ``submit`` refuses at once when it is full, so
+the caller answers ``busy`` instead of letting latency grow without limit.
+
+When the graph cannot mask padding (``batch.supports_padding``), every stream keeps its own
+single-row batch and is stepped alone; that is slower but exact, and logged once at start.
+
+Not thread-safe: one engine loop calls ``submit``, ``cancel`` and ``step``. ``clock`` is injectable so
+tests drive deadlines without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .batch import DecodeBatch, supports_padding
+from .errors import ConfigError, ServeError
+from .generator import LanguageModel
+from .kv_cache import KVCache
+from .protocol import ErrorCode
+from .request import Event, Request, RequestKey, RequestState
+
+log = logging.getLogger(__name__)
+
+THROUGHPUT_WINDOW_S = 5.0  # tokens/s in stats is measured over this many recent seconds
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Capacity: ``max_batch`` streams decode together, ``max_queue`` more may wait (counts);
+    ``prefill_tokens`` caps prompt tokens prefilled per step (one prompt always goes)."""
+
+    max_batch: int = 32
+    max_queue: int = 64
+    prefill_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queue" else 1):
+                raise ConfigError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}.")
+
+
+class Scheduler:
+    """Queue + decode batch for one model."""
+
+    def __init__(self, model: LanguageModel, config: SchedulerConfig = SchedulerConfig(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.model = model
+        self.config = config
+        self.clock = clock
+        self.batched = supports_padding(model)
+        if not self.batched:
+            log.warning("The model graph takes no attention_mask/position_ids, so streams cannot share a padded "
+                        "batch; each active stream is stepped on its own (slower). Re-export the bundle to batch.")
+        self._queue: deque[Request] = deque()
+        self._groups: list[DecodeBatch[Request]] = []  # one group when batched, one per stream otherwise
+        self._live: dict[RequestKey, Request] = {}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
+        self._started = clock()
+        self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+
+    # --- intake ----------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> bool:
+        """Queue ``request``; False (nothing queued) when ``max_batch + max_queue`` requests are live.
+
+        The caller checks ``has_live`` first: a key already live is a bug and raises ``ServeError``.
+        """
+        if request.key in self._live:
+            raise ServeError(f"Request {request.key.id!r} of this client is already live; ids must be unique.")
+        if len(self._live) >= self.config.max_batch + self.config.max_queue:
+            return False
+        self._queue.append(request)
+        self._live[request.key] = request
+        return True
+
+    def has_live(self, key: RequestKey) -> bool:
+        return key in self._live
+
+    def cancel(self, key: RequestKey) -> bool:
+        """Ask ``key``'s request to end with "cancelled" at the next step; False if it is not live."""
+        request = self._live.get(key)
+        if request is None:
+            return False
+        request.cancel_requested = True
+        return True
+
+    def cancel_client(self, client: bytes) -> int:
+        """Cancel every live request of one client (it vanished or stopped reading); returns how many."""
+        keys = [key for key in self._live if key.client == client]
+        for key in keys:
+            self.cancel(key)
+        return len(keys)
+
+    def cancel_all(self) -> int:
+        for request in self._live.values():
+            request.cancel_requested = True
+        return len(self._live)
+
+    def live_clients(self) -> set[bytes]:
+        """Identities of the clients with a queued or running request."""
+        return {key.client for key in self._live}
+
+    def abort_all(self, message: str) -> list[Event]:
+        """Fail every live request with ``internal`` and empty the batch (after an unexpected error)."""
+        now, events = self.clock(), []
+        for request in list(self._live.values()):
+            if request.live:
+                events.append(request.fail(ErrorCode.INTERNAL, message, now))
+            self._retire(request)
+        self._live.clear()
+        self._queue.clear()
+        self._groups = []
+        return events
+
+    # --- the step ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Reap, admit, decode once; the events in the order they happened."""
+        events: list[Event] = []
+        self._step_tokens = 0
+        self._reap(self.clock(), events)
+        self._admit(events)
+        self._decode(events)
+        now = self.clock()
+        self.counters["steps"] += 1
+        self.counters["tokens"] += self._step_tokens
+        self._recent.append((now, self._step_tokens))
+        while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._recent.popleft()
+        return events
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._live)
+
+    def _reap(self, now: float, events: list[Event]) -> None:
+        for request in [r for r in self._live.values() if r.cancel_requested or now >= r.deadline]:
+            if request.cancel_requested:
+                events.append(request.finish("cancelled", now))
+            else:
+                waited = (now - request.received_at)
+                events.append(request.fail(ErrorCode.TIMEOUT, f"The request passed its deadline after {waited:.2f} s "
+                                           f"({request.completion_tokens} tokens generated).", now))
+            self._retire(request)
+        # Terminal requests leave the queue and their batch rows.
+        self._queue = deque(r for r in self._queue if r.live)
+        self._drop_rows({row for group in self._groups for row in group.rows if not row.live})
+
+    def _admit(self, events: list[Event]) -> None:
+        budget, prefilled = self.config.prefill_tokens, 0
+        joiners: list[tuple[Request, KVCache]] = []
+        while self._queue and self.active_count + len(joiners) < self.config.max_batch:
+            request = self._queue[0]
+            if prefilled and request.prompt_tokens > budget:
+                break  # the next step prefills it; decoding streams get their token now
+            self._queue.popleft()
+            prefilled += 1
+            budget -= request.prompt_tokens
+            request.advance(RequestState.PREFILLING)
+            request.admitted_at = self.clock()
+            try:
+                cache = self.model.new_cache(batch_size=1)
+                ids = np.asarray([request.prompt_ids], dtype=np.int64)  # (1, prompt)
+                logits = self.model.forward(ids, cache)  # (1, vocab); cache now (1, kv_heads, prompt, head_dim)
+                if self._sample(request, logits, events):
+                    joiners.append((request, cache))
+            except Exception as exc:  # any failure of one prompt fails that request, not the server
+                log.exception("Prefill of request %r failed.", request.key.id)
+                self._fail(request, ErrorCode.INTERNAL, f"The engine failed while reading the prompt: {exc}.", events)
+        if not joiners:
+            return
+        for request, _ in joiners:
+            request.advance(RequestState.DECODING)
+        if self.batched:
+            if not self._groups:
+                self._groups.append(DecodeBatch(self.model))
+            self._groups[0].add(joiners)
+        else:
+            for joiner in joiners:
+                group: DecodeBatch[Request] = DecodeBatch(self.model)
+                group.add([joiner])
+                self._groups.append(group)
+
+    def _decode(self, events: list[Event]) -> None:
+        """One token for every row of every group."""
+        finished: set[Request] = set()
+        for group in self._groups:
+            rows = list(group.rows)
+            try:
+                logits = group.forward([r.pending_token for r in rows])  # (rows, vocab)
+            except Exception as exc:  # a failed forward fails its rows; the server and other groups go on
+                log.exception("Decode step for %d streams failed.", len(rows))
+                for request in rows:
+                    self._fail(request, ErrorCode.INTERNAL, f"The engine failed while generating: {exc}.", events)
+                finished.update(rows)
+                continue
+            for index, request in enumerate(rows):
+                if not self._sample(request, logits[index:index + 1], events):
+                    finished.add(request)
+        self._drop_rows(finished)
+
+    def _sample(self, request: Request, logits: np.ndarray, events: list[Event]) -> bool:
+        """Sample ``request``'s next token from (1, vocab) logits; False when its reply has ended."""
+        new_events, reason = request.choose(logits, self.clock())
+        self._step_tokens += 1
+        events.extend(new_events)
+        if reason is None:
+            return True
+        events.append(request.finish(reason, self.clock()))
+        self._retire(request)
+        return False
+
+    def _fail(self, request: Request, code: ErrorCode, message: str, events: list[Event]) -> None:
+        events.append(request.fail(code, message, self.clock()))
+        self._retire(request)
+
+    def _retire(self, request: Request) -> None:
+        self._live.pop(request.key, None)
+        outcome = "failed" if request.state is RequestState.FAILED else (
+            "cancelled" if request.finish_reason == "cancelled" else "completed")
+        self.counters[outcome] += 1
+
+    def _drop_rows(self, gone: Iterable[Request]) -> None:
+        gone = set(gone)
+        if not gone:
+            return
+        for group in self._groups:
+            group.remove(gone)
+        self._groups = [g for g in self._groups if len(g)]
+
+    # --- observation -------------------------------------------------------------------------------------
+
+    @property
+    def active_count(self) -> int:
+        return sum(len(g) for g in self._groups)
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    def tokens_per_second(self) -> float:
+        """Tokens sampled per second over the last ``THROUGHPUT_WINDOW_S`` seconds."""
+        now = self.clock()
+        window = min(THROUGHPUT_WINDOW_S, max(now - self._started, 1e-3))
+        return sum(n for t, n in self._recent if t >= now - window) / window
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "active": self.active_count, "queued": self.queued_count, "max_batch": self.config.max_batch,
+            "max_queue": self.config.max_queue, "batched": self.batched,
+            "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters,
+        }

@@ -1,0 +1,256 @@
+"""``npctalk serve``: the ZeroMQ ROUTER server in front of the scheduler (protocol: ``protocol.py``).
+
+One thread runs one loop::
+
+    receive   poll the socket (zero timeout while streams run, IDLE_POLL_MS when idle) and answer up
+              to MAX_INCOMING_PER_TURN messages with non-blocking sends
+    step      scheduler.step(): one batched decode step for every active stream
+    send      each token/done/error event, non-blocking
+    sweep     every SWEEP_S: cancel the streams of clients that have gone quiet
+
+Why one loop and no socket thread: every socket call is non-blocking (``NOBLOCK`` sends, polls with
+zero timeout between steps), so I/O never stalls decoding, and libzmq's own I/O thread moves bytes
+and answers ZMTP heartbeats even while a forward runs. A second Python thread would only fight the
+decode loop for the GIL, and would need locks around the scheduler; here nothing is shared, a
+``cancel`` read between two steps takes effect in the next one, and ordering is trivially right.
+The price is that a ``ping`` waits for the current step (milliseconds; prefill per step is capped).
+
+Backpressure and vanished clients: ``ROUTER_MANDATORY`` makes a send to a gone peer fail with
+EHOSTUNREACH and a send to a peer whose queue holds ``send_hwm`` messages fail with EAGAIN; either
+way that client's streams are cancelled and its later events dropped, so a client that stops
+reading holds at most ``send_hwm`` messages of server memory. ZMTP heartbeats (``heartbeat_s``)
+drop dead TCP peers; a client with live streams that sends nothing (not even ``ping``) for
+``client_timeout_s`` is treated as gone too.
+
+SIGTERM/SIGINT: stop accepting ``say`` (answered ``busy``), let running streams finish for up to
+``drain_timeout_s``, cancel the rest, flush, exit 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .errors import ServeError
+from .handlers import Handlers
+from .memory import DialogueMemory
+from .model import Model
+from .npcs import NpcRegistry
+from .request import Event
+from .sampling import SearchOptions
+from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 50            # how long the idle loop waits for a message before checking signals
+MAX_INCOMING_PER_TURN = 256  # messages answered between two steps, so a flood cannot starve decoding
+SWEEP_S = 0.25               # how often quiet clients are looked for
+CLOSE_LINGER_MS = 1000       # how long closing waits to flush the last messages
+
+
+def _default_options() -> SearchOptions:
+    return SearchOptions(max_new_tokens=64, do_sample=True, temperature=0.7, top_k=40, top_p=0.9,
+                         repetition_penalty=1.15, no_repeat_ngram_size=4)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server settings. Times in seconds, sizes in tokens or messages; ``defaults`` fill unset say fields."""
+
+    bind: str = protocol.DEFAULT_ENDPOINT
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    defaults: SearchOptions = field(default_factory=_default_options)
+    max_new_tokens: int = 256         # the most one say may ask for
+    request_timeout_s: float = 60.0   # deadline from receipt to done; then a timeout error
+    client_timeout_s: float = 15.0    # a client with streams that sends nothing this long is gone
+    heartbeat_s: float = 1.0          # ZMTP heartbeat interval (dead TCP peers are dropped after 3)
+    send_hwm: int = 1000              # messages queued per client before it counts as not reading
+    drain_timeout_s: float = 10.0     # on SIGTERM, how long running streams may finish
+    personas_dir: Path | None = None
+    max_npcs: int = 1024
+    history_turns: int = 16           # turns remembered per (npc, player)
+    max_conversations: int = 4096     # (npc, player) pairs remembered
+
+
+class Server:
+    """A bound ROUTER socket, the handlers and the scheduler. ``run()`` serves until ``request_stop``."""
+
+    def __init__(self, model: Model | Any, config: ServerConfig = ServerConfig(),
+                 registry: NpcRegistry | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.scheduler = Scheduler(model, config.scheduler)
+        self.handlers = Handlers(model, self.scheduler, config,
+                                 registry or NpcRegistry.with_builtins(config.personas_dir, config.max_npcs),
+                                 DialogueMemory(config.history_turns, config.max_conversations))
+        self._stop = threading.Event()
+        self._last_seen: dict[bytes, float] = {}   # clients with live streams → when they last sent anything
+        self._unreachable: set[bytes] = set()      # clients whose sends failed: events to them are dropped
+        self._context = zmq.Context.instance()
+        self._socket = self._bind(config)
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _bind(self, config: ServerConfig) -> zmq.Socket:
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_SOCKET_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, config.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, 4 * (config.scheduler.max_batch + config.scheduler.max_queue) + 256)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.heartbeat_s * 3000))
+        sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        try:
+            sock.bind(config.bind)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ServeError(f"Cannot bind {config.bind}: {exc.strerror}. Is another server running there?") from exc
+        if not _is_local(config.bind):
+            log.warning("Listening on %s, reachable from other machines, without authentication (CURVE is not "
+                        "implemented yet); bind to 127.0.0.1 or ipc:// unless the network is trusted.", config.bind)
+        return sock
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until stopped; returns the exit code (0)."""
+        m = self.model.manifest
+        log.info("npctalk serve: listening on %s (model %s, %s batching, max_batch %d, max_queue %d)", self.endpoint,
+                 m.name, "padded" if self.scheduler.batched else "no", self.config.scheduler.max_batch,
+                 self.config.scheduler.max_queue)
+        try:
+            with _stop_on_signals(self.request_stop):
+                self._loop()
+        finally:
+            self._socket.close(linger=CLOSE_LINGER_MS)
+        log.info("npctalk serve: stopped.")
+        return 0
+
+    def _loop(self) -> None:
+        drain_until: float | None = None
+        cancelled_rest = False
+        next_sweep = 0.0
+        while True:
+            now = time.monotonic()
+            if self._stop.is_set() and drain_until is None:
+                drain_until = now + self.config.drain_timeout_s
+                self.handlers.accepting = False
+                log.info("Stopping: %d streams running, %d queued; waiting up to %.1f s for them.",
+                         self.scheduler.active_count, self.scheduler.queued_count, self.config.drain_timeout_s)
+            if drain_until is not None:
+                if not self.scheduler.has_work:
+                    return
+                if now >= drain_until and not cancelled_rest:
+                    cancelled_rest = True
+                    log.info("Drain time is over: cancelling %d streams.", self.scheduler.cancel_all())
+            self._receive(0 if self.scheduler.has_work else IDLE_POLL_MS)
+            if self.scheduler.has_work:
+                self._step()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + SWEEP_S
+
+    def _receive(self, timeout_ms: int) -> None:
+        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return
+        for _ in range(MAX_INCOMING_PER_TURN):
+            try:
+                identity, *frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_seen[identity] = time.monotonic()
+            self._unreachable.discard(identity)
+            reply = self.handlers.handle(identity, frames)
+            if reply is not None:
+                self._send(identity, reply)
+
+    def _step(self) -> None:
+        try:
+            events: list[Event] = self.scheduler.step()
+        except Exception:  # a scheduler bug must not take the server down with it
+            log.exception("The engine step failed; failing every live stream.")
+            events = self.scheduler.abort_all("The engine failed; the error is in the server's log.")
+        for event in events:
+            message = self.handlers.message_for(event)  # also records finished exchanges
+            client = event.request.key.client
+            if client not in self._unreachable:
+                self._send(client, message)
+
+    def _send(self, identity: bytes, message: dict[str, Any]) -> None:
+        try:
+            self._socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            self._drop_client(identity, "is not reading (its queue is full)")
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._drop_client(identity, "is gone")
+
+    def _drop_client(self, identity: bytes, why: str) -> None:
+        self._unreachable.add(identity)
+        cancelled = self.scheduler.cancel_client(identity)
+        if cancelled:
+            log.info("Client %s %s: cancelling its %d streams.", identity.hex(), why, cancelled)
+
+    def _sweep(self, now: float) -> None:
+        live = self.scheduler.live_clients()
+        for identity in live:
+            quiet = now - self._last_seen.get(identity, now)
+            if quiet > self.config.client_timeout_s:
+                self._last_seen[identity] = now  # cancel once; the next step ends the streams
+                log.info("Client %s sent nothing for %.1f s: cancelling its %d streams.", identity.hex(), quiet,
+                         self.scheduler.cancel_client(identity))
+        # Bookkeeping only for clients that still have streams: bounded by the scheduler's capacity.
+        self._last_seen = {c: t for c, t in self._last_seen.items() if c in live}
+        self._unreachable &= live
+
+
+def _is_local(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or *: all interfaces
+
+
+@contextmanager
+def _stop_on_signals(stop: Any) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``stop`` while the server runs (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("Received %s.", signal.Signals(signum).name)
+        stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def serve(bundle: Path, config: ServerConfig = ServerConfig(), *, provider: str = "auto",
+          intra_op_threads: int | None = None) -> int:
+    """Load ``bundle`` and serve it until SIGTERM/SIGINT; returns the exit code."""
+    model = Model(bundle, provider=provider, intra_op_threads=intra_op_threads)  # type: ignore[arg-type]
+    return Server(model, config).run()
