@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
         ),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
-        client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, drain_timeout_s=args.drain_timeout,
+        client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
         personas_dir=args.personas,
     )
     return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--client-timeout", type=float, default=15.0,
                      help="seconds a client with streams may stay silent before they are cancelled")
     srv.add_argument("--send-hwm", type=int, default=1000, help="messages queued per client before it counts as stuck")
+    srv.add_argument("--send-buffer", type=int, default=0, help="kernel send buffer per client in bytes (0: OS default)")
     srv.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running streams may finish on SIGTERM")
     srv.add_argument("--temperature", type=float, default=0.7, help="default; 0 = greedy")
     srv.add_argument("--top-k", type=int, default=40)

@@ -59,7 +59,8 @@ class Handlers:
         self.started_at = clock()
         self.prompts = PromptBuilder(model.manifest, model.tokenizer)
         self._eos = frozenset(model.manifest.eos_token_ids)
-        self.counters = {"requests": 0, "rejected": 0, "busy": 0, "internal_errors": 0}
+        # Server-wide counters reported by stats (the server adds clients it had to drop).
+        self.counters = {"requests": 0, "rejected": 0, "busy": 0, "internal_errors": 0, "clients_dropped": 0}
         self._ops: dict[Op, Callable[[bytes, protocol.Request], Reply | None]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.NPC_UPSERT: self._npc_upsert, Op.NPC_GET: self._npc_get,
             Op.NPC_LIST: self._npc_list, Op.SAY: self._say, Op.CANCEL: self._cancel, Op.STATS: self._stats,

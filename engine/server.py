@@ -77,6 +77,7 @@ class ServerConfig:
     client_timeout_s: float = 15.0    # a client with streams that sends nothing this long is gone
     heartbeat_s: float = 1.0          # ZMTP heartbeat interval (dead TCP peers are dropped after 3)
     send_hwm: int = 1000              # messages queued per client before it counts as not reading
+    send_buffer: int = 0              # kernel send buffer per TCP client in bytes (SO_SNDBUF); 0: the OS default
     drain_timeout_s: float = 10.0     # on SIGTERM, how long running streams may finish
     personas_dir: Path | None = None
     max_npcs: int = 1024
@@ -107,6 +108,8 @@ class Server:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_SOCKET_MESSAGE_BYTES)
         sock.setsockopt(zmq.SNDHWM, config.send_hwm)
+        if config.send_buffer:
+            sock.setsockopt(zmq.SNDBUF, config.send_buffer)
         sock.setsockopt(zmq.RCVHWM, 4 * (config.scheduler.max_batch + config.scheduler.max_queue) + 256)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.heartbeat_s * 3000))
@@ -203,6 +206,7 @@ class Server:
         self._unreachable.add(identity)
         cancelled = self.scheduler.cancel_client(identity)
         if cancelled:
+            self.handlers.counters["clients_dropped"] += 1
             log.info("Client %s %s: cancelling its %d streams.", identity.hex(), why, cancelled)
 
     def _sweep(self, now: float) -> None:
@@ -211,6 +215,7 @@ class Server:
             quiet = now - self._last_seen.get(identity, now)
             if quiet > self.config.client_timeout_s:
                 self._last_seen[identity] = now  # cancel once; the next step ends the streams
+                self.handlers.counters["clients_dropped"] += 1
                 log.info("Client %s sent nothing for %.1f s: cancelling its %d streams.", identity.hex(), quiet,
                          self.scheduler.cancel_client(identity))
         # Bookkeeping only for clients that still have streams: bounded by the scheduler's capacity.
