@@ -206,7 +206,10 @@ class Handlers:
         assert isinstance(event, DoneEvent) and request.finish_reason is not None
         meta = request.meta
         if isinstance(meta, SayMeta) and request.finish_reason != "cancelled" and request.text.strip():
-            self.memory.record(meta.npc, meta.player, meta.line, request.text)
+            try:
+                self.memory.record(meta.npc, meta.player, meta.line, request.text)
+            except Exception:  # forgetting one exchange must not lose the done message
+                log.exception("Recording the exchange of request %r failed.", request.key.id)
         timings = request.timings_ms()
         return protocol.done(
             request.key.id, event.seq, request.text, request.finish_reason, prompt_tokens=request.prompt_tokens,

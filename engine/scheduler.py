@@ -106,11 +106,12 @@ class Scheduler:
         return True
 
     def cancel_client(self, client: bytes) -> int:
-        """Cancel every live request of one client (it vanished or stopped reading); returns how many."""
-        keys = [key for key in self._live if key.client == client]
-        for key in keys:
-            self.cancel(key)
-        return len(keys)
+        """Cancel every live request of one client (it vanished or stopped reading); returns how many
+        were not already being cancelled."""
+        newly = [r for key, r in self._live.items() if key.client == client and not r.cancel_requested]
+        for request in newly:
+            request.cancel_requested = True
+        return len(newly)
 
     def cancel_all(self) -> int:
         for request in self._live.values():

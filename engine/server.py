@@ -17,8 +17,10 @@ The price is that a ``ping`` waits for the current step (milliseconds; prefill p
 
 Backpressure and vanished clients: ``ROUTER_MANDATORY`` makes a send to a gone peer fail with
 EHOSTUNREACH and a send to a peer whose queue holds ``send_hwm`` messages fail with EAGAIN; either
-way that client's streams are cancelled and its later events dropped, so a client that stops
-reading holds at most ``send_hwm`` messages of server memory. ZMTP heartbeats (``heartbeat_s``)
+way that client's streams are cancelled and their remaining tokens dropped, so a client that stops
+reading holds at most ``send_hwm`` messages (plus ``send_buffer`` bytes) of server memory. Its
+streams still end properly: ``delivery.Delivery`` sends each one's terminal message, rewritten to
+follow the last message delivered, once the client reads again. ZMTP heartbeats (``heartbeat_s``)
 drop dead TCP peers; a client with live streams that sends nothing (not even ``ping``) for
 ``client_timeout_s`` is treated as gone too.
 
@@ -43,6 +45,7 @@ from typing import Any
 import zmq
 
 from . import protocol
+from .delivery import Delivery, SendResult
 from .errors import ServeError
 from .handlers import Handlers
 from .memory import DialogueMemory
@@ -98,7 +101,8 @@ class Server:
                                  DialogueMemory(config.history_turns, config.max_conversations))
         self._stop = threading.Event()
         self._last_seen: dict[bytes, float] = {}   # clients with live streams → when they last sent anything
-        self._unreachable: set[bytes] = set()      # clients whose sends failed: events to them are dropped
+        self._gone: set[bytes] = set()             # clients whose connection is gone: nothing is sent to them
+        self._delivery = Delivery(self._send_raw, give_up_s=config.client_timeout_s)
         self._context = zmq.Context.instance()
         self._socket = self._bind(config)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -162,6 +166,8 @@ class Server:
             self._receive(0 if self.scheduler.has_work else IDLE_POLL_MS)
             if self.scheduler.has_work:
                 self._step()
+            if self._delivery.waiting:
+                self._delivery.retry(time.monotonic())
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + SWEEP_S
@@ -175,7 +181,7 @@ class Server:
             except zmq.Again:
                 return
             self._last_seen[identity] = time.monotonic()
-            self._unreachable.discard(identity)
+            self._gone.discard(identity)
             reply = self.handlers.handle(identity, frames)
             if reply is not None:
                 self._send(identity, reply)
@@ -186,24 +192,36 @@ class Server:
         except Exception:  # a scheduler bug must not take the server down with it
             log.exception("The engine step failed; failing every live stream.")
             events = self.scheduler.abort_all("The engine failed; the error is in the server's log.")
+        now = time.monotonic()
         for event in events:
             message = self.handlers.message_for(event)  # also records finished exchanges
-            client = event.request.key.client
-            if client not in self._unreachable:
-                self._send(client, message)
+            key = event.request.key
+            if key.client not in self._gone:
+                self._after_send(key.client, self._delivery.stream(key, message, now))
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> None:
+        """Answer a request; a client that cannot take the answer loses its streams."""
+        self._after_send(identity, self._send_raw(identity, message))
+
+    def _send_raw(self, identity: bytes, message: dict[str, Any]) -> SendResult:
         try:
             self._socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+            return SendResult.SENT
         except zmq.Again:
-            self._drop_client(identity, "is not reading (its queue is full)")
+            return SendResult.FULL
         except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
+            if exc.errno != zmq.EHOSTUNREACH:  # nothing a client does should reach here; never stop serving
+                log.error("Sending to client %s failed: %s.", identity.hex(), exc)
+            return SendResult.GONE
+
+    def _after_send(self, identity: bytes, result: SendResult) -> None:
+        if result is SendResult.FULL:
+            self._drop_client(identity, "is not reading (its queue is full)")
+        elif result is SendResult.GONE:
+            self._gone.add(identity)
             self._drop_client(identity, "is gone")
 
     def _drop_client(self, identity: bytes, why: str) -> None:
-        self._unreachable.add(identity)
         cancelled = self.scheduler.cancel_client(identity)
         if cancelled:
             self.handlers.counters["clients_dropped"] += 1
@@ -220,7 +238,7 @@ class Server:
                          self.scheduler.cancel_client(identity))
         # Bookkeeping only for clients that still have streams: bounded by the scheduler's capacity.
         self._last_seen = {c: t for c, t in self._last_seen.items() if c in live}
-        self._unreachable &= live
+        self._gone &= live
 
 
 def _is_local(endpoint: str) -> bool:

@@ -123,12 +123,18 @@ def recv(sock: zmq.Socket, timeout: float = 5.0) -> dict[str, Any]:
 
 def collect(sock: zmq.Socket, request_id: str, timeout: float = 10.0) -> list[dict[str, Any]]:
     """Every message of one stream up to its terminal one (other ids are skipped)."""
-    messages: list[dict[str, Any]] = []
+    return collect_all(sock, [request_id], timeout)[request_id]
+
+
+def collect_all(sock: zmq.Socket, request_ids: list[str], timeout: float = 10.0) -> dict[str, list[dict[str, Any]]]:
+    """Every message of several streams, each up to its terminal one (other ids are skipped)."""
+    streams: dict[str, list[dict[str, Any]]] = {i: [] for i in request_ids}
+    open_ids = set(request_ids)
     deadline = time.monotonic() + timeout
-    while True:
+    while open_ids:
         message = recv(sock, max(0.0, deadline - time.monotonic()))
-        if message.get("id") != request_id:
-            continue
-        messages.append(message)
-        if message["type"] in ("done", "error"):
-            return messages
+        if message.get("id") in open_ids:
+            streams[message["id"]].append(message)
+            if message["type"] in ("done", "error"):
+                open_ids.discard(message["id"])
+    return streams

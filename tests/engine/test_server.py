@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from server_process import LONG_STREAMS, ServerProcess, collect, recv, send
+from server_process import LONG_STREAMS, ServerProcess, collect, collect_all, recv, send
 
 MIRA = {"name": "Mira", "role": "a herbalist"}  # a short persona: long replies fit the tiny context
 ARGS = (*LONG_STREAMS, "--max-new-tokens", "960", "--max-batch", "4", "--max-queue", "4")
@@ -188,6 +188,24 @@ def test_a_client_that_stops_reading_is_cancelled_and_memory_stays_bounded(small
     assert stats["cancelled"] >= before["cancelled"] + 4 and stats["active"] == stats["queued"] == 0
     assert stats["tokens"] - before["tokens"] < 4 * 900, "the streams were cut, not generated to the end"
     assert "is not reading" in server.log()
+
+
+def test_a_client_that_goes_silent_has_its_streams_cancelled(gpt2_bundle: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, "--max-new-tokens", "960", "--max-batch", "1",
+                         "--client-timeout", "0.5").start()
+    try:
+        proc.request("npc.upsert", npc="mira", persona=MIRA)
+        silent = proc.dealer()
+        for i in range(8):  # one at a time: seconds of work
+            send(silent, op="say", id=f"q{i}", npc="mira", player=f"p-silent{i}", text="Hello!", max_new_tokens=900)
+        streams = collect_all(silent, [f"q{i}" for i in range(8)])  # it reads, but never sends again
+        ends = [check_stream(messages) for messages in streams.values()]
+        assert all(e["type"] == "done" for e in ends)
+        assert sum(e["finish_reason"] == "cancelled" for e in ends) >= 4
+        assert proc.stats()["clients_dropped"] == 1
+        assert "sent nothing for" in proc.log()
+    finally:
+        proc.stop()
 
 
 def test_context_and_history_enter_the_prompt(server: ServerProcess) -> None:
