@@ -101,7 +101,8 @@ def test_say_ids_busy_and_shutdown(handlers: Handlers) -> None:
 
 
 def test_finished_replies_are_remembered_cancelled_ones_are_not(handlers: Handlers) -> None:
-    handlers.handle(b"c", frame(id="a", op="say", npc="mira", player="p", text="First", max_new_tokens=4))
+    handlers.handle(b"c", frame(id="a", op="say", npc="mira", player="p", text="First", max_new_tokens=8,
+                                temperature=0))  # greedy: a fixed, non-empty reply
     handlers.handle(b"c", frame(id="b", op="say", npc="mira", player="q", text="Second", max_new_tokens=50))
     messages = []
     handlers.scheduler.step()
