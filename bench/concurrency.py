@@ -1,0 +1,153 @@
+"""Concurrent NPC streams through the real socket: aggregate tokens/s, TTFT, inter-token gaps.
+
+    python bench/concurrency.py --model BUNDLE [--streams 1 8 32 64] [--max-new-tokens 128]
+
+Starts ``npctalk serve`` as a subprocess on a free loopback port (greedy decoding without penalties,
+so every reply runs to ``max_new_tokens`` and runs are comparable), then for each concurrency N
+opens N replies at once from one ``AsyncClient`` (NPCs and players spread over the built-in
+personas) and timestamps every token as it arrives. Writes
+``bench/results/concurrency-<model>-<machine>-<date>.{json,md}``.
+
+Metrics: aggregate tok/s = completion tokens of all N replies / wall time from the first send to
+the last done; TTFT = client-side send → first token message (p50/p99 over replies); inter-token gap
+= time between consecutive token messages of one reply (p99 over all gaps). ``protocol_us_per_token``
+is the cost of encoding and parsing one token message (what the protocol adds per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from npctalk.client import AsyncClient, Client
+from npctalk.engine import protocol
+
+NPCS = ("bram", "elda", "tobin")
+ROOT = Path(__file__).resolve().parent
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+async def one_reply(client: AsyncClient, index: int, max_new_tokens: int) -> dict[str, Any]:
+    sent = time.perf_counter()
+    reply = await client.say(NPCS[index % len(NPCS)], "Hello! What news from the village?", player=f"bench-{index}",
+                             max_new_tokens=max_new_tokens, seed=index)
+    arrivals = []
+    async for _ in reply:
+        arrivals.append(time.perf_counter())
+    result = await reply.wait()
+    return {"sent": sent, "arrivals": arrivals, "tokens": result.usage.completion_tokens,
+            "server_ttft_ms": result.timings.ttft_ms, "finish_reason": result.finish_reason}
+
+
+async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[str, Any]:
+    async with AsyncClient(endpoint, timeout=30.0) as client:
+        await client.ping()
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(one_reply(client, i, max_new_tokens) for i in range(streams)))
+        wall = time.perf_counter() - start
+        stats = await client.stats()
+    tokens = sum(r["tokens"] for r in replies)
+    ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in replies if r["arrivals"]]
+    gaps = [(b - a) * 1000 for r in replies for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    return {
+        "streams": streams, "completion_tokens": tokens, "wall_s": round(wall, 3),
+        "aggregate_tok_s": round(tokens / wall, 1),
+        "ttft_ms_p50": round(percentile(ttft, 50), 2), "ttft_ms_p99": round(percentile(ttft, 99), 2),
+        "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3),
+        "server_ttft_ms_p50": round(statistics.median(r["server_ttft_ms"] for r in replies), 2),
+        "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": stats["batched"],
+    }
+
+
+def protocol_cost_us(repeats: int = 20000) -> float:
+    """Encode + parse of one token message, in microseconds."""
+    start = time.perf_counter()
+    for i in range(repeats):
+        protocol.parse_reply(protocol.encode(protocol.token("a1b2c3-17", i, " the")))
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def free_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "system": platform.platform()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="model bundle folder")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="server ONNX Runtime threads")
+    parser.add_argument("--provider", default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    args = parser.parse_args()
+
+    endpoint = free_endpoint()
+    command = [sys.executable, "-m", "npctalk.engine.cli", "serve", "--model", str(args.model), "--bind", endpoint,
+               "--provider", args.provider, "--max-batch", str(max(args.streams)), "--max-new-tokens",
+               str(args.max_new_tokens), "--temperature", "0", "--no-repeat-ngram", "0", "--repetition-penalty", "1.0"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        with Client(endpoint, timeout=2.0, retries=30) as probe:  # Lazy Pirate retries while the server starts
+            hello = probe.hello()
+        asyncio.run(run_level(endpoint, 2, 8))  # warm-up
+        levels = [asyncio.run(run_level(endpoint, n, args.max_new_tokens)) for n in args.streams]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
+              "server_threads": args.threads or "one per core",
+              "protocol_us_per_token": round(protocol_cost_us(), 2), "levels": levels}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    rows = ["| streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r['streams']} | {r['aggregate_tok_s']} | {r['ttft_ms_p50']} | {r['ttft_ms_p99']} | "
+             f"{r['gap_ms_p50']} | {r['gap_ms_p99']} |" for r in levels]
+    m = report["machine"]
+    text = (f"# Concurrency: {hello['model']['name']} ({hello['model']['architecture']}) on {report['provider']}\n\n"
+            f"{report['date']} · {m['host']} · {m['cpu']} · {m['cores']} cores · Python {m['python']}\n\n"
+            f"Greedy, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
+            f"threads: {report['server_threads']}. "
+            f"Protocol cost per token (encode + parse): {report['protocol_us_per_token']} µs.\n\n" + "\n".join(rows) + "\n")
+    (args.out / f"{stem}.md").write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
