@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,7 +274,7 @@ def _parse_cancel(fields: dict[str, Any]) -> Cancel:
     return Cancel(_ident(fields, "target"))
 
 
-_PARSERS = {
+_PARSERS: dict[Op, Callable[[dict[str, Any]], Params]] = {
     Op.HELLO: _parse_empty, Op.PING: _parse_empty, Op.NPC_LIST: _parse_empty, Op.STATS: _parse_empty,
     Op.NPC_GET: _parse_npc_ref, Op.NPC_UPSERT: _parse_upsert, Op.SAY: _parse_say, Op.CANCEL: _parse_cancel,
 }
@@ -370,7 +370,7 @@ def done(request_id: str, seq: int, text: str, finish_reason: str, *, prompt_tok
 
 
 def error(request_id: str | None, code: ErrorCode, message: str, *, seq: int | None = None) -> dict[str, Any]:
-    reply = {"type": MessageType.ERROR.value, "id": request_id, "code": code.value, "message": message}
+    reply: dict[str, Any] = {"type": MessageType.ERROR.value, "id": request_id, "code": code.value, "message": message}
     if seq is not None:
         reply["seq"] = seq
     return reply

@@ -124,7 +124,7 @@ class Scheduler:
 
     def abort_all(self, message: str) -> list[Event]:
         """Fail every live request with ``internal`` and empty the batch (after an unexpected error)."""
-        now, events = self.clock(), []
+        now, events = self.clock(), list[Event]()
         for request in list(self._live.values()):
             if request.live:
                 events.append(request.fail(ErrorCode.INTERNAL, message, now))

@@ -103,7 +103,7 @@ class Server:
         self._last_seen: dict[bytes, float] = {}   # clients with live streams → when they last sent anything
         self._gone: set[bytes] = set()             # clients whose connection is gone: nothing is sent to them
         self._delivery = Delivery(self._send_raw, give_up_s=config.client_timeout_s)
-        self._context = zmq.Context.instance()
+        self._context: zmq.Context = zmq.Context.instance()
         self._socket = self._bind(config)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 

@@ -9,11 +9,11 @@ Both share one protocol core (``core.ClientCore``): same requests, same events, 
 
 from .aio import AsyncClient, AsyncReply
 from .client import Client, Reply
-from .core import DoneEvent, ErrorEvent, Event, SayResult, Timings, TokenEvent, Usage
 from .errors import (
     BadRequest, Busy, ClientClosed, ClientError, InternalServerError, ProtocolViolation, RequestTimeout, ServerError,
     ServerUnavailable, TooLarge, UnknownNpc, UnknownOp, UnsupportedVersion,
 )
+from .events import DoneEvent, ErrorEvent, Event, SayResult, Timings, TokenEvent, Usage
 
 __all__ = [
     "AsyncClient", "AsyncReply", "BadRequest", "Busy", "Client", "ClientClosed", "ClientError", "DoneEvent",

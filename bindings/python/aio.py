@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -28,8 +28,9 @@ import zmq.asyncio
 from npctalk.engine.protocol import DEFAULT_ENDPOINT, Op
 
 from .connection import Connection
-from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, Event, ReplyView, SayResult
+from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, ReplyView
 from .errors import ClientError
+from .events import Event, SayResult
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class AsyncClient:
         assert self._changed is not None
         try:
             while not self._core.closed:
-                if await self._connection.socket.poll(self._connection.wait_ms(), zmq.POLLIN):
+                sock = cast(zmq.asyncio.Socket, self._connection.socket)  # created from an asyncio context
+                if await sock.poll(self._connection.wait_ms()):  # POLLIN
                     self._connection.drain()
                 self._connection.service()
                 async with self._changed:

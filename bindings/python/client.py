@@ -28,7 +28,8 @@ import zmq
 from npctalk.engine.protocol import DEFAULT_ENDPOINT, Op
 
 from .connection import Connection
-from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, Event, ReplyView, SayResult
+from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, ReplyView
+from .events import Event, SayResult
 
 
 class Reply(ReplyView):

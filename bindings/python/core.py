@@ -35,6 +35,7 @@ from npctalk.engine import protocol
 from npctalk.engine.protocol import MessageType, Op, ProtocolError
 
 from .errors import ClientClosed, ClientError, ProtocolViolation, ServerUnavailable, error_from_reply
+from .events import DoneEvent, ErrorEvent, Event, SayResult, Timings, TokenEvent, Usage
 
 log = logging.getLogger(__name__)
 
@@ -42,61 +43,6 @@ TIMEOUT_S = 3.0         # server silence (while something is pending) after whic
 RETRIES = 2             # resends of a request after a lost connection, before ServerUnavailable
 HEARTBEAT_S = 1.0       # ping interval while something is pending
 MAX_UNCLAIMED = 1024    # finished streams whose events nobody took yet; older ones are forgotten
-
-
-# --- what callers see -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Server-side milliseconds from receipt: to prefill start, to first token (None if none), to done."""
-
-    queue_ms: float
-    ttft_ms: float | None
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class SayResult:
-    """A finished reply. ``finish_reason``: "stop", "length" or "cancelled"."""
-
-    id: str
-    npc: str
-    text: str
-    finish_reason: str
-    usage: Usage
-    timings: Timings
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    id: str
-    npc: str
-    seq: int
-    text: str
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    id: str
-    npc: str
-    result: SayResult
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    id: str
-    npc: str
-    error: ClientError
-
-
-Event = TokenEvent | DoneEvent | ErrorEvent
 
 
 class StreamState(enum.Enum):
@@ -229,7 +175,7 @@ class ClientCore:
                 call.error = error_from_reply(message)
             else:
                 call.error = ProtocolViolation(f"The server answered {call.op.value} with a {kind} message.")
-        elif request_id in self._streams and not self._streams[request_id].finished:
+        elif isinstance(request_id, str) and request_id in self._streams and not self._streams[request_id].finished:
             self._on_stream_message(self._streams[request_id], message)
         elif request_id is None and kind == MessageType.ERROR:
             log.warning("The server rejected a request it could not read: %s", message.get("message"))

@@ -8,7 +8,8 @@ import msgpack
 import pytest
 
 from npctalk.client import errors
-from npctalk.client.core import ClientCore, DoneEvent, ErrorEvent, TokenEvent
+from npctalk.client.core import ClientCore
+from npctalk.client.events import DoneEvent, ErrorEvent, TokenEvent
 from npctalk.engine import protocol
 from npctalk.engine.protocol import ErrorCode, Op
 
@@ -140,7 +141,7 @@ def test_lazy_pirate_resends_calls_and_fails_streams(core: ClientCore, clock: Cl
     resent = core.reconnected()
     assert [sent(f)["id"] for f in resent] == [call.id]  # same id: the answer is matched however late
     assert isinstance(view.error, errors.ServerUnavailable) and "cut after 1 chunks" in str(view.error)
-    for attempt in range(2):
+    for _ in range(2):
         clock.now += 3.5
         assert core.tick().reconnect
         resent = core.reconnected()
