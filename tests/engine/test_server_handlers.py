@@ -157,3 +157,16 @@ def test_delivery_keeps_seq_and_one_terminal_when_a_client_stops_reading() -> No
     delivery.stream(other, protocol.error("s", protocol.ErrorCode.TIMEOUT, "Late.", seq=0), now=10.0)
     delivery.retry(now=16.0)
     assert delivery.waiting == 0
+
+
+def test_registry_preloads_builtins_and_a_personas_folder(tmp_path: Any) -> None:
+    (tmp_path / "Mira.toml").write_text('name = "Mira"\nrole = "the herbalist"\n', encoding="utf-8")
+    registry = NpcRegistry.with_builtins(tmp_path)
+    assert {"bram", "elda", "tobin", "mira"} <= {npc for npc, _ in registry.items()}
+    assert registry.get("mira") == Persona(name="Mira", role="the herbalist")
+    with pytest.raises(PromptError, match="does not exist"):
+        NpcRegistry.with_builtins(tmp_path / "missing")
+    full = NpcRegistry({"a": MIRA}, max_npcs=1)
+    assert full.upsert("a", MIRA) is False
+    with pytest.raises(PromptError, match="already holds 1 NPCs"):
+        full.upsert("b", MIRA)
