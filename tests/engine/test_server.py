@@ -157,6 +157,18 @@ def test_flood_past_capacity_is_answered_busy_fast(server: ServerProcess) -> Non
     assert wait_for_stats(server, lambda s: s["active"] == 0 and s["queued"] == 0)["busy"] >= busy
 
 
+def test_a_client_that_vanishes_mid_stream_has_its_stream_cancelled(server: ServerProcess) -> None:
+    before = server.stats()
+    sock = server.dealer()
+    send(sock, op="say", id="v", npc="mira", player="p-vanish", text="Hello!", max_new_tokens=900)
+    assert recv(sock)["type"] == "token"
+    sock.close(linger=0)  # the connection drops: ROUTER_MANDATORY sends now fail with EHOSTUNREACH
+    stats = wait_for_stats(server, lambda s: s["cancelled"] > before["cancelled"] and s["active"] == 0)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["clients_dropped"] == before["clients_dropped"] + 1
+    assert stats["tokens"] - before["tokens"] < 900
+    assert "is gone" in server.log()
+
+
 @pytest.fixture(scope="module")
 def small_buffers_server(gpt2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Tiny per-client send queues, so a client that stops reading is noticed within a few hundred tokens."""
