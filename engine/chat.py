@@ -19,7 +19,7 @@ from .generator import Generator, GeneratorParams
 from .model import Model
 from .paths import default_bundle_path
 from .persona import Persona, find_persona
-from .sampling import SearchOptions
+from .sampling import CHAT_DEFAULTS, SearchOptions
 from .stream import ReplyStream
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class ChatSession:
     """A conversation with one NPC. Not thread-safe: one caller drives it."""
 
-    def __init__(self, model: Model, persona: Persona, options: SearchOptions = SearchOptions()) -> None:
+    def __init__(self, model: Model, persona: Persona, options: SearchOptions = CHAT_DEFAULTS) -> None:
         self.model = model
         self.persona = persona
         self.options = options

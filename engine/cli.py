@@ -16,22 +16,37 @@ from pathlib import Path
 
 from .errors import NpctalkError
 from .paths import default_bundle_path
+from .sampling import CHAT_DEFAULTS, SearchOptions
 
 log = logging.getLogger(__name__)
 
 
 def _chat(args: argparse.Namespace) -> int:
     from .chat import run_terminal_chat
-    from .sampling import SearchOptions
 
-    options = SearchOptions(
-        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram, seed=args.seed,
-    )
     return run_terminal_chat(
-        bundle=args.model, npc=args.npc, personas_dir=args.personas, options=options,
+        bundle=args.model, npc=args.npc, personas_dir=args.personas,
+        options=_search_options(args, args.max_new_tokens, seed=args.seed),
         provider=args.provider, stdin=sys.stdin, stdout=sys.stdout,
+    )
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags chat and serve share; defaults from ``CHAT_DEFAULTS``."""
+    d = CHAT_DEFAULTS
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    parser.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram_size)
+
+
+def _search_options(args: argparse.Namespace, max_new_tokens: int, seed: int | None = None) -> SearchOptions:
+    """The one place sampling flags become ``SearchOptions``."""
+    return SearchOptions(
+        max_new_tokens=max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram, seed=seed,
     )
 
 
@@ -44,7 +59,6 @@ def _personas(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .sampling import SearchOptions
     from .scheduler import SchedulerConfig
     from .server import ServerConfig, serve
 
@@ -53,11 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         bind=args.bind,
         scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue),
-        defaults=SearchOptions(
-            max_new_tokens=min(args.default_max_new_tokens, args.max_new_tokens), do_sample=args.temperature > 0,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
-        ),
+        defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
         personas_dir=args.personas,
@@ -76,12 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"model bundle folder (default: {default_bundle_path()})")
     chat.add_argument("--personas", type=Path, default=None, help="folder of persona .toml files")
     chat.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
-    chat.add_argument("--max-new-tokens", type=int, default=96)
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    chat.add_argument("--top-k", type=int, default=40)
-    chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--repetition-penalty", type=float, default=1.15)
-    chat.add_argument("--no-repeat-ngram", type=int, default=4)
+    chat.add_argument("--max-new-tokens", type=int, default=CHAT_DEFAULTS.max_new_tokens)
+    _add_sampling_flags(chat)
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(func=_chat)
 
@@ -104,11 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--send-hwm", type=int, default=1000, help="messages queued per client before it counts as stuck")
     srv.add_argument("--send-buffer", type=int, default=0, help="kernel send buffer per client in bytes (0: OS default)")
     srv.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running streams may finish on SIGTERM")
-    srv.add_argument("--temperature", type=float, default=0.7, help="default; 0 = greedy")
-    srv.add_argument("--top-k", type=int, default=40)
-    srv.add_argument("--top-p", type=float, default=0.9)
-    srv.add_argument("--repetition-penalty", type=float, default=1.15)
-    srv.add_argument("--no-repeat-ngram", type=int, default=4)
+    _add_sampling_flags(srv)
     srv.set_defaults(func=_serve)
 
     # Parsed by export-onnx itself; listed here so `npctalk --help` shows it.

@@ -85,6 +85,14 @@ class SearchOptions:
 # --- logits processors: (batch, vocab) float32 in, same shape out; histories are per row -------------
 
 
+# Conversation defaults for chat and serve: sampled, short replies, repetition held down (small
+# models loop otherwise).
+CHAT_DEFAULTS = SearchOptions(
+    max_new_tokens=96, do_sample=True, temperature=0.7, top_k=40, top_p=0.9,
+    repetition_penalty=1.15, no_repeat_ngram_size=4,
+)
+
+
 def apply_repetition_penalty(logits: np.ndarray, histories: Sequence[Sequence[int]], penalty: float) -> np.ndarray:
     """HF semantics: each token already seen has its logit divided by ``penalty`` if positive,
     multiplied if negative (so ``penalty`` > 1 always makes it less likely)."""
