@@ -151,7 +151,7 @@ class Handlers:
         now = self.clock()
         manifest = self.model.manifest
         say = Request(key, prompt, options, self.model.tokenizer, self._eos, manifest.max_context, received_at=now,
-                      deadline=now + self.config.request_timeout_s, meta=SayMeta(params.npc, params.player, params.text))
+                      deadline=now + self._timeout_s(params), meta=SayMeta(params.npc, params.player, params.text))
         if not self.scheduler.submit(say):
             cap = self.scheduler.config
             raise ProtocolError(ErrorCode.BUSY, f"The server is at capacity ({cap.max_batch} streams running, "
@@ -177,6 +177,11 @@ class Handlers:
             raise ProtocolError(ErrorCode.UNKNOWN_NPC, f"No NPC {npc[:64]!r}; register it with npc.upsert "
                                 f"(npc.list shows the {len(self.registry)} known).")
         return persona
+
+    def _timeout_s(self, params: protocol.Say) -> float:
+        """Seconds from receipt to done: the say's ``deadline_ms`` when given, never past the server's limit."""
+        limit = self.config.request_timeout_s
+        return limit if params.deadline_ms is None else min(limit, params.deadline_ms / 1000)
 
     def _options(self, params: protocol.Say) -> SearchOptions:
         limit = self.config.max_new_tokens

@@ -45,6 +45,7 @@ MAX_ARRAY_LEN = 256
 MAX_MAP_LEN = 64
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 5.0
+MAX_DEADLINE_MS = 3_600_000        # a say's own deadline_ms; the server's --request-timeout still caps it
 
 
 class Op(enum.StrEnum):
@@ -129,6 +130,7 @@ class Say:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    deadline_ms: int | None = None  # the game's own deadline from receipt to done; the server's caps it
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,8 @@ def _parse_upsert(fields: dict[str, Any]) -> NpcUpsert:
 
 
 def _parse_say(fields: dict[str, Any]) -> Say:
-    _allow(fields, ("npc", "player", "text", "context", "max_new_tokens", "temperature", "top_p", "top_k", "seed"))
+    _allow(fields, ("npc", "player", "text", "context", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                    "deadline_ms"))
     text = fields.get("text")
     if not isinstance(text, str) or not text.strip():
         raise _bad(f"'text' must be a non-empty string, got {_describe(text)}.")
@@ -266,6 +269,7 @@ def _parse_say(fields: dict[str, Any]) -> Say:
         top_p=_optional_float(fields, "top_p", 0.0, 1.0, low_open=True),
         top_k=_optional_int(fields, "top_k", 0, 1 << 20),
         seed=_optional_int(fields, "seed", 0, MAX_SEED),
+        deadline_ms=_optional_int(fields, "deadline_ms", 1, MAX_DEADLINE_MS),
     )
 
 

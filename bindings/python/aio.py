@@ -97,9 +97,10 @@ class AsyncClient:
 
     async def say(self, npc: str, text: str, *, player: str = "player", context: Mapping[str, Any] | None = None,
                   max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                  top_k: int | None = None, seed: int | None = None) -> AsyncReply:
+                  top_k: int | None = None, seed: int | None = None, deadline_ms: int | None = None) -> AsyncReply:
         view, frame = self._core.say(npc, text, player=player, context=context, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                     deadline_ms=deadline_ms)
         self._start_reader()
         self._connection.send(frame)
         return AsyncReply(self, view)

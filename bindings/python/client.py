@@ -100,10 +100,11 @@ class Client:
 
     def say(self, npc: str, text: str, *, player: str = "player", context: Mapping[str, Any] | None = None,
             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-            top_k: int | None = None, seed: int | None = None) -> Reply:
+            top_k: int | None = None, seed: int | None = None, deadline_ms: int | None = None) -> Reply:
         """Send the player's line; returns at once with the streaming ``Reply``."""
         view, frame = self._core.say(npc, text, player=player, context=context, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                     deadline_ms=deadline_ms)
         self._connection.send(frame)
         return Reply(self, view)
 

@@ -32,11 +32,11 @@ def test_ops_without_fields(op: str) -> None:
 def test_say_with_every_field_and_defaults() -> None:
     full = protocol.parse_request(frame(
         op="say", npc="bram", player="p2", text="Hello?", context={"location": "forge", "hour": 21, "events": ["a", "b"]},
-        max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=20, seed=7,
+        max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=20, seed=7, deadline_ms=1500,
     ))
     assert full.params == Say(npc="bram", text="Hello?", player="p2",
                               context={"location": "forge", "hour": 21, "events": ["a", "b"]},
-                              max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=20, seed=7)
+                              max_new_tokens=32, temperature=0.5, top_p=0.9, top_k=20, seed=7, deadline_ms=1500)
     minimal = protocol.parse_request(frame(op="say", npc="bram", text="Hi", seed=None))
     assert minimal.params == Say(npc="bram", text="Hi")  # player "player", nil means default
 
@@ -109,6 +109,7 @@ def test_unknown_fields_are_refused_by_name() -> None:
     {"player": ""}, {"player": None}, {"temperature": -0.1}, {"temperature": math.nan}, {"temperature": math.inf},
     {"temperature": True}, {"temperature": "hot"}, {"temperature": 99.0}, {"top_p": 0}, {"top_p": 1.5},
     {"top_k": -1}, {"top_k": 2.5}, {"seed": -1}, {"seed": 2**64 - 1}, {"max_new_tokens": 0}, {"max_new_tokens": True},
+    {"deadline_ms": 0}, {"deadline_ms": 1.5}, {"deadline_ms": "1s"}, {"deadline_ms": 3_600_001},
     {"context": "forge"}, {"context": [1]}, {"context": {"where": {"nested": "map"}}}, {"context": {"list": [1, 2]}},
     {"context": {"x": math.nan}},
 ])

@@ -100,6 +100,25 @@ def test_say_ids_busy_and_shutdown(handlers: Handlers) -> None:
     assert handlers.handle(b"d", frame(id="p", op="ping")) == {"type": "ok", "id": "p"}
 
 
+def test_a_says_deadline_ms_ends_it_with_timeout_and_the_server_limit_caps_it(gpt2_model: Model) -> None:
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731 - a test clock the handlers and scheduler share
+    scheduler = Scheduler(gpt2_model, SchedulerConfig(max_batch=4, max_queue=4), clock=clock)
+    handlers = Handlers(gpt2_model, scheduler, ServerConfig(request_timeout_s=5.0), NpcRegistry({"mira": MIRA}),
+                        DialogueMemory(), clock=clock)
+    for rid, deadline_ms in (("short", 250), ("capped", 60_000), ("default", None)):
+        fields = {"deadline_ms": deadline_ms} if deadline_ms else {}
+        assert handlers.handle(b"c", frame(id=rid, op="say", npc="mira", text="Hi", max_new_tokens=200, **fields)) is None
+    deadlines = {key.id: request.deadline for key, request in scheduler._live.items()}
+    assert deadlines == {"short": 100.25, "capped": 105.0, "default": 105.0}
+    handlers.scheduler.step()
+    now[0] = 100.3  # past the short one's deadline only
+    ended = [handlers.message_for(e) for e in scheduler.step()]
+    timeouts = [m for m in ended if m["type"] == "error"]
+    assert [(m["id"], m["code"]) for m in timeouts] == [("short", "timeout")]
+    assert scheduler.has_live(next(k for k in scheduler._live if k.id == "capped"))
+
+
 def test_finished_replies_are_remembered_cancelled_ones_are_not(handlers: Handlers) -> None:
     handlers.handle(b"c", frame(id="a", op="say", npc="mira", player="p", text="First", max_new_tokens=8,
                                 temperature=0))  # greedy: a fixed, non-empty reply
