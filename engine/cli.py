@@ -3,6 +3,7 @@
     npctalk chat --npc bram [--model BUNDLE]     talk to an NPC in the terminal (in-process)
     npctalk personas                             list the built-in personas
     npctalk serve --model BUNDLE [--bind ADDR]   ZeroMQ server for games (protocol: bindings/PROTOCOL.md)
+    npctalk keygen DIR [--name NAME]             CURVE key pair for a server reachable from other machines
     npctalk export-onnx SOURCE ...               same as the export-onnx command (needs the export extra)
 """
 
@@ -13,8 +14,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .errors import NpctalkError
+from .errors import ConfigError, NpctalkError
 from .paths import default_bundle_path
 from .sampling import CHAT_DEFAULTS, SearchOptions
 
@@ -70,9 +72,27 @@ def _serve(args: argparse.Namespace) -> int:
         defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
-        personas_dir=args.personas,
+        personas_dir=args.personas, curve=_curve(args),
     )
     return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
+
+
+def _curve(args: argparse.Namespace) -> Any:
+    from .security import CurveServerConfig
+
+    if args.curve_secret_key is None:
+        if args.curve_clients is not None:
+            raise ConfigError("--curve-clients needs --curve-secret-key (the server's NAME.key_secret file).")
+        return None
+    return CurveServerConfig(args.curve_secret_key, args.curve_clients)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .security import generate
+
+    public, secret = generate(args.directory, args.name)
+    sys.stdout.write(f"public key: {public}\nsecret key: {secret} (keep it private)\n")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,8 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--send-hwm", type=int, default=1000, help="messages queued per client before it counts as stuck")
     srv.add_argument("--send-buffer", type=int, default=0, help="kernel send buffer per client in bytes (0: OS default)")
     srv.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running streams may finish on SIGTERM")
+    srv.add_argument("--curve-secret-key", type=Path, default=None,
+                     help="encrypt with CURVE using this server NAME.key_secret file (see `npctalk keygen`)")
+    srv.add_argument("--curve-clients", type=Path, default=None,
+                     help="folder of allowed clients' NAME.key files; without it any client knowing the server key connects")
     _add_sampling_flags(srv)
     srv.set_defaults(func=_serve)
+
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret) for serve/clients")
+    keygen.add_argument("directory", type=Path, help="folder to write the two files into")
+    keygen.add_argument("--name", default="server", help="file name stem (default: server)")
+    keygen.set_defaults(func=_keygen)
 
     # Parsed by export-onnx itself; listed here so `npctalk --help` shows it.
     sub.add_parser("export-onnx", help="build a model bundle (see `export-onnx --help`)", add_help=False)

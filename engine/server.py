@@ -54,6 +54,7 @@ from .npcs import NpcRegistry
 from .request import Event
 from .sampling import SearchOptions
 from .scheduler import Scheduler, SchedulerConfig
+from .security import CurveServer, CurveServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class ServerConfig:
     drain_timeout_s: float = 10.0     # on SIGTERM, how long running streams may finish
     personas_dir: Path | None = None
     max_npcs: int = 1024
+    curve: CurveServerConfig | None = None  # CURVE keys for remote use (security.py); None: plain TCP
     history_turns: int = 16           # turns remembered per (npc, player)
     max_conversations: int = 4096     # (npc, player) pairs remembered
 
@@ -104,7 +106,12 @@ class Server:
         self._gone: set[bytes] = set()             # clients whose connection is gone: nothing is sent to them
         self._delivery = Delivery(self._send_raw, give_up_s=config.client_timeout_s)
         self._context: zmq.Context = zmq.Context.instance()
-        self._socket = self._bind(config)
+        self._curve = CurveServer(self._context, config.curve) if config.curve else None
+        try:
+            self._socket = self._bind(config)
+        except ServeError:
+            self.close_security()
+            raise
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _bind(self, config: ServerConfig) -> zmq.Socket:
@@ -118,15 +125,23 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.heartbeat_s * 3000))
         sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        if self._curve:
+            self._curve.apply(sock)
         try:
             sock.bind(config.bind)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise ServeError(f"Cannot bind {config.bind}: {exc.strerror}. Is another server running there?") from exc
-        if not _is_local(config.bind):
-            log.warning("Listening on %s, reachable from other machines, without authentication (CURVE is not "
-                        "implemented yet); bind to 127.0.0.1 or ipc:// unless the network is trusted.", config.bind)
+        if not _is_local(config.bind) and not self._curve:
+            log.warning("Listening on %s, reachable from other machines, unencrypted and without authentication; "
+                        "use --curve-secret-key (and --curve-clients) or bind to 127.0.0.1 or ipc:// unless the "
+                        "network is trusted.", config.bind)
         return sock
+
+    def close_security(self) -> None:
+        """Stop the CURVE ZAP handler thread, if one runs (idempotent)."""
+        if self._curve:
+            self._curve.close()
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown (safe from signal handlers and other threads)."""
@@ -143,6 +158,7 @@ class Server:
                 self._loop()
         finally:
             self._socket.close(linger=CLOSE_LINGER_MS)
+            self.close_security()
         log.info("npctalk serve: stopped.")
         return 0
 

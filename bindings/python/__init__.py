@@ -7,6 +7,8 @@ Both share one protocol core (``core.ClientCore``): same requests, same events, 
 (``errors``: one class per server error code, plus ``ServerUnavailable`` when the server is gone).
 """
 
+from npctalk.engine.security import CurveClientKeys
+
 from .aio import AsyncClient, AsyncReply
 from .client import Client, Reply
 from .errors import (
@@ -16,7 +18,7 @@ from .errors import (
 from .events import DoneEvent, ErrorEvent, Event, SayResult, Timings, TokenEvent, Usage
 
 __all__ = [
-    "AsyncClient", "AsyncReply", "BadRequest", "Busy", "Client", "ClientClosed", "ClientError", "DoneEvent",
+    "AsyncClient", "AsyncReply", "BadRequest", "Busy", "Client", "ClientClosed", "ClientError", "CurveClientKeys", "DoneEvent",
     "ErrorEvent", "Event", "InternalServerError", "ProtocolViolation", "Reply", "RequestTimeout", "SayResult",
     "ServerError", "ServerUnavailable", "Timings", "TokenEvent", "TooLarge", "UnknownNpc", "UnknownOp",
     "UnsupportedVersion", "Usage",

@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from npctalk.engine.protocol import DEFAULT_ENDPOINT, Op
+from npctalk.engine.security import CurveClientKeys
 
 from .connection import Connection
 from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, ReplyView
@@ -68,9 +69,10 @@ class AsyncClient:
     """A connection to ``npctalk serve`` for asyncio code; arguments as for ``Client``."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = TIMEOUT_S, retries: int = RETRIES,
-                 heartbeat: float = HEARTBEAT_S, context: zmq.asyncio.Context | None = None) -> None:
+                 heartbeat: float = HEARTBEAT_S, context: zmq.asyncio.Context | None = None,
+                 curve: CurveClientKeys | None = None) -> None:
         self._core = ClientCore(timeout=timeout, retries=retries, heartbeat=heartbeat)
-        self._connection = Connection(context or zmq.asyncio.Context.instance(), endpoint, self._core)
+        self._connection = Connection(context or zmq.asyncio.Context.instance(), endpoint, self._core, curve)
         self.endpoint = endpoint
         self._changed: asyncio.Condition | None = None
         self._reader: asyncio.Task[None] | None = None

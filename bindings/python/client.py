@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 
 from npctalk.engine.protocol import DEFAULT_ENDPOINT, Op
+from npctalk.engine.security import CurveClientKeys
 
 from .connection import Connection
 from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, ReplyView
@@ -67,9 +68,10 @@ class Client:
     ``heartbeat``: ping interval while something is pending."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = TIMEOUT_S, retries: int = RETRIES,
-                 heartbeat: float = HEARTBEAT_S, context: zmq.Context | None = None) -> None:
+                 heartbeat: float = HEARTBEAT_S, context: zmq.Context | None = None,
+                 curve: CurveClientKeys | None = None) -> None:
         self._core = ClientCore(timeout=timeout, retries=retries, heartbeat=heartbeat)
-        self._connection = Connection(context or zmq.Context.instance(), endpoint, self._core)
+        self._connection = Connection(context or zmq.Context.instance(), endpoint, self._core, curve)
         self.endpoint = endpoint
 
     def hello(self) -> dict[str, Any]:

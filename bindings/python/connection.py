@@ -13,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from npctalk.engine.protocol import MAX_REPLY_BYTES
+from npctalk.engine.security import CurveClientKeys
 
 from .core import ClientCore
 from .errors import ServerUnavailable
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 class Connection:
     """``socket`` (sync or asyncio, for polling) connected to ``endpoint``, driven by ``core``."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, core: ClientCore) -> None:
-        self.context, self.endpoint, self.core = context, endpoint, core
+    def __init__(self, context: zmq.Context, endpoint: str, core: ClientCore, curve: CurveClientKeys | None = None) -> None:
+        self.context, self.endpoint, self.core, self.curve = context, endpoint, core, curve
         self.socket, self._io = self._open()
 
     def _open(self) -> tuple[zmq.Socket, zmq.Socket]:
@@ -33,6 +34,8 @@ class Connection:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.core.heartbeat * 1000))  # ZMTP: drops a dead TCP peer
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.core.heartbeat * 3000))
+        if self.curve:
+            self.curve.apply(sock)  # every reconnect is a CURVE client again
         sock.connect(self.endpoint)
         # asyncio sockets return futures from send/recv; a plain view of the same socket does not.
         plain = zmq.Socket.shadow(sock.underlying) if isinstance(sock, zmq.asyncio.Socket) else sock
