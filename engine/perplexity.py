@@ -1,0 +1,111 @@
+"""Perplexity of a bundle on a text: how much a quantized graph lost against its fp32 original.
+
+``perplexity(model, text)`` tokenizes ``text`` (special tokens off), then scores every token after
+the first exactly once with a sliding window, as in the usual fixed-length-model recipe::
+
+    windows   [0, W), [S, S + W), [2S, 2S + W), …   (W = window, S = stride <= W, W <= max_context)
+    scored    in each window only the tokens no earlier window scored, so every token after the
+              first has at least min(position, W - S) tokens of context
+
+Each window is one prefill from an empty KV cache; the graph's logits for every position
+(seq, vocab) give ``log p(token[t] | token[begin:t])``. Perplexity = exp(mean negative log
+likelihood) over the scored tokens (natural log). Torch-free: it needs only the engine's ``Model``.
+
+Cost: about ``tokens / S`` prefills of ``W`` tokens, and ``W × vocab × 4`` bytes of logits at once
+(1024 × 49152 floats = 200 MB for SmolLM2). Not thread-safe per ``Model`` cache; the model may be shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError, GenerationError
+from .model import Model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 1024  # tokens; capped at the model's max_context
+DEFAULT_STRIDE = 512   # tokens
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """``perplexity`` = exp(``mean_nll``); ``mean_nll`` in nats per token over ``tokens_scored`` tokens."""
+
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    tokens: int
+    windows: int
+    window: int
+    stride: int
+
+
+def perplexity(model: Model, text: str, *, window: int | None = None, stride: int = DEFAULT_STRIDE) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` (tokenized without special tokens); see the module docstring."""
+    ids = model.tokenizer.encode(text)
+    return perplexity_of_ids(model, ids, window=window, stride=stride)
+
+
+def perplexity_of_ids(model: Model, ids: list[int] | np.ndarray, *, window: int | None = None,
+                      stride: int = DEFAULT_STRIDE) -> PerplexityResult:
+    """Perplexity of ``model`` on the token ids ``ids`` (at least 2 of them)."""
+    tokens = np.asarray(ids, dtype=np.int64).reshape(-1)  # (n,)
+    n = int(tokens.size)
+    max_context = model.manifest.max_context
+    window = min(DEFAULT_WINDOW, max_context) if window is None else window
+    if not 2 <= window <= max_context:
+        raise ConfigError(f"window must be between 2 and the model's context of {max_context} tokens, got {window}.")
+    if not 1 <= stride <= window:
+        raise ConfigError(f"stride must be between 1 and the window ({window} tokens), got {stride}.")
+    if n < 2:
+        raise ConfigError(f"Perplexity needs a text of at least 2 tokens; this one has {n}.")
+    total_nll, scored, windows, prev_end = 0.0, 0, 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        # Targets: positions not scored by an earlier window (never position 0: it has no context).
+        first = max(prev_end, begin + 1)
+        log_probs = _log_probs(model, tokens[begin:end])  # (end - begin - 1,) log p(token[t] | token[begin:t])
+        total_nll -= float(log_probs[first - begin - 1:].sum(dtype=np.float64))
+        scored += end - first
+        windows += 1
+        prev_end = end
+        log.debug("window %d: tokens [%d, %d), scored %d", windows, begin, end, end - first)
+        if end == n:
+            break
+    mean = total_nll / scored
+    return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, tokens_scored=scored, tokens=n,
+                            windows=windows, window=window, stride=stride)
+
+
+def _log_probs(model: Model, ids: np.ndarray) -> np.ndarray:
+    """For ids (seq,): log p(ids[t] | ids[:t]) for t = 1..seq-1, float64 (seq - 1,)."""
+    logits = _all_logits(model, ids)[:-1].astype(np.float64)  # (seq - 1, vocab); the last predicts past the window
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]  # (seq - 1,)
+    return logits[np.arange(ids.size - 1), ids[1:]] - log_norm
+
+
+def _all_logits(model: Model, ids: np.ndarray) -> np.ndarray:
+    """One prefill of ids (seq,) from an empty cache; logits of every position (seq, vocab) float32.
+
+    ``Model.forward`` keeps only the last position (all sampling needs); this feeds the same graph
+    inputs and keeps them all.
+    """
+    io, seq = model.io, ids.size
+    if ids.min() < 0 or ids.max() >= model.manifest.vocab_size:
+        raise GenerationError(f"Token ids must be in [0, {model.manifest.vocab_size}), got {ids.min()}..{ids.max()}.")
+    cache = model.new_cache(batch_size=1)  # empty: each (1, kv_heads, 0, head_dim)
+    feed: dict[str, np.ndarray] = {io.input_ids: ids.reshape(1, seq).astype(io.id_dtype)}
+    if io.attention_mask:
+        feed[io.attention_mask] = np.ones((1, seq), dtype=io.id_dtype)
+    if io.position_ids:
+        feed[io.position_ids] = np.arange(seq, dtype=io.id_dtype).reshape(1, seq)
+    feed.update(zip(io.past_keys, cache.keys))
+    feed.update(zip(io.past_values, cache.values))
+    (logits,) = model.session.run([io.logits], feed)  # (1, seq, vocab)
+    return np.asarray(logits[0], dtype=np.float32)
