@@ -18,13 +18,15 @@ ONNX I/O contract (names are in ``Manifest.io``)::
     attention_mask       int64 (batch, past + seq)
     position_ids         int64 (batch, seq)              only when Manifest.io["position_ids"]
     past_key_values.{i}.key / .value   (batch, kv_heads, past, head_dim)   past may be 0
-    logits               float32 (batch, seq, vocab)
+    logits               float32 (batch, seq, vocab), or (batch, 1, vocab): the last position only
     present.{i}.key / .value           (batch, kv_heads, past + seq, head_dim)
 
 past/present are float32 or float16 as ``Manifest.kv_dtype`` says (fp16 bundles), whatever ``dtype``.
 ``attention_mask``/``position_ids`` are None in ``Manifest.io`` when the graph lacks them.
 
-One graph serves prefill (past = 0) and decode (seq = 1).
+One graph serves prefill (past = 0) and decode (seq = 1). ``Manifest.graph`` names the builder:
+``optimum`` (traced export, logits for every position) or ``lean`` (npctalk's own fused graph,
+last-position logits; a step with a past and seq > 1 must have batch 1, see ``export/lean/graph.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ ARCHITECTURES = ("gpt2", "llama")
 DIALOGUE_FORMATS = ("eos_joined", "chat_template")
 DTYPES = ("fp32", "fp16", "int8")
 DEVICES = ("cpu", "cuda")
+GRAPHS = ("optimum", "lean")
 
 DEFAULT_IO: dict[str, Any] = {
     "input_ids": "input_ids",
@@ -120,6 +123,7 @@ class Manifest:
     tokenizer_file: str = "tokenizer.json"
     validation_file: str = "validation.json"
     io: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_IO))
+    graph: str = "optimum"  # which builder wrote model_file (GRAPHS); bundles older than the field are optimum's
     format_version: int = BUNDLE_FORMAT
     npctalk_version: str = ""
 
@@ -137,6 +141,8 @@ class Manifest:
             problems.append(f"kv_dtype {self.kv_dtype!r} is not fp32 or fp16")
         if self.device not in DEVICES:
             problems.append(f"device {self.device!r} is not one of {DEVICES}")
+        if self.graph not in GRAPHS:
+            problems.append(f"graph {self.graph!r} is not one of {GRAPHS}")
         if not self.eos_token_ids:
             problems.append("eos_token_ids is empty")
         for name in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size", "max_context"):
