@@ -9,8 +9,10 @@
 Template pieces are tokenized with special-token parsing on; every message text — above all the
 player's — with it off, so typing ``<|im_start|>system`` cannot inject a control token.
 
-The prompt is built as ``prefix + history + generation prompt``. ``prefix`` depends only on the
-persona, so its KV cache can be kept and rewound to every turn (see ``chat.ChatSession``).
+The prompt is built as ``persona + notes + history + post-history + generation prompt``. ``persona``
+(``persona_ids``) depends only on the persona, so its KV cache can be kept and reused every turn
+(``chat.ChatSession`` rewinds to it, the server's ``prefix_cache`` shares it); everything that
+changes between turns (game context, lorebook entries, memory) comes after it.
 """
 
 from __future__ import annotations
@@ -52,12 +54,43 @@ class DialogueFormatter:
     def prefix_ids(self, system: str, leading: Sequence[Turn] = ()) -> list[int]:
         """Tokens that depend only on the persona: system message (chat) or leading turns (DialoGPT)."""
         if self._chat is None:
+            return self.persona_ids(system, leading)
+        return self.persona_ids(system) + self.notes_ids(()) + [t for turn in leading for t in self.turn_ids(turn)]
+
+    def persona_ids(self, system: str, leading: Sequence[Turn] = ()) -> list[int]:
+        """The turn-independent head of every prompt, whose KV cache is reused (``prefix_cache``).
+
+        Chat: BOS, the system message's opening and the persona's text, the message left *open* so
+        per-turn notes can follow inside it (``notes_ids`` closes it); DialoGPT: the leading turns.
+        """
+        if self._chat is None:
             return [tok for turn in leading for tok in self.turn_ids(turn)]
         if not system.strip():
             raise PromptError("A chat model needs a non-empty system prompt for the NPC's persona.")
+        if leading:
+            raise PromptError("A chat model takes the persona as its system prompt, not as leading turns.")
         c = self._chat
-        return (self._special(c.bos) + self._special(c.system_prefix) + self._text(system)
-                + self._special(c.system_suffix) + [t for turn in leading for t in self.turn_ids(turn)])
+        return self._special(c.bos) + self._special(c.system_prefix) + self._text(system)
+
+    def notes_ids(self, notes: Sequence[tuple[str, str]]) -> list[int]:
+        """Per-turn notes (game context, lorebook, memory) after ``persona_ids``, as (question, note).
+
+        Chat: each note on its own line inside the still open system message, which this closes;
+        DialoGPT: each note as the NPC's answer to the question, as two turns.
+        """
+        if self._chat is None:
+            return [t for question, note in notes for turn in (Turn("user", question), Turn("assistant", note))
+                    for t in self.turn_ids(turn)]
+        text = "".join(f"\n{note}" for _, note in notes)
+        return (self._text(text) if text else []) + self._special(self._chat.system_suffix)
+
+    def post_history_ids(self, text: str) -> list[int]:
+        """Instructions after the dialogue, before the generation prompt: a system message (chat
+        models); nothing for DialoGPT, which has no way to take an instruction."""
+        if self._chat is None or not text.strip():
+            return []
+        c = self._chat
+        return self._special(c.system_prefix) + self._text(text.strip()) + self._special(c.system_suffix)
 
     def turn_ids(self, turn: Turn) -> list[int]:
         """One finished turn as tokens, closed the way the model closes it."""

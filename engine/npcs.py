@@ -1,10 +1,16 @@
 """The server's NPCs: a registry of personas by id, and the prompt of one ``say``.
 
-A prompt is the persona (system prompt for chat models, leading turns for DialoGPT), the game's
-``context`` rendered as one short line, the pair's recent turns, and the player's new line::
+A prompt is the persona (system prompt for chat models, leading turns for DialoGPT) — first and
+turn-independent, so its KV cache is shared between turns (``prefix_cache``) — then per-turn notes
+(the game's ``context`` as one short line, lorebook entries the dialogue mentions), the pair's
+recent turns, the player's new line and the persona's post-history instructions::
 
-    chat_template   system: persona.system_prompt() + "\\n" + "Right now: location: the forge; …"
-    eos_joined      persona.leading_turns() + ("What is going on?", "Right now: …") + history + line
+    chat_template   system: persona.system_prompt(player) ‖ "\\nRight now: …" "\\nlore…" + history + line
+                    + [system: post_history] + generation prompt
+    eos_joined      persona.leading_turns(player) ‖ ("What is going on around here?", "Right now: …")
+                    + ("What do you know about that?", lore) + history + line
+
+(‖ marks the end of the cached prefix.)
 
 History is trimmed oldest-first until prompt + ``max_new_tokens`` fit the model's context, as
 ``chat.ChatSession`` does; the persona and the new line are never cut. Not thread-safe.
@@ -12,7 +18,6 @@ History is trimmed oldest-first until prompt + ``max_new_tokens`` fit the model'
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +25,11 @@ from typing import Any
 from .bundle import Manifest
 from .dialogue import DialogueFormatter, Turn
 from .errors import PromptError
-from .persona import Persona, builtin_personas
+from .persona import DEFAULT_USER, Persona, builtin_personas, load_folder
 from .tokenizer import Tokenizer
 
 CONTEXT_QUESTION = "What is going on around here?"
+LORE_QUESTION = "What do you know about that?"
 
 
 class NpcRegistry:
@@ -35,13 +41,14 @@ class NpcRegistry:
 
     @classmethod
     def with_builtins(cls, folder: str | Path | None = None, max_npcs: int = 1024) -> NpcRegistry:
-        """The built-in personas, plus every ``*.toml`` in ``folder`` (keyed by lower-case file stem)."""
+        """The built-in personas, plus every ``*.toml`` and Character Card ``*.json`` in ``folder``
+        (keyed by lower-case file stem)."""
         personas = builtin_personas()
         if folder is not None:
             folder = Path(folder)
             if not folder.is_dir():
                 raise PromptError(f"Persona folder {folder} does not exist.")
-            personas.update({p.stem.lower(): Persona.load(p) for p in sorted(folder.glob("*.toml"))})
+            personas.update(load_folder(folder))  # *.toml personas and *.json Character Cards
         return cls(personas, max_npcs)
 
     def upsert(self, npc: str, persona: Persona) -> bool:
@@ -64,12 +71,7 @@ class NpcRegistry:
 
 def persona_to_dict(persona: Persona) -> dict[str, Any]:
     """A persona as the map ``npc.upsert`` takes (lists, not tuples; empty fields left out)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(persona):
-        value = getattr(persona, f.name)
-        if value:
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    return persona.to_dict()
 
 
 def render_context(context: Mapping[str, Any]) -> str:
@@ -94,25 +96,41 @@ class PromptBuilder:
         self.formatter = DialogueFormatter(manifest, tokenizer)
         self.chat = manifest.dialogue_format == "chat_template"
 
-    def build(self, persona: Persona, history: Sequence[Turn], line: str, context: Mapping[str, Any],
-              max_new_tokens: int) -> list[int]:
-        """Prompt ids; ``PromptError`` when even the persona and the line leave no room for the reply."""
-        situation = render_context(context)
+    def persona_prefix(self, persona: Persona, player: str = DEFAULT_USER) -> list[int]:
+        """The turn-independent head of every prompt to ``persona`` (``player`` fills ``{{user}}``):
+        the part whose KV cache the scheduler's prefix cache shares between turns."""
         if self.chat:
-            system = persona.system_prompt() + (f"\n{situation}" if situation else "")
-            leading: list[Turn] = []
-        else:
-            system = ""
-            leading = [Turn(role, text) for role, text in persona.leading_turns()]  # type: ignore[arg-type]
-            if situation:
-                leading += [Turn("user", CONTEXT_QUESTION), Turn("assistant", situation)]
-        prefix = self.formatter.prefix_ids(system, leading)
+            return self.formatter.persona_ids(persona.system_prompt(player))
+        leading = [Turn(role, text) for role, text in persona.leading_turns(player)]  # type: ignore[arg-type]
+        return self.formatter.persona_ids("", leading)
+
+    def notes(self, persona: Persona, history: Sequence[Turn], line: str, context: Mapping[str, Any],
+              player: str = DEFAULT_USER) -> list[tuple[str, str]]:
+        """Per-turn notes as (question, note): the game context, then lorebook entries whose keys the
+        recent dialogue mentions."""
+        notes: list[tuple[str, str]] = []
+        situation = render_context(context)
+        if situation:
+            notes.append((CONTEXT_QUESTION, situation))
+        for lore in persona.lore_for([*(t.text for t in history), line], player):
+            notes.append((LORE_QUESTION, lore))
+        return notes
+
+    def build(self, persona: Persona, history: Sequence[Turn], line: str, context: Mapping[str, Any],
+              max_new_tokens: int, *, player: str = DEFAULT_USER,
+              notes: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Prompt ids: ``persona_prefix`` first, then notes (context, lorebook, then ``notes``), the
+        history, the line, post-history instructions. ``PromptError`` when even the persona, the notes
+        and the line leave no room for the reply."""
+        all_notes = [*self.notes(persona, history, line, context, player), *notes]
+        prefix = self.persona_prefix(persona, player) + self.formatter.notes_ids(all_notes)
+        post = self.formatter.post_history_ids(persona.post_history_text(player))
         turns = [*history, Turn("user", line.strip())]
         budget = self.manifest.max_context - len(prefix) - max_new_tokens
         start = 0
         while True:
             body = [t for turn in turns[start:] for t in self.formatter.turn_ids(turn)]
-            body += self.formatter.generation_prompt_ids()
+            body += post + self.formatter.generation_prompt_ids()
             if len(body) <= budget:
                 return prefix + body
             if start >= len(turns) - 1:
