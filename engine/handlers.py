@@ -122,6 +122,7 @@ class Handlers:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         if old is not None and old != persona:
             self.memory.forget_npc(params.npc)  # conversations held with the old character no longer fit
+            self.scheduler.prefix_cache.invalidate(params.npc)  # its persona prefix KV is stale
         return protocol.ok(request.id, npc=params.npc, created=created)
 
     def _npc_get(self, identity: bytes, request: protocol.Request) -> Reply:
@@ -145,14 +146,16 @@ class Handlers:
         options = self._options(params)
         try:
             prompt = self.prompts.build(persona, self.memory.turns(params.npc, params.player), params.text,
-                                        params.context, options.max_new_tokens)
+                                        params.context, options.max_new_tokens, player=params.player)
+            prefix = self.prompts.persona_prefix(persona, params.player)  # its KV is shared between turns
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         now = self.clock()
         manifest = self.model.manifest
         say = Request(key, prompt, options, self.model.tokenizer, self._eos, manifest.max_context, received_at=now,
                       deadline=now + self._timeout_s(params), meta=SayMeta(params.npc, params.player, params.text))
-        if not self.scheduler.submit(say):
+        cached = len(prefix) if prompt[:len(prefix)] == prefix else 0
+        if not self.scheduler.submit(say, (params.npc, cached)):
             cap = self.scheduler.config
             raise ProtocolError(ErrorCode.BUSY, f"The server is at capacity ({cap.max_batch} streams running, "
                                 f"{cap.max_queue} waiting); retry later.")

@@ -5,7 +5,9 @@ One ``step()`` does, in order::
     1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
     2. admit    queued requests are prefilled one by one (their own cache, at most ``prefill_tokens``
                 prompt tokens per step so decoding streams are never starved), sample their first
-                token, and join the batch
+                token, and join the batch. A request submitted with a persona prefix starts from
+                the prefix cache's KV snapshot (``prefix_cache``) and prefills only the rest; on a
+                miss the prefix is prefilled on its own first and stored
     3. decode   one forward for every row of the batch (B, 1) → logits (B, vocab); each row samples
                 its next token; finished rows leave
 
@@ -35,6 +37,7 @@ from .batch import DecodeBatch, supports_padding
 from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
+from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, Request, RequestKey, RequestState
 
@@ -46,16 +49,18 @@ THROUGHPUT_WINDOW_S = 5.0  # tokens/s in stats is measured over this many recent
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Capacity: ``max_batch`` streams decode together, ``max_queue`` more may wait (counts);
-    ``prefill_tokens`` caps prompt tokens prefilled per step (one prompt always goes)."""
+    ``prefill_tokens`` caps prompt tokens prefilled per step (one prompt always goes);
+    ``prefix_cache_bytes`` bounds the persona-prefix KV cache (0: off)."""
 
     max_batch: int = 32
     max_queue: int = 64
     prefill_tokens: int = 2048
+    prefix_cache_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_tokens"):
+        for name in ("max_batch", "max_queue", "prefill_tokens", "prefix_cache_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queue" else 1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name in ("max_batch", "prefill_tokens") else 0):
                 raise ConfigError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}.")
 
 
@@ -74,6 +79,8 @@ class Scheduler:
         self._queue: deque[Request] = deque()
         self._groups: list[DecodeBatch[Request]] = []  # one group when batched, one per stream otherwise
         self._live: dict[RequestKey, Request] = {}
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
+        self._prefixes: dict[RequestKey, tuple[str, int]] = {}  # live request → (NPC id, persona prefix length)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
@@ -81,10 +88,12 @@ class Scheduler:
 
     # --- intake ----------------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> bool:
+    def submit(self, request: Request, prefix: tuple[str, int] | None = None) -> bool:
         """Queue ``request``; False (nothing queued) when ``max_batch + max_queue`` requests are live.
 
-        The caller checks ``has_live`` first: a key already live is a bug and raises ``ServeError``.
+        ``prefix`` = (NPC id, n): the first ``n`` prompt ids are that NPC's persona prefix, whose KV
+        the prefix cache may share (0 < n < prompt length; otherwise ignored). The caller checks
+        ``has_live`` first: a key already live is a bug and raises ``ServeError``.
         """
         if request.key in self._live:
             raise ServeError(f"Request {request.key.id!r} of this client is already live; ids must be unique.")
@@ -92,6 +101,8 @@ class Scheduler:
             return False
         self._queue.append(request)
         self._live[request.key] = request
+        if prefix is not None and 0 < prefix[1] < request.prompt_tokens and self.prefix_cache.enabled:
+            self._prefixes[request.key] = prefix
         return True
 
     def has_live(self, key: RequestKey) -> bool:
@@ -130,6 +141,7 @@ class Scheduler:
                 events.append(request.fail(ErrorCode.INTERNAL, message, now))
             self._retire(request)
         self._live.clear()
+        self._prefixes.clear()
         self._queue.clear()
         self._groups = []
         return events
@@ -173,16 +185,17 @@ class Scheduler:
         joiners: list[tuple[Request, KVCache]] = []
         while self._queue and self.active_count + len(joiners) < self.config.max_batch:
             request = self._queue[0]
-            if prefilled and request.prompt_tokens > budget:
+            cost = self._prefill_cost(request)
+            if prefilled and cost > budget:
                 break  # the next step prefills it; decoding streams get their token now
             self._queue.popleft()
             prefilled += 1
-            budget -= request.prompt_tokens
+            budget -= cost
             request.advance(RequestState.PREFILLING)
             request.admitted_at = self.clock()
             try:
-                cache = self.model.new_cache(batch_size=1)
-                ids = np.asarray([request.prompt_ids], dtype=np.int64)  # (1, prompt)
+                cache, start = self._prefix_start(request)  # (1, kv_heads, start, head_dim), start = 0 or prefix
+                ids = np.asarray([request.prompt_ids[start:]], dtype=np.int64)  # (1, prompt - start)
                 logits = self.model.forward(ids, cache)  # (1, vocab); cache now (1, kv_heads, prompt, head_dim)
                 if self._sample(request, logits, events):
                     joiners.append((request, cache))
@@ -202,6 +215,30 @@ class Scheduler:
                 group: DecodeBatch[Request] = DecodeBatch(self.model)
                 group.add([joiner])
                 self._groups.append(group)
+
+    def _prefix_key(self, request: Request) -> tuple[str, tuple[int, ...]] | None:
+        hint = self._prefixes.get(request.key)
+        return None if hint is None else PrefixCache.key(hint[0], request.prompt_ids[:hint[1]])
+
+    def _prefill_cost(self, request: Request) -> int:
+        """Prompt tokens ``request``'s prefill will run (its cached prefix not counted)."""
+        key = self._prefix_key(request)
+        return request.prompt_tokens - (len(key[1]) if key is not None and key in self.prefix_cache else 0)
+
+    def _prefix_start(self, request: Request) -> tuple[KVCache, int]:
+        """The cache ``request``'s prefill starts from and how many prompt ids it already holds:
+        the persona prefix's shared snapshot on a hit; on a miss the prefix is prefilled alone
+        and stored first (logits discarded: the rest of the prompt follows); else empty, 0."""
+        key = self._prefix_key(request)
+        self._prefixes.pop(request.key, None)
+        if key is None:
+            return self.model.new_cache(batch_size=1), 0
+        cache = self.prefix_cache.get(key)
+        if cache is None:
+            cache = self.model.new_cache(batch_size=1)
+            self.model.forward(np.asarray([key[1]], dtype=np.int64), cache)  # (1, prefix) → cache (1, h, prefix, d)
+            self.prefix_cache.put(key, cache)
+        return cache, len(key[1])
 
     def _decode(self, events: list[Event]) -> None:
         """One token for every row of every group."""
@@ -238,6 +275,7 @@ class Scheduler:
 
     def _retire(self, request: Request) -> None:
         self._live.pop(request.key, None)
+        self._prefixes.pop(request.key, None)
         outcome = "failed" if request.state is RequestState.FAILED else (
             "cancelled" if request.finish_reason == "cancelled" else "completed")
         self.counters[outcome] += 1
@@ -271,4 +309,5 @@ class Scheduler:
             "active": self.active_count, "queued": self.queued_count, "max_batch": self.config.max_batch,
             "max_queue": self.config.max_queue, "batched": self.batched,
             "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters,
+            "prefix_cache": self.prefix_cache.stats(),
         }

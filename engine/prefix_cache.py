@@ -1,0 +1,121 @@
+"""The server's persona-prefix KV cache: each NPC's persona is prefilled once, then shared by every turn.
+
+Entries are keyed by (NPC id, prefix token ids), so a persona that says ``{{user}}`` gets one entry
+per player name, and a changed persona can never be served a stale entry even before
+``invalidate(npc)`` (which ``npc.upsert`` calls to free the memory at once).
+
+Sharing is free because a ``KVCache``'s arrays are never written in place: a forward step
+*replaces* them with ONNX Runtime's ``present.*`` outputs and a rewind slices into new arrays. So
+``get`` hands out a new single-row ``KVCache`` object that points at the stored arrays, and the
+request's prefill of its turn-specific tokens leaves the stored snapshot untouched::
+
+    keys[layer], values[layer]   (1, kv_heads, prefix_len, head_dim)
+    mask                         (1, prefix_len)
+
+Bounded in bytes (keys + values + mask), least recently used first out; an entry larger than the
+whole budget is not stored. ``max_bytes == 0`` turns the cache off. Not thread-safe: the engine
+loop owns it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ConfigError
+from .kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, tuple[int, ...]]
+
+
+def cache_bytes(cache: KVCache) -> int:
+    """Host memory held by ``cache``'s arrays, in bytes."""
+    return sum(a.nbytes for a in (*cache.keys, *cache.values)) + cache.mask.nbytes
+
+
+def share(cache: KVCache) -> KVCache:
+    """A new ``KVCache`` object over the same (never mutated) arrays."""
+    clone = copy.copy(cache)
+    clone.keys, clone.values = list(cache.keys), list(cache.values)
+    return clone
+
+
+class PrefixCache:
+    """LRU of single-row KV snapshots of persona prefixes, at most ``max_bytes`` in all."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise ConfigError(f"The prefix cache size must be a byte count >= 0, got {max_bytes!r}.")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Key, tuple[KVCache, int]] = OrderedDict()  # key → (snapshot, bytes)
+        self.bytes = 0
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "invalidations": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    @staticmethod
+    def key(npc: str, prefix_ids: Sequence[int]) -> Key:
+        return npc, tuple(int(t) for t in prefix_ids)
+
+    def get(self, key: Key) -> KVCache | None:
+        """A cache holding the prefix's KV (shared arrays), or None; counts a hit or a miss."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.counters["misses"] += 1
+            return None
+        self._entries.move_to_end(key)
+        self.counters["hits"] += 1
+        return share(entry[0])
+
+    def put(self, key: Key, cache: KVCache) -> bool:
+        """Keep a snapshot of ``cache`` (single row, exactly the prefix); False when it cannot fit."""
+        if cache.batch_size != 1 or cache.length != len(key[1]):
+            raise ConfigError(f"A prefix snapshot must be one row of {len(key[1])} positions, got "
+                              f"{cache.batch_size} row(s) of {cache.length}.")
+        size = cache_bytes(cache)
+        if not self.enabled or size > self.max_bytes:
+            if self.enabled:
+                log.info("A %d-byte persona prefix of NPC %r exceeds the whole prefix cache (%d bytes); not cached.",
+                         size, key[0], self.max_bytes)
+            return False
+        self._drop(key)
+        while self._entries and self.bytes + size > self.max_bytes:
+            _, (_, old_size) = self._entries.popitem(last=False)
+            self.bytes -= old_size
+            self.counters["evictions"] += 1
+        self._entries[key] = (share(cache), size)
+        self.bytes += size
+        return True
+
+    def invalidate(self, npc: str) -> int:
+        """Drop every entry of ``npc`` (its persona changed); returns how many."""
+        gone = [key for key in self._entries if key[0] == npc]
+        for key in gone:
+            self._drop(key)
+        self.counters["invalidations"] += len(gone)
+        return len(gone)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def _drop(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[1]
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes, **self.counters}
