@@ -5,6 +5,8 @@
     npctalk serve --model BUNDLE [--bind ADDR]   ZeroMQ server for games (protocol: bindings/PROTOCOL.md)
     npctalk keygen DIR [--name NAME]             CURVE key pair for a server reachable from other machines
     npctalk export-onnx SOURCE ...               same as the export-onnx command (needs the export extra)
+    npctalk finetune SOURCE --train ... -o DIR   fine-tune on dialogue JSONL (needs the export + finetune extras)
+    npctalk evaluate BUNDLE... --data TEST -o DIR  BLEU/chrF/Dist/perplexity report (needs the finetune extra)
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by export-onnx itself; listed here so `npctalk --help` shows it.
     sub.add_parser("export-onnx", help="build a model bundle (see `export-onnx --help`)", add_help=False)
+    sub.add_parser("finetune", help="fine-tune a model on dialogue JSONL (see `npctalk finetune --help`)", add_help=False)
+    sub.add_parser("evaluate", help="score bundles on a test JSONL (see `npctalk evaluate --help`)", add_help=False)
     return parser
 
 
@@ -156,6 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"error: export-onnx needs the export extra: pip install 'npctalk[export]' ({exc})\n")
             return 1
         return export_main(argv[1:])
+    if argv and argv[0] in ("finetune", "evaluate"):
+        try:
+            from npctalk.finetune.cli import main as finetune_main
+        except ImportError as exc:
+            sys.stderr.write(f"error: {argv[0]} needs the finetune extra: pip install 'npctalk[export,finetune]' ({exc})\n")
+            return 1
+        return finetune_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
