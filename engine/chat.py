@@ -1,9 +1,15 @@
 """ChatSession: one NPC talking with one player, in-process; and the terminal chat built on it.
 
 The persona prefix (system prompt, or DialoGPT's leading turns) is prefilled once; each turn
-rewinds the generator to the end of that prefix and appends only the history and the new line,
-as onnxruntime-genai's chat example does with its system prompt. Older turns are dropped first
-when the context would overflow; the persona is never cut.
+rewinds the generator to the end of that prefix and appends only the turn's notes (game context,
+lorebook entries the dialogue mentions), the history, the new line and the persona's post-history
+instructions, as onnxruntime-genai's chat example does with its system prompt. Older turns are
+dropped first when the context would overflow; the persona is never cut.
+
+Reranking (``Persona.rerank`` or the ``rerank`` argument, off by default): the reply is sampled
+``candidates`` times from the same prompt (the generator is rewound to the end of the prompt
+between them), scored by ``rerank.score_candidates`` and the best one is yielded whole, as one
+chunk, once chosen.
 """
 
 from __future__ import annotations
@@ -13,12 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from collections.abc import Mapping
+from typing import Any
+
 from .dialogue import DialogueFormatter, Turn
 from .errors import PromptError
 from .generator import Generator, GeneratorParams
 from .model import Model
+from .npcs import CONTEXT_QUESTION, LORE_QUESTION, render_context
 from .paths import default_bundle_path
-from .persona import Persona, find_persona
+from .persona import DEFAULT_USER, Persona, find_persona
+from .rerank import RerankConfig, best_index, score_candidates
 from .sampling import CHAT_DEFAULTS, SearchOptions
 from .stream import ReplyStream
 
@@ -28,18 +39,26 @@ log = logging.getLogger(__name__)
 class ChatSession:
     """A conversation with one NPC. Not thread-safe: one caller drives it."""
 
-    def __init__(self, model: Model, persona: Persona, options: SearchOptions = CHAT_DEFAULTS) -> None:
+    def __init__(self, model: Model, persona: Persona, options: SearchOptions = CHAT_DEFAULTS, *,
+                 user: str = DEFAULT_USER, rerank: RerankConfig | None = None) -> None:
+        """``user`` is the player's name (``{{user}}`` in the persona); ``rerank`` overrides the persona's."""
         self.model = model
         self.persona = persona
         self.options = options
+        self.user = user
+        self.rerank = rerank if rerank is not None else persona.rerank
         self.history: list[Turn] = []
         self.finish_reason: str | None = None
+        self.candidates: list[tuple[str, float]] = []  # the last reranked turn's (reply, score)
+        if self.rerank.enabled and not options.do_sample:
+            log.warning("Reranking %d candidates with greedy decoding gives %d copies of one reply; "
+                        "turn sampling on (temperature > 0).", self.rerank.candidates, self.rerank.candidates)
         self._formatter = DialogueFormatter(model.manifest, model.tokenizer)
         if model.manifest.dialogue_format == "chat_template":
-            system, leading = persona.system_prompt(), []
+            system, leading = persona.system_prompt(user), []
         else:
-            system, leading = "", [Turn(role, text) for role, text in persona.leading_turns()]  # type: ignore[arg-type]
-        self._prefix = self._formatter.prefix_ids(system, leading)
+            system, leading = "", [Turn(role, text) for role, text in persona.leading_turns(user)]  # type: ignore[arg-type]
+        self._prefix = self._formatter.persona_ids(system, leading)
         if len(self._prefix) + options.max_new_tokens >= model.manifest.max_context:
             raise PromptError(
                 f"{persona.name}'s persona takes {len(self._prefix)} tokens; with {options.max_new_tokens} "
@@ -55,8 +74,9 @@ class ChatSession:
         """Tokens in the persona prefix whose KV cache is reused every turn."""
         return len(self._prefix)
 
-    def say(self, text: str) -> Iterator[str]:
-        """Send the player's line; yield the NPC's reply as it is generated.
+    def say(self, text: str, context: Mapping[str, Any] | None = None) -> Iterator[str]:
+        """Send the player's line (and the game's ``context``); yield the NPC's reply as it is generated
+        (reranked: whole, once chosen).
 
         After the iterator is exhausted, the turn is in ``history`` and ``finish_reason`` is set.
         """
@@ -64,25 +84,51 @@ class ChatSession:
         if not text:
             raise PromptError("The player's line is empty.")
         turns = [*self.history, Turn("user", text)]
-        body = self._fit(turns)
+        notes: list[tuple[str, str]] = []
+        situation = render_context(context or {})
+        if situation:
+            notes.append((CONTEXT_QUESTION, situation))
+        notes += [(LORE_QUESTION, lore) for lore in self.persona.lore_for([t.text for t in turns], self.user)]
+        body = self._fit(turns, self._formatter.notes_ids(notes))
         self._generator.rewind_to(len(self._prefix))
         self._generator.append_tokens(body)
-        stream = ReplyStream(self._generator, self.model.tokenizer)
-        yield from stream
-        self.finish_reason = stream.finish_reason
-        self.history = [*turns, Turn("assistant", stream.text.strip())]
+        if self.rerank.enabled:
+            reply, reason = self._reranked(len(self._prefix) + len(body))
+            if reply:
+                yield reply
+        else:
+            stream = ReplyStream(self._generator, self.model.tokenizer)
+            yield from stream
+            reply, reason = stream.text, stream.finish_reason
+        self.finish_reason = reason
+        self.history = [*turns, Turn("assistant", reply.strip())]
 
-    def _fit(self, turns: list[Turn]) -> list[int]:
-        """History + generation prompt as ids, oldest turns dropped until prompt and reply fit."""
-        budget = self.model.manifest.max_context - len(self._prefix) - self.options.max_new_tokens
+    def _reranked(self, prompt_length: int) -> tuple[str, str | None]:
+        """Sample ``rerank.candidates`` replies after the prompt; return the best and its finish reason."""
+        replies: list[tuple[str, str | None]] = []
+        for index in range(self.rerank.candidates):
+            if index:
+                self._generator.rewind_to(prompt_length)  # same prompt, the sampler's stream goes on
+            stream = ReplyStream(self._generator, self.model.tokenizer)
+            replies.append((stream.read(), stream.finish_reason))
+        texts = [r for r, _ in replies]
+        scores = score_candidates(self.model, self._formatter, texts, self.persona, self.rerank)
+        self.candidates = list(zip(texts, scores))
+        return replies[best_index(scores)]
+
+    def _fit(self, turns: list[Turn], notes: list[int]) -> list[int]:
+        """Notes + history + post-history + generation prompt as ids, oldest turns dropped until
+        prompt and reply fit."""
+        budget = self.model.manifest.max_context - len(self._prefix) - len(notes) - self.options.max_new_tokens
+        post = self._formatter.post_history_ids(self.persona.post_history_text(self.user))
         start = 0
         while True:
             ids = [t for turn in turns[start:] for t in self._formatter.turn_ids(turn)]
-            ids += self._formatter.generation_prompt_ids()
+            ids += post + self._formatter.generation_prompt_ids()
             if len(ids) <= budget:
                 if start:
                     log.debug("Dropped the %d oldest turns to fit the context.", start)
-                return ids
+                return notes + ids
             if start >= len(turns) - 1:
                 raise PromptError(
                     f"The player's line is {len(ids)} tokens; at most {budget} fit beside the persona "
