@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, NpctalkError
-from .paths import default_bundle_path
+from .paths import default_bundle_path, memory_db_path
 from .sampling import CHAT_DEFAULTS, SearchOptions
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def _personas(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .memory import MemoryConfig
     from .scheduler import SchedulerConfig
     from .server import ServerConfig, serve
 
@@ -75,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
         personas_dir=args.personas, curve=_curve(args),
+        memory=MemoryConfig(path=str(args.memory_db or memory_db_path()), recent_turns=args.memory_turns),
     )
     return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
 
@@ -136,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encrypt with CURVE using this server NAME.key_secret file (see `npctalk keygen`)")
     srv.add_argument("--curve-clients", type=Path, default=None,
                      help="folder of allowed clients' NAME.key files; without it any client knowing the server key connects")
+    srv.add_argument("--memory-db", default=None,
+                     help=f"SQLite file of NPC memories, or :memory: to keep none (default: {memory_db_path()})")
+    srv.add_argument("--memory-turns", type=int, default=16,
+                     help="lines per NPC and player kept verbatim; older ones go into a rolling summary")
     _add_sampling_flags(srv)
     srv.set_defaults(func=_serve)
 

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, protocol
 from .errors import ConfigError, PromptError
 from .generator import LanguageModel
-from .memory import DialogueMemory
+from .memory_ops import MemoryOps
 from .npcs import NpcRegistry, PromptBuilder, persona_to_dict
 from .persona import Persona
 from .protocol import ErrorCode, Op, ProtocolError
 from .request import DoneEvent, ErrorEvent, Event, Request, RequestKey, TokenEvent
 from .sampling import SearchOptions
 from .scheduler import Scheduler
+from .store import MemoryStore
 
 if TYPE_CHECKING:
     from .server import ServerConfig
@@ -48,7 +49,7 @@ class Handlers:
     """Every op of protocol v1 for one model, NPC registry, dialogue memory and scheduler."""
 
     def __init__(self, model: LanguageModel, scheduler: Scheduler, config: ServerConfig, registry: NpcRegistry,
-                 memory: DialogueMemory, clock: Callable[[], float] = time.monotonic) -> None:
+                 memory: MemoryStore, clock: Callable[[], float] = time.monotonic) -> None:
         self.model = model
         self.scheduler = scheduler
         self.config = config
@@ -64,6 +65,7 @@ class Handlers:
         self._ops: dict[Op, Callable[[bytes, protocol.Request], Reply | None]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.NPC_UPSERT: self._npc_upsert, Op.NPC_GET: self._npc_get,
             Op.NPC_LIST: self._npc_list, Op.SAY: self._say, Op.CANCEL: self._cancel, Op.STATS: self._stats,
+            **MemoryOps(memory).ops(),
         }
 
     def handle(self, identity: bytes, frames: Sequence[bytes]) -> Reply | None:
@@ -121,7 +123,8 @@ class Handlers:
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         if old is not None and old != persona:
-            self.memory.forget_npc(params.npc)  # conversations held with the old character no longer fit
+            # What the old character said no longer fits; facts about the player stay true.
+            self.memory.clear(params.npc, keep_facts=True)
             self.scheduler.prefix_cache.invalidate(params.npc)  # its persona prefix KV is stale
         return protocol.ok(request.id, npc=params.npc, created=created)
 
@@ -145,8 +148,10 @@ class Handlers:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"Request id {request.id!r} is still streaming; use a new id.")
         options = self._options(params)
         try:
-            prompt = self.prompts.build(persona, self.memory.turns(params.npc, params.player), params.text,
-                                        params.context, options.max_new_tokens, player=params.player)
+            recall = self.memory.recall(params.npc, params.player, params.text, params.context)
+            prompt = self.prompts.build(persona, self.memory.history(params.npc, params.player), params.text,
+                                        params.context, options.max_new_tokens, player=params.player,
+                                        notes=recall.notes())
             prefix = self.prompts.persona_prefix(persona, params.player)  # its KV is shared between turns
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
@@ -169,7 +174,7 @@ class Handlers:
 
     def _stats(self, identity: bytes, request: protocol.Request) -> Reply:
         return protocol.ok(request.id, **self.scheduler.stats(), uptime_s=round(self.clock() - self.started_at, 3),
-                           npcs=len(self.registry), conversations=len(self.memory), accepting=self.accepting,
+                           npcs=len(self.registry), conversations=self.memory.pair_count(), accepting=self.accepting,
                            **self.counters)
 
     # --- helpers --------------------------------------------------------------------------------------
@@ -214,10 +219,15 @@ class Handlers:
         assert isinstance(event, DoneEvent) and request.finish_reason is not None
         meta = request.meta
         if isinstance(meta, SayMeta) and request.finish_reason != "cancelled" and request.text.strip():
+            # Committed before done is sent: a game that saw done can count on the turn being saved.
             try:
                 self.memory.record(meta.npc, meta.player, meta.line, request.text)
-            except Exception:  # forgetting one exchange must not lose the done message
-                log.exception("Recording the exchange of request %r failed.", request.key.id)
+            except Exception:
+                log.exception("Saving the exchange of request %r failed.", request.key.id)
+                self.counters["internal_errors"] += 1
+                return protocol.error(request.key.id, ErrorCode.INTERNAL, "The reply could not be saved to the "
+                                      "memory database (the error is in the server's log); it is not remembered.",
+                                      seq=event.seq)
         timings = request.timings_ms()
         return protocol.done(
             request.key.id, event.seq, request.text, request.finish_reason, prompt_tokens=request.prompt_tokens,

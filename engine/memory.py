@@ -1,44 +1,116 @@
-"""Dialogue memory: the recent turns of every (NPC, player) pair, in memory.
+"""What an NPC remembers in one turn: recent turns fitted to a token budget, the rolling summary,
+and the recalled facts as prompt text.
 
-This is the simple version the server starts with: each pair keeps its last ``max_turns`` turns,
-and at most ``max_pairs`` pairs are kept (the least recently used pair is forgotten first), so a
-game that invents player ids forever cannot grow the server without bound. Nothing survives a
-restart; persistent memory comes later behind the same ``turns``/``record`` calls.
-
-Not thread-safe: the engine loop owns it.
+* Short-term memory is the pair's recent turns (``store.MemoryStore`` keeps the last
+  ``MemoryConfig.recent_turns`` verbatim). ``fit_turns`` is the one place they are cut to the
+  model's context: oldest turns go first, the kept history always opens with a player line, and
+  what must stay (the persona prefix, the memory block, the new line) is never cut.
+* Long-term memory is facts (``facts.py``) and a rolling summary: when an exchange falls out of
+  the recent window, ``fold_summary`` appends one extractive line for it (the most informative
+  sentence of the player's line and of the reply, quoted: ``Player: "…" You: "…"``) and drops the oldest lines beyond
+  ``MemoryConfig.summary_chars``. Deterministic, no model call, cheap inside the turn's transaction.
+* ``Recall`` is what goes into one prompt: retrieved facts and the summary, rendered by
+  ``Recall.notes`` as notes after the persona prefix (``npcs.PromptBuilder``). Stateless and thread-safe.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .dialogue import Turn
+from .errors import ConfigError, PromptError
+from .facts import Fact, keywords
+
+MAX_RECENT_TURNS = 256  # memory.get lists them in one array, and a protocol array holds at most 256
+SUMMARY_QUOTE_CHARS = 120
+FACTS_QUESTION = "Do you remember me?"              # DialoGPT: memory notes are answers to these questions
+SUMMARY_QUESTION = "What did we talk about before?"
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
 
 
-class DialogueMemory:
-    """``turns(npc, player)`` → oldest-first list of ``Turn``; ``record`` appends one exchange."""
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Memory settings. ``path``: the SQLite file (``:memory:`` keeps nothing across restarts)."""
 
-    def __init__(self, max_turns: int = 16, max_pairs: int = 4096) -> None:
-        self.max_turns = max_turns
-        self.max_pairs = max_pairs
-        self._pairs: OrderedDict[tuple[str, str], list[Turn]] = OrderedDict()
+    path: str = ":memory:"
+    recent_turns: int = 16        # lines (player + NPC) kept verbatim per pair; older ones go to the summary
+    summary_chars: int = 1200     # rolling summary per pair, oldest lines dropped beyond this
+    facts_per_turn: int = 6       # facts retrieved into one prompt (the name fact counts)
+    max_facts: int = 200          # facts kept per pair; the oldest non-name fact goes first
 
-    def turns(self, npc: str, player: str) -> list[Turn]:
-        return list(self._pairs.get((npc, player), ()))
+    def __post_init__(self) -> None:
+        if not 2 <= self.recent_turns <= MAX_RECENT_TURNS or self.recent_turns % 2:
+            raise ConfigError(f"recent_turns must be an even number in [2, {MAX_RECENT_TURNS}] (a player line and a "
+                              f"reply each), got {self.recent_turns}.")
+        for name, low, high in (("summary_chars", 0, 100_000), ("facts_per_turn", 0, 64), ("max_facts", 1, 250)):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be in [{low}, {high}], got {value}.")
 
-    def record(self, npc: str, player: str, line: str, reply: str) -> None:
-        """Remember the player's ``line`` and the NPC's ``reply`` (oldest turns fall off)."""
-        key = (npc, player)
-        turns = self._pairs.pop(key, [])
-        turns += [Turn("user", line.strip()), Turn("assistant", reply.strip())]
-        self._pairs[key] = turns[-self.max_turns:] if self.max_turns else []
-        while len(self._pairs) > self.max_pairs:
-            self._pairs.popitem(last=False)
 
-    def forget_npc(self, npc: str) -> None:
-        """Drop every conversation with ``npc`` (its persona changed)."""
-        for key in [k for k in self._pairs if k[0] == npc]:
-            del self._pairs[key]
+@dataclass(frozen=True)
+class Recall:
+    """Long-term memory for one prompt: the retrieved facts (oldest first) and the summary."""
 
-    def __len__(self) -> int:
-        return len(self._pairs)
+    facts: tuple[Fact, ...] = ()
+    summary: str = ""
+
+    def notes(self) -> list[tuple[str, str]]:
+        """As prompt notes (question, note) for ``PromptBuilder.build``; "you" is the NPC."""
+        out = []
+        if self.facts:
+            out.append((FACTS_QUESTION, "What you remember about the player: " + " ".join(f.text for f in self.facts)))
+        if self.summary:
+            out.append((SUMMARY_QUESTION, "Earlier, you talked about this: " + " ".join(self.summary.splitlines())))
+        return out
+
+
+def query_keywords(line: str, context_text: str = "") -> set[str]:
+    """What a turn is about, for retrieval: the player's line and the game context."""
+    return set(keywords(line)) | set(keywords(context_text))
+
+
+def fit_turns(turn_ids: Callable[[Turn], list[int]], history: Sequence[Turn], tail: list[int], budget: int,
+              what: str = "the player's line") -> list[int]:
+    """History + ``tail`` (memory block, new line, generation prompt) as ids within ``budget`` tokens.
+
+    The oldest turns are dropped first, whole, and the kept history opens with a player line;
+    ``tail`` is never cut: ``PromptError`` when it alone exceeds ``budget``.
+    """
+    encoded = [turn_ids(t) for t in history]
+    total = sum(map(len, encoded)) + len(tail)
+    start = 0
+    while total > budget:
+        if start >= len(history):
+            raise PromptError(f"{what} takes {len(tail)} tokens; at most {budget} fit beside the persona and the reply.")
+        total -= len(encoded[start])
+        start += 1
+        while start < len(history) and history[start].role != "user":
+            total -= len(encoded[start])
+            start += 1
+    return [t for ids in encoded[start:] for t in ids] + tail
+
+
+def fold_summary(summary: str, exchanges: Sequence[tuple[str, str]], max_chars: int) -> str:
+    """``summary`` with one line per (player line, reply) appended, trimmed to ``max_chars`` (oldest out)."""
+    lines = [line for line in summary.splitlines() if line.strip()]
+    for said, reply in exchanges:
+        player, npc = _key_sentence(said), _key_sentence(reply)
+        if player or npc:
+            lines.append(f'Player: "{player}"' + (f' You: "{npc}"' if npc else ""))
+    while lines and sum(len(line) + 1 for line in lines) - 1 > max_chars:
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def _key_sentence(text: str) -> str:
+    """The sentence of ``text`` with the most content words (the first on ties), shortened."""
+    sentences = [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+    if not sentences:
+        return ""
+    best = max(sentences, key=lambda s: (len(keywords(s)), -sentences.index(s)))
+    if len(best) > SUMMARY_QUOTE_CHARS:
+        best = best[:SUMMARY_QUOTE_CHARS].rsplit(" ", 1)[0] + "…"
+    return best.replace('"', "'")

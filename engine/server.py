@@ -48,12 +48,13 @@ from . import protocol
 from .delivery import Delivery, SendResult
 from .errors import ServeError
 from .handlers import Handlers
-from .memory import DialogueMemory
+from .memory import MemoryConfig
 from .model import Model
 from .npcs import NpcRegistry
 from .request import Event
 from .sampling import SearchOptions
 from .scheduler import Scheduler, SchedulerConfig
+from .store import MemoryStore
 from .security import CurveServer, CurveServerConfig
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,7 @@ class ServerConfig:
     personas_dir: Path | None = None
     max_npcs: int = 1024
     curve: CurveServerConfig | None = None  # CURVE keys for remote use (security.py); None: plain TCP
-    history_turns: int = 16           # turns remembered per (npc, player)
-    max_conversations: int = 4096     # (npc, player) pairs remembered
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # SQLite file (":memory:" here; serve: a file), window
 
 
 class Server:
@@ -98,9 +98,10 @@ class Server:
         self.config = config
         self.model = model
         self.scheduler = Scheduler(model, config.scheduler)
+        self.memory = MemoryStore(config.memory)  # StoreError (a ServeError) when the database is unusable
         self.handlers = Handlers(model, self.scheduler, config,
                                  registry or NpcRegistry.with_builtins(config.personas_dir, config.max_npcs),
-                                 DialogueMemory(config.history_turns, config.max_conversations))
+                                 self.memory)
         self._stop = threading.Event()
         self._last_seen: dict[bytes, float] = {}   # clients with live streams → when they last sent anything
         self._gone: set[bytes] = set()             # clients whose connection is gone: nothing is sent to them
@@ -111,6 +112,7 @@ class Server:
             self._socket = self._bind(config)
         except ServeError:
             self.close_security()
+            self.memory.close()
             raise
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -158,6 +160,7 @@ class Server:
                 self._loop()
         finally:
             self._socket.close(linger=CLOSE_LINGER_MS)
+            self.memory.close()
             self.close_security()
         log.info("npctalk serve: stopped.")
         return 0

@@ -10,12 +10,12 @@ import pytest
 from npctalk.engine.dialogue import Turn
 from npctalk.engine.errors import PromptError
 from npctalk.engine.handlers import Handlers
-from npctalk.engine.memory import DialogueMemory
 from npctalk.engine.model import Model
 from npctalk.engine.npcs import NpcRegistry, PromptBuilder, render_context
 from npctalk.engine.persona import Persona
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.server import ServerConfig
+from npctalk.engine.store import MemoryStore
 
 MIRA = Persona(name="Mira", role="the herbalist of Ashford", traits=("kind",))
 
@@ -27,7 +27,7 @@ def frame(**fields: Any) -> list[bytes]:
 @pytest.fixture
 def handlers(gpt2_model: Model) -> Handlers:
     scheduler = Scheduler(gpt2_model, SchedulerConfig(max_batch=2, max_queue=1))
-    return Handlers(gpt2_model, scheduler, ServerConfig(), NpcRegistry({"mira": MIRA}), DialogueMemory())
+    return Handlers(gpt2_model, scheduler, ServerConfig(), NpcRegistry({"mira": MIRA}), MemoryStore())
 
 
 def test_render_context() -> None:
@@ -63,18 +63,6 @@ def test_history_is_trimmed_oldest_first_and_the_line_must_fit(gpt2_model: Model
         builder.build(MIRA, [], "long " * 900, {}, 200)
 
 
-def test_dialogue_memory_is_bounded() -> None:
-    memory = DialogueMemory(max_turns=4, max_pairs=2)
-    for i in range(3):
-        memory.record("mira", "p1", f"line {i}", f"reply {i}")
-    assert [t.text for t in memory.turns("mira", "p1")] == ["line 1", "reply 1", "line 2", "reply 2"]
-    memory.record("mira", "p2", "a", "b")
-    memory.record("mira", "p3", "c", "d")  # p1 is the least recently used pair
-    assert memory.turns("mira", "p1") == [] and len(memory) == 2
-    memory.forget_npc("mira")
-    assert len(memory) == 0
-
-
 def test_a_failing_handler_answers_internal_and_never_raises(handlers: Handlers, monkeypatch: pytest.MonkeyPatch) -> None:
     def explode(npc: str) -> Persona:
         raise RuntimeError("bug")
@@ -105,7 +93,7 @@ def test_a_says_deadline_ms_ends_it_with_timeout_and_the_server_limit_caps_it(gp
     clock = lambda: now[0]  # noqa: E731 - a test clock the handlers and scheduler share
     scheduler = Scheduler(gpt2_model, SchedulerConfig(max_batch=4, max_queue=4), clock=clock)
     handlers = Handlers(gpt2_model, scheduler, ServerConfig(request_timeout_s=5.0), NpcRegistry({"mira": MIRA}),
-                        DialogueMemory(), clock=clock)
+                        MemoryStore(), clock=clock)
     for rid, deadline_ms in (("short", 250), ("capped", 60_000), ("default", None)):
         fields = {"deadline_ms": deadline_ms} if deadline_ms else {}
         assert handlers.handle(b"c", frame(id=rid, op="say", npc="mira", text="Hi", max_new_tokens=200, **fields)) is None
@@ -129,17 +117,18 @@ def test_finished_replies_are_remembered_cancelled_ones_are_not(handlers: Handle
     while handlers.scheduler.has_work:
         messages += [handlers.message_for(e) for e in handlers.scheduler.step()]
     assert {m["finish_reason"] for m in messages if m["type"] == "done"} == {"length", "cancelled"}
-    assert [t.text for t in handlers.memory.turns("mira", "p")][0] == "First"
+    assert [t.line for t in handlers.memory.turns("mira", "p")] == ["First"]
     assert handlers.memory.turns("mira", "q") == []
 
 
-def test_upsert_replaces_and_forgets_conversations(handlers: Handlers) -> None:
-    handlers.memory.record("mira", "p", "hi", "hello")
+def test_upsert_replaces_and_forgets_conversations_but_not_facts(handlers: Handlers) -> None:
+    handlers.memory.record("mira", "p", "My name is Ada.", "hello")
     same = handlers.handle(b"c", frame(id="u1", op="npc.upsert", npc="mira",
                                        persona={"name": "Mira", "role": "the herbalist of Ashford", "traits": ["kind"]}))
-    assert same == {"type": "ok", "id": "u1", "npc": "mira", "created": False} and len(handlers.memory) == 1
+    assert same == {"type": "ok", "id": "u1", "npc": "mira", "created": False} and len(handlers.memory.turns("mira", "p")) == 1
     changed = handlers.handle(b"c", frame(id="u2", op="npc.upsert", npc="mira", persona={"name": "Mira", "role": "a witch"}))
-    assert changed is not None and changed["created"] is False and len(handlers.memory) == 0
+    assert changed is not None and changed["created"] is False and handlers.memory.turns("mira", "p") == []
+    assert [f.text for f in handlers.memory.facts("mira", "p")] == ["The player's name is Ada."]  # still true
 
 
 def test_delivery_keeps_seq_and_one_terminal_when_a_client_stops_reading() -> None:

@@ -1,0 +1,172 @@
+"""Long-term facts about a player: extraction from the player's lines, keywords, and retrieval.
+
+Extraction is a handful of deterministic patterns over one player line, each giving a sentence in
+the third person that can go into any NPC's prompt as it stands::
+
+    "My name is Mira."            → The player's name is Mira.          (kind "name": one per pair)
+    "Call me Mira" / "I'm Mira"   → The player's name is Mira.
+    "I'm from Eastwatch."         → The player is from Eastwatch.       (kind "origin")
+    "I bought the iron sword."    → The player bought the iron sword.
+    "I have two goats"            → The player has two goats.
+    "I'm a carpenter."            → The player is a carpenter.
+    "I love apples"               → The player loves apples.
+    "My brother is Tom."          → The player's brother is Tom.
+
+Patterns, not a model: the same line always yields the same facts, and a line that matches none
+yields none (``I'm tired`` is not a name: a name must start with a capital letter). Retrieval scores
+each fact by how many keywords it shares with the player's line and the game context; the name
+fact is always included. Stateless and thread-safe.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+MAX_FACT_CHARS = 300       # a fact's text, from the game or extracted
+MAX_PHRASE_CHARS = 80      # what an extracted pattern takes after its trigger words
+
+FactKind = str             # "name" | "origin" | "other"
+SOURCES = ("dialogue", "game")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A stored fact. ``created`` is Unix time in seconds; ``turn_id`` the turn it came from (dialogue)."""
+
+    id: int
+    text: str
+    kind: FactKind
+    source: str
+    created: float
+    keywords: tuple[str, ...]
+    turn_id: int | None = None
+
+    def to_wire(self) -> dict[str, object]:
+        return {"id": self.id, "text": self.text, "kind": self.kind, "source": self.source,
+                "created": self.created, "keywords": list(self.keywords)}
+
+
+@dataclass(frozen=True)
+class NewFact:
+    """A fact before it is stored."""
+
+    text: str
+    kind: FactKind = "other"
+
+
+_STOPWORDS = frozenset("""
+a about above after again all also am an and any are as at be because been before being below both but by can
+could did do does doing down during each few for from further had has have having he her here hers him his how
+i if in into is it its itself just me more most my myself no nor not now of off on once only or other our ours
+out over own same she should so some such than that the their theirs them then there these they this those
+through to too under until up very was we were what when where which while who whom why will with would you
+your yours yourself player players s t don didn ll re ve m d really still yes oh well hey hello hi please
+""".split())
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+
+# Words after "I'm"/"I am" that start a sentence with a capital but are not names.
+_NOT_NAMES = frozenset("""
+sorry fine here there back not so just the a an from in at looking going glad afraid sure ok okay only also
+very new good well tired hungry lost ready done still always never really
+""".split())
+
+_NAME = r"((?:[A-Z][\w'-]*)(?:\s+[A-Z][\w'-]*){0,2})"
+_PHRASE = r"([^.,!?;:\n]{1,%d}?)(?=\s+(?:and|but|so|because)\s|[.,!?;:\n]|$)" % MAX_PHRASE_CHARS
+_NAME_PATTERNS = (
+    re.compile(r"(?i:\bmy name(?:'s| is)|\bcall me|\bthey call me|\bi(?:'m| am) called|\bname's)\s+" + _NAME),
+    re.compile(r"(?i:\bi(?:'m| am))\s+" + _NAME + r"(?=\s*(?:[.,!?;]|$|\s+(?i:and|from|of|the)\b))"),
+)
+_ORIGIN = re.compile(r"(?i:\bi(?:'m| am)(?:\s+[A-Z][\w'-]*){0,3} from|\bi come from|\bi grew up in)\s+" + _PHRASE)
+_HOME = re.compile(r"(?i:\bi live in|\bi(?:'m| am) living in)\s+" + _PHRASE)
+_ROLE = re.compile(r"(?i:\bi(?:'m| am) (an?))\s+" + _PHRASE)
+_VERBS = {"bought": "bought", "found": "found", "sold": "sold", "lost": "lost", "stole": "stole", "killed": "killed",
+          "slew": "slew", "own": "owns", "have": "has", "need": "needs", "want": "wants", "carry": "carries",
+          "love": "loves", "like": "likes", "hate": "hates", "fear": "fears"}
+_ACTION = re.compile(r"(?i:\bi\s+(?:just\s+|already\s+|really\s+)?(" + "|".join(_VERBS) + r"))\s+"
+                     r"(?!(?i:to|been|no|not|nothing|it|that|this|you)\b)" + _PHRASE)
+_MY_X_IS = re.compile(r"(?i:\bmy\s+([a-z]+(?:\s+[a-z]+)?)\s+(?:is|was))\s+" + _PHRASE)
+_PRONOUNS = {"my": "their", "me": "them", "myself": "themselves", "mine": "theirs", "i": "they", "i'm": "they're"}
+
+
+def extract_facts(line: str) -> list[NewFact]:
+    """The facts one player line states, in the order found (at most one name)."""
+    facts: list[NewFact] = []
+    name = _find_name(line)
+    if name:
+        facts.append(NewFact(f"The player's name is {name}.", "name"))
+    for match in _ORIGIN.finditer(line):
+        facts.append(NewFact(f"The player is from {_third_person(match.group(1))}.", "origin"))
+    for match in _HOME.finditer(line):
+        facts.append(NewFact(f"The player lives in {_third_person(match.group(1))}.", "origin"))
+    for match in _ROLE.finditer(line):
+        facts.append(NewFact(f"The player is {match.group(1).lower()} {_third_person(match.group(2))}."))
+    for match in _ACTION.finditer(line):
+        verb = _VERBS[match.group(1).lower()]
+        facts.append(NewFact(f"The player {verb} {_third_person(match.group(2))}."))
+    for match in _MY_X_IS.finditer(line):
+        what = match.group(1).lower()
+        if what != "name":
+            facts.append(NewFact(f"The player's {what} is {_third_person(match.group(2))}."))
+    unique = {f.text: f for f in facts if len(f.text) <= MAX_FACT_CHARS and _content(f.text)}
+    return list(unique.values())
+
+
+def _find_name(line: str) -> str | None:
+    for pattern in _NAME_PATTERNS:
+        for match in pattern.finditer(line):
+            words = match.group(1).split()
+            while words and words[-1].lower() in _NOT_NAMES:
+                words.pop()
+            if words and words[0].lower() not in _NOT_NAMES:
+                return " ".join(words)
+    return None
+
+
+def _third_person(phrase: str) -> str:
+    words = phrase.strip().split()
+    return " ".join(_PRONOUNS.get(w.lower(), w) for w in words)
+
+
+def _content(text: str) -> bool:
+    """True when the fact says something beyond 'The player …' (has a keyword besides its verb)."""
+    return bool(set(keywords(text)) - {"name", "s"} - set(_VERBS.values()))
+
+
+def keywords(text: str) -> tuple[str, ...]:
+    """Lower-case content words of ``text``, crudely singularised, sorted and unique."""
+    out = set()
+    for word in _WORD.findall(text.lower()):
+        word = word.removesuffix("'s")
+        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        if len(word) > 1 and word not in _STOPWORDS:
+            out.add(word)
+    return tuple(sorted(out))
+
+
+def retrieve(facts: Sequence[Fact], query: Iterable[str], limit: int) -> list[Fact]:
+    """The facts worth putting in this turn's prompt, oldest first.
+
+    Every ``name`` fact, then those sharing the most keywords with ``query`` (newer first on ties),
+    up to ``limit`` in all. A fact sharing no keyword is left out.
+    """
+    wanted = set(query)
+    chosen = [f for f in facts if f.kind == "name"]
+    scored = [(len(wanted.intersection(f.keywords)), f.created, f.id, f) for f in facts if f.kind != "name"]
+    scored = [s for s in scored if s[0] > 0]
+    scored.sort(key=lambda s: (s[0], s[1], s[2]), reverse=True)
+    chosen += [s[3] for s in scored[:max(0, limit - len(chosen))]]
+    return sorted(chosen, key=lambda f: (f.created, f.id))
+
+
+def game_fact(text: str) -> NewFact:
+    """A fact the game states (``memory.remember``); ``ValueError`` when it is empty or too long."""
+    text = " ".join(text.split())
+    if not text:
+        raise ValueError("A fact must be a non-empty sentence.")
+    if len(text) > MAX_FACT_CHARS:
+        raise ValueError(f"A fact is at most {MAX_FACT_CHARS} characters; this one has {len(text)}.")
+    kind = "name" if _find_name(text) and re.match(r"(?i)the player's name is\b", text) else "other"
+    return NewFact(text if text[-1] in ".!?" else text + ".", kind)
