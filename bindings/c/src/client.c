@@ -1,0 +1,454 @@
+/*
+ * The socket half of the client: connect, receive and dispatch, heartbeats, Lazy Pirate reconnect
+ * (ZeroMQ Guide, lpclient): while something is pending and the server has said nothing for
+ * timeout_ms, close the DEALER with LINGER 0, open a new one, resend the blocking call (at most
+ * `retries` times) and fail the running replies with NPCTALK_E_UNAVAILABLE.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "client.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+static _Thread_local char connect_error[512];
+
+int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+npctalk_status fail(npctalk_client *c, npctalk_status status, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    vsnprintf(c->error, sizeof c->error, format, args);
+    va_end(args);
+    return status;
+}
+
+void log_line(npctalk_client *c, const char *format, ...) {
+    if (c->options.log == NULL) return;
+    char line[512];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(line, sizeof line, format, args);
+    va_end(args);
+    c->options.log(c->options.log_user, line);
+}
+
+void next_id(npctalk_client *c, char id[ID_CAP], uint64_t *number) {
+    uint64_t n = ++c->counter;
+    snprintf(id, ID_CAP, "%s-%llu", c->id_prefix, (unsigned long long)n);
+    if (number) *number = n;
+}
+
+static int pending(const npctalk_client *c) { return c->call != NULL || c->running > 0; }
+
+void wake(npctalk_client *c) {
+    if (!pending(c)) c->last_heard_ms = now_ms(); /* silence counts from the first pending request */
+}
+
+/* --- connection ------------------------------------------------------------------------------ */
+
+static npctalk_status open_socket(npctalk_client *c) {
+    void *sock = zmq_socket(c->context, ZMQ_DEALER);
+    if (sock == NULL) return fail(c, NPCTALK_E_SOCKET, "Cannot create a ZeroMQ DEALER socket: %s.", zmq_strerror(errno));
+    int linger = 0, heartbeat = c->options.heartbeat_ms, heartbeat_timeout = 3 * c->options.heartbeat_ms;
+    int64_t max_message = WIRE_MAX_REPLY_BYTES;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger); /* a closed socket drops what it queued */
+    zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_message, sizeof max_message);
+    zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &heartbeat, sizeof heartbeat); /* ZMTP: notices dead TCP peers */
+    zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &heartbeat_timeout, sizeof heartbeat_timeout);
+    if (zmq_connect(sock, c->endpoint) != 0) {
+        int err = errno;
+        zmq_close(sock);
+        return fail(c, NPCTALK_E_SOCKET, "Cannot connect to '%s': %s (use tcp://HOST:PORT or ipc://PATH).",
+                    c->endpoint, zmq_strerror(err));
+    }
+    c->socket = sock;
+    return NPCTALK_OK;
+}
+
+npctalk_options npctalk_default_options(void) {
+    npctalk_options o = {3000, 2, 1000, NULL, NULL};
+    return o;
+}
+
+npctalk_status npctalk_connect(const char *endpoint, const npctalk_options *options, npctalk_client **out) {
+    npctalk_options o = options ? *options : npctalk_default_options();
+    connect_error[0] = '\0';
+    if (out) *out = NULL;
+    if (out == NULL || endpoint == NULL || endpoint[0] == '\0') {
+        snprintf(connect_error, sizeof connect_error, "npctalk_connect needs an endpoint and an output pointer.");
+        return NPCTALK_E_INVALID_ARGUMENT;
+    }
+    if (o.timeout_ms <= 0 || o.heartbeat_ms <= 0 || o.retries < 0) {
+        snprintf(connect_error, sizeof connect_error,
+                 "timeout_ms and heartbeat_ms must be > 0 and retries >= 0, got %d, %d and %d.", o.timeout_ms,
+                 o.heartbeat_ms, o.retries);
+        return NPCTALK_E_INVALID_ARGUMENT;
+    }
+    if (o.heartbeat_ms > o.timeout_ms / 2) o.heartbeat_ms = o.timeout_ms / 2 > 0 ? o.timeout_ms / 2 : 1;
+    npctalk_client *c = calloc(1, sizeof *c);
+    if (c) c->endpoint = strdup(endpoint);
+    if (c) c->context = zmq_ctx_new();
+    if (c == NULL || c->endpoint == NULL || c->context == NULL) {
+        snprintf(connect_error, sizeof connect_error, "Out of memory while creating the client.");
+        if (c) free(c->endpoint);
+        free(c);
+        return NPCTALK_E_NO_MEMORY;
+    }
+    c->options = o;
+    /* Ids only need to be unique among this client's running requests; a random prefix also keeps
+     * them apart across reconnects and restarts in the server's logs. */
+    unsigned int seed = (unsigned int)now_ms() ^ (unsigned int)(uintptr_t)c;
+    FILE *urandom = fopen("/dev/urandom", "rb");
+    if (urandom) {
+        if (fread(&seed, sizeof seed, 1, urandom) != 1) seed ^= (unsigned int)time(NULL);
+        fclose(urandom);
+    }
+    snprintf(c->id_prefix, sizeof c->id_prefix, "%08x", seed);
+    npctalk_status status = open_socket(c);
+    if (status != NPCTALK_OK) {
+        snprintf(connect_error, sizeof connect_error, "%s", c->error);
+        zmq_ctx_term(c->context);
+        free(c->endpoint);
+        free(c);
+        return status;
+    }
+    c->last_heard_ms = c->last_sent_ms = now_ms();
+    *out = c;
+    return NPCTALK_OK;
+}
+
+const char *npctalk_connect_error(void) { return connect_error; }
+
+const char *npctalk_last_error(const npctalk_client *c) { return c ? c->error : "No client."; }
+
+static void free_stream(stream *s) {
+    free(s->npc);
+    free(s->text);
+    free(s);
+}
+
+static void destroy(npctalk_client *c) {
+    while (c->streams) {
+        stream *s = c->streams;
+        c->streams = s->next;
+        free_stream(s);
+    }
+    zmq_close(c->socket);
+    zmq_ctx_term(c->context);
+    free(c->endpoint);
+    free(c);
+}
+
+void npctalk_close(npctalk_client *c) {
+    if (c == NULL) return;
+    if (c->dispatching > 0) {
+        c->closing = 1; /* freed by the npctalk_* call that ran the callback, when it returns */
+        return;
+    }
+    destroy(c);
+}
+
+int finish_deferred_close(npctalk_client *c) {
+    if (!c->closing || c->dispatching > 0) return 0;
+    destroy(c);
+    return 1;
+}
+
+npctalk_status send_frame(npctalk_client *c, const msgpack_sbuffer *frame) {
+    if (zmq_send(c->socket, frame->data, frame->size, ZMQ_DONTWAIT) < 0) {
+        if (errno == EAGAIN)
+            return fail(c, NPCTALK_E_SOCKET, "Cannot queue a message for %s: the send queue is full (the server "
+                                             "has not read for a long time).", c->endpoint);
+        return fail(c, NPCTALK_E_SOCKET, "Sending to %s failed: %s.", c->endpoint, zmq_strerror(errno));
+    }
+    c->last_sent_ms = now_ms();
+    return NPCTALK_OK;
+}
+
+static void send_simple(npctalk_client *c, const char *op, const char *target) {
+    char id[ID_CAP];
+    next_id(c, id, NULL);
+    msgpack_sbuffer frame;
+    msgpack_sbuffer_init(&frame);
+    wire_simple(&frame, id, op, target);
+    if (send_frame(c, &frame) != NPCTALK_OK) log_line(c, "%s", c->error); /* the silence check still runs */
+    msgpack_sbuffer_destroy(&frame);
+}
+
+void send_cancel(npctalk_client *c, stream *s) {
+    send_simple(c, "cancel", s->id); /* its ok answer (found: bool) only counts as a sign of life */
+    s->cancel_sent = 1;
+}
+
+/* --- replies --------------------------------------------------------------------------------- */
+
+static void unlink_stream(npctalk_client *c, stream *s) {
+    for (stream **p = &c->streams; *p; p = &(*p)->next) {
+        if (*p == s) {
+            *p = s->next;
+            c->running--;
+            return;
+        }
+    }
+}
+
+/* on_error for a stream already unlinked, then free it. */
+static void report_error(npctalk_client *c, stream *s, npctalk_status status, const char *message) {
+    if (s->callbacks.on_error && !c->closing) {
+        c->dispatching++;
+        s->callbacks.on_error(s->callbacks.user, s->reply, status, message);
+        c->dispatching--;
+    }
+    free_stream(s);
+}
+
+/* End `s` with an error: optionally tell the server to stop, then on_error, then free. */
+static void fail_stream(npctalk_client *c, stream *s, npctalk_status status, int tell_server, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 5, 6)))
+#endif
+    ;
+static void fail_stream(npctalk_client *c, stream *s, npctalk_status status, int tell_server, const char *format, ...) {
+    char message[512];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(message, sizeof message, format, args);
+    va_end(args);
+    if (tell_server) send_cancel(c, s);
+    unlink_stream(c, s);
+    report_error(c, s, status, message);
+}
+
+static int append_text(stream *s, wire_str text) {
+    if (s->text_len + text.len + 1 > s->text_cap) {
+        size_t cap = s->text_cap ? s->text_cap : 256;
+        while (cap < s->text_len + text.len + 1) cap *= 2;
+        char *grown = realloc(s->text, cap);
+        if (grown == NULL) return 0;
+        s->text = grown;
+        s->text_cap = cap;
+    }
+    memcpy(s->text + s->text_len, text.ptr, text.len);
+    s->text_len += text.len;
+    s->text[s->text_len] = '\0';
+    return 1;
+}
+
+static void finish_stream(npctalk_client *c, stream *s, const wire_reply *r) {
+    const msgpack_object *map = &r->unpacked.data;
+    if (r->text.len != s->text_len || memcmp(r->text.ptr, s->text, s->text_len) != 0) {
+        fail_stream(c, s, NPCTALK_E_PROTOCOL, 0, "Reply %s: done.text differs from the streamed tokens.", s->id);
+        return;
+    }
+    const msgpack_object *usage = wire_get(map, "usage"), *timings = wire_get(map, "timings");
+    npctalk_result result = {
+        .reply = s->reply, .npc = s->npc, .text = s->text, .text_len = s->text_len,
+        .finish_reason = wire_str_eq(r->finish_reason, "stop") ? "stop"
+                         : wire_str_eq(r->finish_reason, "length") ? "length" : "cancelled",
+        .prompt_tokens = (int)wire_int(usage, "prompt_tokens", 0),
+        .completion_tokens = (int)wire_int(usage, "completion_tokens", 0),
+        .queue_ms = wire_number(timings, "queue_ms", 0.0),
+        .ttft_ms = wire_number(timings, "ttft_ms", -1.0), /* nil: no token was generated */
+        .total_ms = wire_number(timings, "total_ms", 0.0),
+    };
+    unlink_stream(c, s);
+    if (s->callbacks.on_done && !c->closing) {
+        c->dispatching++;
+        s->callbacks.on_done(s->callbacks.user, &result);
+        c->dispatching--;
+    }
+    free_stream(s);
+}
+
+static void on_stream_message(npctalk_client *c, stream *s, const wire_reply *r) {
+    int64_t seq = r->has_seq ? r->seq : s->next_seq;
+    if (seq != s->next_seq) {
+        fail_stream(c, s, NPCTALK_E_PROTOCOL, 1, "Reply %s skipped from seq %lld to %lld.", s->id,
+                    (long long)s->next_seq, (long long)seq);
+        return;
+    }
+    s->next_seq++;
+    switch (r->type) {
+    case WIRE_TOKEN:
+        if (!append_text(s, r->text)) {
+            fail_stream(c, s, NPCTALK_E_NO_MEMORY, 1, "Out of memory while collecting reply %s.", s->id);
+        } else if (s->callbacks.on_token && !c->closing) {
+            c->dispatching++;
+            s->callbacks.on_token(s->callbacks.user, s->reply, r->text.ptr, r->text.len, (uint32_t)seq);
+            c->dispatching--;
+        }
+        break;
+    case WIRE_DONE: finish_stream(c, s, r); break;
+    case WIRE_ERROR:
+        fail_stream(c, s, status_from_code_n(r->code.ptr, r->code.len), 0, "%.*s", (int)r->message.len,
+                    r->message.ptr);
+        break;
+    case WIRE_OK: fail_stream(c, s, NPCTALK_E_PROTOCOL, 1, "Reply %s got an ok message.", s->id); break;
+    }
+}
+
+static void on_call_reply(call *k, const wire_reply *r, const char *data, size_t len) {
+    k->finished = 1;
+    if (r->type == WIRE_OK) {
+        k->reply = malloc(len ? len : 1);
+        k->status = k->reply ? NPCTALK_OK : NPCTALK_E_NO_MEMORY;
+        if (k->reply) memcpy(k->reply, data, len);
+        k->reply_len = len;
+        if (!k->reply) snprintf(k->error, sizeof k->error, "Out of memory while reading the %s answer.", k->op);
+    } else if (r->type == WIRE_ERROR) {
+        k->status = status_from_code_n(r->code.ptr, r->code.len);
+        snprintf(k->error, sizeof k->error, "%.*s", (int)r->message.len, r->message.ptr);
+    } else {
+        k->status = NPCTALK_E_PROTOCOL;
+        snprintf(k->error, sizeof k->error, "The server answered %s with a %s message.", k->op,
+                 r->type == WIRE_TOKEN ? "token" : "done");
+    }
+}
+
+static void feed(npctalk_client *c, const char *data, size_t len) {
+    c->last_heard_ms = now_ms();
+    wire_reply r;
+    char err[256];
+    if (wire_parse_reply(data, len, &r, err, sizeof err) != NPCTALK_OK) {
+        log_line(c, "Ignoring an unreadable frame from the server: %s", err);
+        return;
+    }
+    stream *s = NULL;
+    if (r.has_id) {
+        for (s = c->streams; s && !wire_str_eq(r.id, s->id); s = s->next) {}
+    }
+    if (r.has_id && c->call && !c->call->finished && wire_str_eq(r.id, c->call->id)) {
+        on_call_reply(c->call, &r, data, len);
+    } else if (s) {
+        on_stream_message(c, s, &r);
+    } else if (!r.has_id && r.type == WIRE_ERROR) {
+        log_line(c, "The server rejected a request it could not read: %.*s", (int)r.message.len, r.message.ptr);
+    } /* else: the answer to a ping or cancel, or to a request given up on: a sign of life only */
+    wire_reply_free(&r);
+}
+
+/* Feed every frame that has arrived, without waiting. */
+static npctalk_status drain(npctalk_client *c, int *received) {
+    while (!c->closing) {
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        if (zmq_msg_recv(&msg, c->socket, ZMQ_DONTWAIT) < 0) {
+            int err = errno;
+            zmq_msg_close(&msg);
+            if (err == EAGAIN) return NPCTALK_OK;
+            if (err == EINTR) continue;
+            return fail(c, NPCTALK_E_SOCKET, "Receiving from %s failed: %s.", c->endpoint, zmq_strerror(err));
+        }
+        (*received)++;
+        if (zmq_msg_more(&msg)) {
+            log_line(c, "Ignoring a multi-part message: the protocol sends one frame per message.");
+            while (zmq_msg_more(&msg) && zmq_msg_recv(&msg, c->socket, ZMQ_DONTWAIT) >= 0) {}
+        } else {
+            feed(c, zmq_msg_data(&msg), zmq_msg_size(&msg));
+        }
+        zmq_msg_close(&msg);
+    }
+    return NPCTALK_OK;
+}
+
+/* --- time ------------------------------------------------------------------------------------ */
+
+/* Milliseconds until service() may have work; -1 when nothing is pending. */
+static int64_t next_wakeup(const npctalk_client *c) {
+    if (!pending(c)) return -1;
+    int64_t at = c->last_sent_ms + c->options.heartbeat_ms;
+    if (c->last_heard_ms + c->options.timeout_ms + 1 < at) at = c->last_heard_ms + c->options.timeout_ms + 1;
+    for (const stream *s = c->streams; s; s = s->next)
+        if (s->expires_ms && s->expires_ms < at) at = s->expires_ms;
+    int64_t wait = at - now_ms();
+    return wait > 0 ? wait : 0;
+}
+
+static void reconnect(npctalk_client *c) {
+    double silent = (double)(now_ms() - c->last_heard_ms);
+    log_line(c, "No answer from %s for %.0f ms (timeout %d ms): reconnecting.", c->endpoint, silent,
+             c->options.timeout_ms);
+    zmq_close(c->socket);
+    npctalk_status opened = open_socket(c);
+    stream *lost = c->streams; /* detached first: their callbacks may start new replies */
+    c->streams = NULL;
+    c->running = 0;
+    while (lost) {
+        stream *s = lost;
+        lost = s->next;
+        char message[512];
+        snprintf(message, sizeof message,
+                 "No message from the server for %.1f s (timeout %.1f s); reply %s was cut after %zu bytes.",
+                 silent / 1000.0, c->options.timeout_ms / 1000.0, s->id, s->text_len);
+        report_error(c, s, NPCTALK_E_UNAVAILABLE, message);
+    }
+    call *k = c->call;
+    if (k && !k->finished) {
+        if (opened != NPCTALK_OK || k->attempts > c->options.retries) {
+            k->finished = 1;
+            k->status = opened != NPCTALK_OK ? opened : NPCTALK_E_UNAVAILABLE;
+            snprintf(k->error, sizeof k->error, "No message from the server at %s for %.1f s (timeout %.1f s); gave "
+                     "up on %s after %d attempts.", c->endpoint, silent / 1000.0, c->options.timeout_ms / 1000.0,
+                     k->op, k->attempts);
+        } else {
+            k->attempts++;
+            if (send_frame(c, &k->frame) != NPCTALK_OK) log_line(c, "%s", c->error);
+        }
+    }
+    c->last_heard_ms = c->last_sent_ms = now_ms();
+}
+
+/* Client-side reply timeouts, heartbeats and the silence check. */
+static void service(npctalk_client *c) {
+    for (stream *s = c->streams; s && !c->closing;) {
+        stream *next = s->next;
+        if (s->expires_ms && now_ms() >= s->expires_ms)
+            fail_stream(c, s, NPCTALK_E_TIMEOUT, 1, "Reply %s did not end within its timeout_ms; it was cancelled.",
+                        s->id);
+        s = next; /* a callback may have started replies: those are at the head, checked next time */
+    }
+    if (!pending(c) || c->closing) return;
+    int64_t now = now_ms();
+    if (now - c->last_heard_ms > c->options.timeout_ms) reconnect(c);
+    else if (now - c->last_sent_ms >= c->options.heartbeat_ms) send_simple(c, "ping", NULL);
+}
+
+npctalk_status pump(npctalk_client *c, int timeout_ms) {
+    int64_t wake_in = next_wakeup(c);
+    int64_t wait = timeout_ms < 0 ? 0 : timeout_ms;
+    if (wake_in >= 0 && wake_in < wait) wait = wake_in;
+    if (wait > 0) {
+        zmq_pollitem_t item = {c->socket, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, (long)wait) < 0 && errno != EINTR)
+            return fail(c, NPCTALK_E_SOCKET, "Polling %s failed: %s.", c->endpoint, zmq_strerror(errno));
+    }
+    int received = 0;
+    npctalk_status status = drain(c, &received);
+    if (!c->closing) service(c);
+    return status != NPCTALK_OK ? status : received > 0 ? NPCTALK_OK : NPCTALK_E_TIMEOUT;
+}
+
+npctalk_status npctalk_poll(npctalk_client *c, int timeout_ms) {
+    if (c == NULL) return NPCTALK_E_INVALID_ARGUMENT;
+    if (c->dispatching > 0)
+        return fail(c, NPCTALK_E_INVALID_ARGUMENT, "npctalk_poll was called from a callback; return from it instead.");
+    int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    npctalk_status status;
+    do {
+        int64_t left = deadline - now_ms();
+        status = pump(c, left > 0 ? (int)left : 0);
+    } while (status == NPCTALK_E_TIMEOUT && !c->closing && now_ms() < deadline);
+    if (finish_deferred_close(c)) return NPCTALK_OK;
+    return status == NPCTALK_E_TIMEOUT ? NPCTALK_OK : status;
+}
+
+size_t npctalk_running(const npctalk_client *c) { return c ? c->running : 0; }

@@ -1,0 +1,86 @@
+/*
+ * State of one npctalk_client, shared by client.c (socket, receiving, liveness, reconnect) and
+ * requests.c (building and sending the ops). Not thread-safe: one thread drives a client.
+ */
+#ifndef NPCTALK_CLIENT_H
+#define NPCTALK_CLIENT_H
+
+#include <msgpack.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "npctalk/npctalk.h"
+#include "wire.h"
+
+#define ID_CAP 32 /* "<12 hex>-<counter>" fits */
+
+/* One say as the client sees it: open until its terminal message (then unlinked and freed). */
+typedef struct stream {
+    struct stream *next;
+    npctalk_reply_id reply;
+    char id[ID_CAP];
+    char *npc;
+    npctalk_callbacks callbacks;
+    int64_t next_seq;      /* seq of the next message: 0, 1, 2, ... with no gap */
+    char *text;            /* the token texts so far (NUL-terminated), compared with done.text */
+    size_t text_len, text_cap;
+    int64_t expires_ms;    /* client-side timeout (monotonic ms); 0: none */
+    int cancel_sent;
+} stream;
+
+/* The blocking call in progress (at most one: blocking calls do not nest). */
+typedef struct call {
+    char id[ID_CAP];
+    const char *op;
+    msgpack_sbuffer frame;  /* kept for resending after a reconnect */
+    int attempts;
+    int finished;
+    npctalk_status status;
+    char *reply;            /* a copy of the ok frame (msgpack-c views point into the frame) */
+    size_t reply_len;
+    char error[512];        /* why it failed, when it did */
+} call;
+
+struct npctalk_client {
+    void *context, *socket;
+    char *endpoint;
+    npctalk_options options;
+    char id_prefix[16];
+    uint64_t counter;      /* request numbers; a say's number is its npctalk_reply_id */
+    stream *streams;       /* running replies, newest first */
+    size_t running;
+    call *call;
+    int64_t last_heard_ms, last_sent_ms;
+    int dispatching;       /* > 0 while a callback runs: blocking calls are refused */
+    int closing;           /* npctalk_close was called from a callback: free when it returns */
+    char error[512];
+};
+
+/* --- status.c --- */
+npctalk_status status_from_code_n(const char *code, size_t len);
+
+/* --- client.c -------------------------------------------------------------------------------- */
+int64_t now_ms(void);
+/* Format the client's last error; returns `status` so callers can `return fail(c, ...)`. */
+npctalk_status fail(npctalk_client *c, npctalk_status status, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+void log_line(npctalk_client *c, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* The next request id; its number goes to *number (may be NULL). */
+void next_id(npctalk_client *c, char id[ID_CAP], uint64_t *number);
+/* Something is about to be pending: start the silence clock if nothing was. */
+void wake(npctalk_client *c);
+npctalk_status send_frame(npctalk_client *c, const msgpack_sbuffer *frame);
+void send_cancel(npctalk_client *c, stream *s);
+/* Wait (at most `timeout_ms`) and receive, dispatch, heartbeat, reconnect: one turn of the loop. */
+npctalk_status pump(npctalk_client *c, int timeout_ms);
+/* Free the client if npctalk_close was deferred from a callback. Returns 1 when it was freed. */
+int finish_deferred_close(npctalk_client *c);
+
+#endif /* NPCTALK_CLIENT_H */

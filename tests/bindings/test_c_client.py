@@ -1,0 +1,203 @@
+"""The C client (bindings/c) built with CMake and run against a real server subprocess.
+
+The `talk` example drives every test: a streamed reply (tokens concatenated == done text, the same
+text the Python client gets for the same seeded request), cancel, server error codes, a server that
+is down or freezes mid-reply (Lazy Pirate timeouts), and the C++ wrapper. Skipped, with the reason,
+where cmake, pkg-config, libzmq or msgpack-c are missing (`.ci/run` installs them).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from npctalk.engine.protocol import ErrorCode
+from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint
+
+SOURCE = Path(__file__).resolve().parents[2] / "bindings" / "c"
+MIRA = ("--npc", "mira", "--persona-name", "Mira", "--persona-role", "a herbalist")
+DONE_MARKER = "\n--- done ---\n"
+
+
+def _missing_tools() -> str | None:
+    for tool in ("cmake", "pkg-config", "cc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    for modules in (("libzmq",), ("msgpack-c", "msgpack")):
+        if not any(subprocess.run(["pkg-config", "--exists", m], check=False).returncode == 0 for m in modules):
+            return f"pkg-config finds no {' / '.join(modules)} (install libzmq3-dev and libmsgpack-dev)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing_tools() is not None, reason=f"C client not buildable: {_missing_tools()}")
+
+
+@dataclass(frozen=True)
+class Built:
+    talk: Path
+    talk_cpp: Path | None
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """bindings/c configured and built once, warnings as errors."""
+    build = tmp_path_factory.mktemp("c-build")
+    for command in (["cmake", "-S", str(SOURCE), "-B", str(build), "-DNPCTALK_WERROR=ON"],
+                    ["cmake", "--build", str(build), "-j", "2"]):
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    cpp = build / "talk_cpp"
+    return Built(build / "talk", cpp if cpp.exists() else None)
+
+
+@pytest.fixture(scope="module")
+def server(gpt2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(gpt2_bundle, tmp_path_factory.mktemp("server"), *LONG_STREAMS, "--max-new-tokens", "600").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@dataclass(frozen=True)
+class Talked:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def summary(self) -> dict[str, str]:
+        """The `done: key=value ...` line talk writes to stderr."""
+        line = next(x for x in self.stderr.splitlines() if x.startswith("done: "))
+        return dict(pair.split("=", 1) for pair in line[len("done: "):].split())
+
+
+def talk(built: Built, *args: str, timeout: float = 60.0) -> Talked:
+    start = time.monotonic()
+    done = subprocess.run([str(built.talk), *args], capture_output=True, check=False, timeout=timeout)
+    # decode strictly: the protocol promises no broken UTF-8 in any token
+    return Talked(done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8"), time.monotonic() - start)
+
+
+def status_numbers(built: Built) -> dict[str, int]:
+    listed = talk(built, "--list-status")
+    assert listed.code == 0
+    return {name: int(number) for number, name in (line.split() for line in listed.stdout.splitlines())}
+
+
+def test_status_enum_matches_the_protocol_error_codes(built: Built) -> None:
+    numbers = status_numbers(built)
+    assert numbers["ok"] == 0
+    server_codes = [numbers[code.value] for code in ErrorCode]  # KeyError names a code the C API lacks
+    assert len(set(server_codes)) == len(server_codes) and 0 not in server_codes
+    client_side = set(numbers.values()) - set(server_codes) - {0}
+    assert client_side and client_side.isdisjoint(server_codes)
+
+
+def test_a_streamed_reply_arrives_and_equals_the_done_text(built: Built, server: ServerProcess) -> None:
+    run = talk(built, "--endpoint", server.endpoint, *MIRA, "--player", "c-stream", "--max-new-tokens", "40",
+               "--context", "location=the garden", "--context", "time_of_day=dusk", "--print-done", "Hello!")
+    assert run.code == 0, run.stderr
+    streamed, done_text = run.stdout.rsplit(DONE_MARKER, 1)
+    assert streamed == done_text.removesuffix("\n") and streamed
+    summary = run.summary()
+    assert summary["finish_reason"] == "length" and summary["completion_tokens"] == "40"
+    assert int(summary["token_messages"]) > 1, "the reply arrived in one piece, not streamed"
+    assert "npctalk" in run.stderr.splitlines()[0]  # hello answered before the say
+
+
+def test_same_request_same_text_as_the_python_client(built: Built, server: ServerProcess) -> None:
+    """Seed, temperature, top-k/p, player and context reach the server exactly as Python sends them."""
+    from npctalk.client import Client
+
+    sampling = {"max_new_tokens": 24, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": 1234}
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in sampling.items()]
+    flags = [part for flag in flags for part in flag.split("=", 1)]
+    texts = []
+    for player in ("c-seed-1", "c-seed-2"):  # fresh players: no history, identical prompts
+        run = talk(built, "--endpoint", server.endpoint, *MIRA, "--player", player, *flags,
+                   "--context", "weather=rain", "--print-done", "What do you sell?")
+        assert run.code == 0, run.stderr
+        texts.append(run.stdout.rsplit(DONE_MARKER, 1)[1].removesuffix("\n"))
+    with Client(server.endpoint, timeout=5.0) as client:
+        python_text = client.say("mira", "What do you sell?", player="py-seed", context={"weather": "rain"},
+                                 **sampling).wait().text
+    assert texts[0] == texts[1] == python_text and texts[0]
+
+
+def test_cancel_ends_the_reply_with_finish_reason_cancelled(built: Built, server: ServerProcess) -> None:
+    run = talk(built, "--endpoint", server.endpoint, *MIRA, "--player", "c-cancel", "--max-new-tokens", "500",
+               "--cancel-after", "3", "--print-done", "Tell me everything.")
+    assert run.code == 0, run.stderr
+    summary = run.summary()
+    assert summary["finish_reason"] == "cancelled"
+    assert 3 <= int(summary["completion_tokens"]) < 500
+    streamed, done_text = run.stdout.rsplit(DONE_MARKER, 1)
+    assert streamed == done_text.removesuffix("\n")
+
+
+def test_unknown_npc_exits_with_its_error_code(built: Built, server: ServerProcess) -> None:
+    run = talk(built, "--endpoint", server.endpoint, "--npc", "ghost", "Boo?")
+    assert run.code == status_numbers(built)["unknown_npc"]
+    assert "error: unknown_npc:" in run.stderr and "ghost" in run.stderr
+
+
+def test_a_server_side_bad_request_reaches_the_caller(built: Built, server: ServerProcess) -> None:
+    run = talk(built, "--endpoint", server.endpoint, "--npc", "bram", "--temperature", "9", "Hi")
+    assert run.code == status_numbers(built)["bad_request"]
+    assert "temperature" in run.stderr
+
+
+def test_bad_usage_names_the_flag(built: Built) -> None:
+    run = talk(built, "--max-new-tokens", "many", "Hi")
+    assert run.code == 64 and "--max-new-tokens" in run.stderr
+
+
+def test_server_down_gives_unavailable_within_the_timeout(built: Built) -> None:
+    timeout_ms, retries = 300, 1
+    run = talk(built, "--endpoint", free_tcp_endpoint(), "--timeout-ms", str(timeout_ms), "--retries", str(retries),
+               "Anyone there?", timeout=20)
+    assert run.code == status_numbers(built)["unavailable"], run.stderr
+    assert "gave up on hello after 2 attempts" in run.stderr and "reconnecting" in run.stderr
+    limit = (retries + 1) * timeout_ms / 1000
+    assert limit <= run.seconds < limit + 2.0, f"took {run.seconds:.2f} s for a {limit:.2f} s limit"
+
+
+def test_a_server_that_freezes_mid_reply_fails_the_reply_within_the_timeout(built: Built, server: ServerProcess) -> None:
+    process = subprocess.Popen([str(built.talk), "--endpoint", server.endpoint, *MIRA, "--player", "c-freeze",
+                                "--max-new-tokens", "500", "--timeout-ms", "600", "Talk to me."],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.read(1), "no token arrived"
+        server.signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            code = process.wait(timeout=15)
+        finally:
+            server.signal(signal.SIGCONT)
+        elapsed = time.monotonic() - frozen
+        stderr = process.stderr.read().decode() if process.stderr else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == status_numbers(built)["unavailable"], stderr
+    assert "error: unavailable:" in stderr and "was cut after" in stderr
+    assert elapsed < 0.6 + 2.0, f"the frozen server was noticed after {elapsed:.2f} s (timeout 0.6 s)"
+    assert server.request("ping")["type"] == "ok"  # the server itself carries on
+
+
+def test_cpp_wrapper_streams_a_reply(built: Built, server: ServerProcess) -> None:
+    if built.talk_cpp is None:
+        pytest.skip("no C++ compiler: the header-only wrapper example was not built")
+    done = subprocess.run([str(built.talk_cpp), server.endpoint, "bram", "Hello there."], capture_output=True,
+                          check=False, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode("utf-8").strip() and "finish_reason=" in done.stderr.decode()
