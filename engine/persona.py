@@ -285,8 +285,11 @@ class Persona:
 
     def lore_for(self, recent: Sequence[str], user: str = DEFAULT_USER) -> list[str]:
         """Lorebook contents whose keys occur in ``recent`` texts (the new line last; only the last
-        ``LORE_SCAN_TURNS + 1`` are scanned), lowest ``insertion_order`` first, at most ``LORE_MAX_ENTRIES``."""
-        text = "\n".join(recent[-(LORE_SCAN_TURNS + 1):])
+        ``scan_depth + 1`` are scanned: the card book's ``scan_depth``, else ``LORE_SCAN_TURNS``),
+        lowest ``insertion_order`` first, at most ``LORE_MAX_ENTRIES``."""
+        depth = self.card_extra.get("book", {}).get("scan_depth")  # a card's own scan depth wins
+        depth = depth if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0 else LORE_SCAN_TURNS
+        text = "\n".join(recent[-(depth + 1):])
         hits = sorted((e for e in self.lorebook if e.matches(text)), key=lambda e: e.insertion_order)
         return [self._sub(e.content, user) for e in hits[:LORE_MAX_ENTRIES] if e.content.strip()]
 

@@ -58,3 +58,75 @@ def test_find_persona_prefers_folder_and_lists_choices(tmp_path: Path) -> None:
     assert find_persona("BRAM", tmp_path).name == "Other Bram"
     with pytest.raises(PromptError, match="available: .*elda"):
         find_persona("nobody", tmp_path)
+
+
+FULL = '''
+name = "Hal"
+role = "a gate guard of {{user}}'s town"
+scenario = "Night watch at the east gate."
+post_history = "Stay terse, {{char}}."
+system_override = "Be Hal. {{original}}"
+example_dialogue = "<START>\\n{{user}}: Open up!\\n{{char}}: Not after dark."
+[[lorebook]]
+keys = ["Duke"]
+content = "The Duke of {{user}}'s town is ill."
+case_sensitive = true
+[[lorebook]]
+keys = []
+content = "The gate closes at sunset."
+constant = true
+insertion_order = -1
+[rerank]
+candidates = 3
+method = "overlap"
+'''
+
+
+def test_toml_extensions_render_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "hal.toml"
+    path.write_text(FULL, encoding="utf-8")
+    hal = Persona.load(path)
+    prompt = hal.system_prompt("Ola")
+    assert "a gate guard of Ola's town" in prompt and "Scenario: Night watch" in prompt
+    assert prompt.endswith("Be Hal. Stay in character as Hal at all times; never say you are an AI or a language "
+                           "model. Reply in one to three short sentences.")
+    assert ("assistant", "Not after dark.") in hal.leading_turns("Ola")
+    assert hal.post_history_text() == "Stay terse, Hal."
+    assert hal.rerank.candidates == 3 and hal.rerank.method == "overlap"
+    assert hal.lore_for(["nothing here"]) == ["The gate closes at sunset."], "constant entries always enter"
+    assert hal.lore_for(["the duke is late"]) == ["The gate closes at sunset."], "case-sensitive keys"
+    assert hal.lore_for(["the Duke is late"], "Ola") == ["The gate closes at sunset.", "The Duke of Ola's town is ill."]
+    assert hal.lore_for(["the Dukes are late"]) == ["The gate closes at sunset."], "whole words only"
+    assert Persona.from_dict(hal.to_dict()) == hal
+
+
+def test_lore_scans_only_recent_turns() -> None:
+    hal = Persona.from_dict({"name": "Hal", "role": "a guard", "lorebook": [{"keys": ["wolf"], "content": "Wolves!"}]})
+    assert hal.lore_for(["the wolf came"] + ["chat"] * 4 + ["hello"]) == [], "5 turns back: out of scan depth"
+    assert hal.lore_for(["the wolf came"] + ["chat"] * 3 + ["hello"]) == ["Wolves!"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "A"}, "'role' is required"),
+        ({"name": "A", "role": "b", "lorebook": {"keys": []}}, "'lorebook' must be a list"),
+        ({"name": "A", "role": "b", "lorebook": [{"keys": "x", "content": "y"}]}, r"lorebook\[0\]: field 'keys'"),
+        ({"name": "A", "role": "b", "lorebook": [{"keys": ["x"], "content": "y", "insertion_order": "1"}]},
+         "'insertion_order'"),
+        ({"name": "A", "role": "b", "rerank": {"candidates": 0}}, "rerank.candidates"),
+        ({"name": "A", "role": "b", "rerank": {"method": "magic"}}, "rerank.method"),
+        ({"name": "A", "role": "b", "rerank": {"beam": 2}}, "'beam'"),
+        ({"name": "A", "role": "b", "extensions": []}, "'extensions'"),
+    ],
+)
+def test_bad_new_fields_are_named(data: dict, message: str) -> None:
+    with pytest.raises(PromptError, match=message):
+        Persona.from_dict(data)
+
+
+def test_substitute_handles_both_spellings() -> None:
+    from npctalk.engine.persona import substitute
+
+    assert substitute("{{char}} greets {{User}}; <BOT> to <USER>.", "Wren", "Mira") == "Wren greets Mira; Wren to Mira."
+    assert substitute("Mira's {{user}}", "X", "\\1") == "Mira's \\1", "names are inserted literally"
