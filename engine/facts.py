@@ -168,5 +168,5 @@ def game_fact(text: str) -> NewFact:
         raise ValueError("A fact must be a non-empty sentence.")
     if len(text) > MAX_FACT_CHARS:
         raise ValueError(f"A fact is at most {MAX_FACT_CHARS} characters; this one has {len(text)}.")
-    kind = "name" if _find_name(text) and re.match(r"(?i)the player's name is\b", text) else "other"
+    kind = "name" if re.match(r"(?i:the player's name is)\s+[A-Z]", text) else "other"
     return NewFact(text if text[-1] in ".!?" else text + ".", kind)

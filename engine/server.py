@@ -294,5 +294,6 @@ def _stop_on_signals(stop: Any) -> Iterator[None]:
 def serve(bundle: Path, config: ServerConfig = ServerConfig(), *, provider: str = "auto",
           intra_op_threads: int | None = None) -> int:
     """Load ``bundle`` and serve it until SIGTERM/SIGINT; returns the exit code."""
+    MemoryStore(config.memory).close()  # an unusable memory database fails now, before the slow model load
     model = Model(bundle, provider=provider, intra_op_threads=intra_op_threads)  # type: ignore[arg-type]
     return Server(model, config).run()
