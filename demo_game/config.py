@@ -30,6 +30,8 @@ class DemoConfig:
     width: int = 960
     height: int = 640
     fps: int = 60                         # frame-rate cap (clock.tick)
+    reply_timeout_s: float = 10.0         # server silence during a reply before it counts as gone (a CPU
+                                          # prefill of a long persona prompt can hold the server for seconds)
     probe_interval_s: float = 0.5         # how often an absent server is asked `hello` again
     health_interval_s: float = 5.0        # how often an idle, connected server is asked `hello`
     probe_timeout_s: float = 1.0          # how long one `hello` may take before the server counts as absent
@@ -41,7 +43,9 @@ class DemoConfig:
             raise ValueError(f"The window must be at least 640x480 pixels, got {self.width}x{self.height}.")
         if self.fps <= 0 or self.max_new_tokens <= 0:
             raise ValueError(f"fps and max_new_tokens must be positive, got {self.fps} and {self.max_new_tokens}.")
-        if min(self.probe_interval_s, self.health_interval_s, self.probe_timeout_s, self.server_start_timeout_s) <= 0:
+        times = (self.reply_timeout_s, self.probe_interval_s, self.health_interval_s, self.probe_timeout_s,
+                 self.server_start_timeout_s)
+        if min(times) <= 0:
             raise ValueError("Probe intervals and timeouts must be positive seconds.")
 
     @property

@@ -71,7 +71,8 @@ class Game:
         self.transcript: list[Exchange] = []
         self.credit_lines = credits_lines(config.notices)
         self.credits_scroll, self._credits_from = 0.0, Scene.TITLE
-        self.shown_reply: list[str] = []           # reply lines drawn in the last frame (tests read these)
+        self.shown_thinking = False                # what the last frame drew (tests read these)
+        self.shown_reply: list[str] = []
         self.shown_credits: list[str] = []
         self.held: set[int] = set()
         self.toast, self._toast_until = "", 0.0
@@ -242,6 +243,7 @@ class Game:
     # --- drawing --------------------------------------------------------------------------------------
 
     def _draw(self, t: float) -> None:
+        self.shown_thinking, self.shown_reply = False, []
         if self.scene is Scene.TITLE:
             ui.title(self.screen, self.fonts, t)
         elif self.scene is Scene.CREDITS:
@@ -250,7 +252,7 @@ class Game:
             near = self.village.nearest_npc() if self.scene is Scene.VILLAGE else None
             render.village_frame(self.screen, self.village, self.background, t, self.fonts.small, near)
             if self.scene is Scene.TALK and self.dialogue is not None:
-                self.shown_reply = ui.dialogue_box(self.screen, self.fonts, self.dialogue, t)
+                self.shown_thinking, self.shown_reply = ui.dialogue_box(self.screen, self.fonts, self.dialogue, t)
         ui.hud(self.screen, self.fonts, self.stats.fps, self.link.state, self.link.message, self.toast)
 
 

@@ -60,7 +60,7 @@ class EngineLink:
     def __init__(self, config: DemoConfig, clock: Any = time.monotonic) -> None:
         self.config, self.clock = config, clock
         self.context = zmq.Context()
-        self.client = Client(config.endpoint, context=self.context)
+        self.client = Client(config.endpoint, timeout=config.reply_timeout_s, context=self.context)
         self.state = LinkState.PROBING
         self.message = f"Looking for the engine at {config.endpoint}…"
         self.hello: dict[str, Any] = {}
@@ -87,7 +87,9 @@ class EngineLink:
         if self._probe is not None and self._probe.done():
             self._probe_finished(self._probe.result(), now)
         elif self._probe is None and self._start is None and now >= self._next_probe and self._wants_probe():
-            self._probe = self._worker.submit(probe, self.config.endpoint, self.config.probe_timeout_s, self.context)
+            # A connected server may be busy prefilling for someone else: give it the reply timeout.
+            timeout = self.config.reply_timeout_s if self.online else self.config.probe_timeout_s
+            self._probe = self._worker.submit(probe, self.config.endpoint, timeout, self.context)
         return events
 
     def _poll_client(self) -> list[Event]:

@@ -99,9 +99,9 @@ def credits(surface: pygame.Surface, fonts: Fonts, lines: list[str], scroll: flo
     return shown
 
 
-def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -> list[str]:
+def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -> tuple[bool, list[str]]:
     """The box at the bottom: the player's line, the NPC's reply (or "thinking…"), the input line.
-    Returns the reply lines drawn (what the player can read)."""
+    Returns whether the thinking indicator was drawn, and the reply lines drawn."""
     w, h = surface.get_size()
     box = pygame.Rect(20, h - 230, w - 40, 210)
     shade = pygame.Surface(box.size, pygame.SRCALPHA)
@@ -140,7 +140,7 @@ def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -
     surface.blit(fonts.small.render(f"> {prompt}", True, INK), (entry.left + 6, entry.top + 5))
     hint_img = fonts.small.render(hint, True, (120, 110, 100))
     surface.blit(hint_img, hint_img.get_rect(topright=(entry.right - 6, entry.top + 5)))
-    return shown
+    return d.state is ReplyState.THINKING, shown
 
 
 def hud(surface: pygame.Surface, fonts: Fonts, fps: float, state: LinkState, message: str, toast: str) -> None:
