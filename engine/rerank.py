@@ -116,7 +116,8 @@ def likelihood_scores(model: LanguageModel, formatter: DialogueFormatter, replie
     then the statement's tokens are fed one per step to every row together: (rows, 1) → (rows, vocab).
     """
     question = formatter.turn_ids(Turn("user", "Who are you?"))
-    target = formatter.generation_prompt_ids() + formatter.text_ids(persona_statement(persona))
+    statement = formatter.tokenizer.encode(persona_statement(persona), allow_special=False)
+    target = formatter.generation_prompt_ids() + statement
     if not replies or not target:
         return [0.0] * len(replies)
     batch: DecodeBatch[int] = DecodeBatch(model)
