@@ -113,6 +113,17 @@ def test_a_streamed_reply_arrives_and_equals_the_done_text(built: Built, server:
     assert "npctalk" in run.stderr.splitlines()[0]  # hello answered before the say
 
 
+def test_zero_wait_poll_never_blocks_a_game_frame(built: Built, server: ServerProcess) -> None:
+    run = talk(built, "--endpoint", server.endpoint, *MIRA, "--player", "c-frames", "--max-new-tokens", "60",
+               "--frame-ms", "2", "Hello!")
+    assert run.code == 0, run.stderr
+    loop = dict(pair.split("=") for pair in next(x for x in run.stderr.splitlines() if x.startswith("game_loop: "))
+                .split()[1:])
+    # the reply spanned many frames: each poll returned with what had arrived instead of waiting for more
+    assert int(loop["polls"]) > 2 and int(run.summary()["token_messages"]) > 1
+    assert float(loop["slowest_poll_ms"]) < 50, f"a zero-wait poll took {loop['slowest_poll_ms']} ms"
+
+
 def test_same_request_same_text_as_the_python_client(built: Built, server: ServerProcess) -> None:
     """Seed, temperature, top-k/p, player and context reach the server exactly as Python sends them."""
     from npctalk.client import Client

@@ -9,10 +9,12 @@
  * stderr. Exit status: 0 when the reply ended (stop, length or cancelled), 64 for bad usage, and
  * otherwise the npctalk_status number of the failure (`talk --list-status` prints them).
  */
+#define _POSIX_C_SOURCE 200809L /* nanosleep, clock_gettime */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "npctalk/npctalk.h"
 
@@ -81,6 +83,7 @@ static void usage(FILE *to) {
             "  --retries N            resends of hello/upsert after a lost connection (default 2)\n"
             "  --reply-timeout-ms N   client-side limit for the whole reply (default none)\n"
             "  --cancel-after N       cancel the reply after N token messages\n"
+            "  --frame-ms N           act like a game: npctalk_poll(client, 0) every N ms, report the slowest\n"
             "  --print-done           after the stream, print a '--- done ---' line and the done text\n"
             "  --list-status          print every status number and name, then exit\n",
             NPCTALK_DEFAULT_ENDPOINT, MAX_CONTEXT);
@@ -118,6 +121,30 @@ static void list_status(void) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) printf("%d %s\n", (int)all[i], npctalk_status_name(all[i]));
 }
 
+static double seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* A game's frame loop: one zero-wait poll per frame, the rest of the frame is the game's. */
+static npctalk_status game_loop(run *r, long frame_ms) {
+    struct timespec frame = {frame_ms / 1000, (frame_ms % 1000) * 1000000L};
+    double slowest = 0.0;
+    long polls = 0;
+    while (!r->finished) {
+        double start = seconds();
+        npctalk_status status = npctalk_poll(r->client, 0);
+        if (status != NPCTALK_OK) return status;
+        double took = seconds() - start;
+        slowest = took > slowest ? took : slowest;
+        polls++;
+        nanosleep(&frame, NULL);
+    }
+    fprintf(stderr, "game_loop: polls=%ld slowest_poll_ms=%.3f\n", polls, slowest * 1000.0);
+    return NPCTALK_OK;
+}
+
 static int fail_with(npctalk_client *client, npctalk_status status, const char *what) {
     fprintf(stderr, "error: %s: %s failed: %s\n", npctalk_status_name(status), what, npctalk_last_error(client));
     npctalk_close(client);
@@ -133,7 +160,7 @@ int main(int argc, char **argv) {
     npctalk_context_entry context[MAX_CONTEXT];
     size_t context_count = 0;
     run r = {NULL, 0, -1, 0, 0, NPCTALK_OK, 0};
-    long n;
+    long n, frame_ms = 0;
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -176,6 +203,7 @@ int main(int argc, char **argv) {
         else if (strcmp(flag, "--timeout-ms") == 0) { ok = parse_long(flag, value, 1, 3600000, &n); options.timeout_ms = (int)n; }
         else if (strcmp(flag, "--retries") == 0) { ok = parse_long(flag, value, 0, 100, &n); options.retries = (int)n; }
         else if (strcmp(flag, "--reply-timeout-ms") == 0) { ok = parse_long(flag, value, 1, 3600000, &n); say.timeout_ms = (int)n; }
+        else if (strcmp(flag, "--frame-ms") == 0) ok = parse_long(flag, value, 1, 1000, &frame_ms);
         else if (strcmp(flag, "--cancel-after") == 0) ok = parse_long(flag, value, 1, 1 << 20, &r.cancel_after);
         else { fprintf(stderr, "talk: unknown option %s.\n", flag); usage(stderr); return EXIT_USAGE; }
         if (!ok) return EXIT_USAGE;
@@ -210,7 +238,10 @@ int main(int argc, char **argv) {
     npctalk_callbacks callbacks = {on_token, on_done, on_error, &r};
     if ((status = npctalk_say(r.client, npc, text, &say, &callbacks, &r.reply)) != NPCTALK_OK)
         return fail_with(r.client, status, "say");
-    while (!r.finished) { /* a game calls npctalk_poll(client, 0) once per frame instead */
+    if (frame_ms > 0) {
+        if ((status = game_loop(&r, frame_ms)) != NPCTALK_OK) return fail_with(r.client, status, "poll");
+    }
+    while (!r.finished) { /* waits up to 100 ms per call; a game polls with 0 once per frame instead */
         if ((status = npctalk_poll(r.client, 100)) != NPCTALK_OK) return fail_with(r.client, status, "poll");
     }
     npctalk_close(r.client);

@@ -78,9 +78,23 @@ void next_id(npctalk_client *c, char id[ID_CAP], uint64_t *number);
 void wake(npctalk_client *c);
 npctalk_status send_frame(npctalk_client *c, const msgpack_sbuffer *frame);
 void send_cancel(npctalk_client *c, stream *s);
+void send_simple(npctalk_client *c, const char *op, const char *target);
 /* Wait (at most `timeout_ms`) and receive, dispatch, heartbeat, reconnect: one turn of the loop. */
 npctalk_status pump(npctalk_client *c, int timeout_ms);
 /* Free the client if npctalk_close was deferred from a callback. Returns 1 when it was freed. */
 int finish_deferred_close(npctalk_client *c);
+
+/* --- replies.c ------------------------------------------------------------------------------- */
+/* One frame from the server: to the blocking call or stream it answers (others only show life). */
+void feed(npctalk_client *c, const char *data, size_t len);
+void free_stream(stream *s);
+/* on_error for a stream already unlinked from the client, then free it. */
+void report_error(npctalk_client *c, stream *s, npctalk_status status, const char *message);
+/* End `s` with an error: optionally tell the server to stop, unlink, on_error, free. */
+void fail_stream(npctalk_client *c, stream *s, npctalk_status status, int tell_server, const char *format, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 5, 6)))
+#endif
+    ;
 
 #endif /* NPCTALK_CLIENT_H */

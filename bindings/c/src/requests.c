@@ -245,9 +245,7 @@ npctalk_status npctalk_say(npctalk_client *c, const char *npc, const char *text,
     status = send_frame(c, &frame);
     msgpack_sbuffer_destroy(&frame);
     if (status != NPCTALK_OK) {
-        free(s->npc);
-        free(s->text);
-        free(s);
+        free_stream(s);
         return status;
     }
     if (o.timeout_ms > 0) s->expires_ms = now_ms() + o.timeout_ms;

@@ -72,7 +72,7 @@ typedef struct npctalk_client npctalk_client;
  * for the server: the first request finds out whether it answers. `options` may be NULL.
  * On failure *out is NULL and the status says why (npctalk_connect_error has the sentence). */
 npctalk_status npctalk_connect(const char *endpoint, const npctalk_options *options, npctalk_client **out);
-/* The sentence explaining the last npctalk_connect failure in this thread's process (static). */
+/* The sentence explaining this thread's last npctalk_connect failure (static storage). */
 const char *npctalk_connect_error(void);
 /* Close the socket (LINGER 0) and free the client. Running replies get no more callbacks. */
 void npctalk_close(npctalk_client *client);
