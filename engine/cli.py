@@ -71,7 +71,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("npctalk").setLevel(logging.INFO)  # a server says where it listens and when it stops
     config = ServerConfig(
         bind=args.bind,
-        scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue),
+        scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue,
+                                  prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024),
         defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     srv.add_argument("--max-batch", type=int, default=32, help="streams decoded together")
     srv.add_argument("--max-queue", type=int, default=64, help="streams that may wait; more are answered busy")
+    srv.add_argument("--prefix-cache-mb", type=int, default=256,
+                     help="memory for the NPCs' persona-prefix KV caches in MiB (0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")
     srv.add_argument("--default-max-new-tokens", type=int, default=64, help="reply length when a say sets none")
     srv.add_argument("--request-timeout", type=float, default=60.0, help="seconds from receipt to done")
