@@ -3,15 +3,21 @@ gives exactly the no-cache output while prefilling only the turn's new tokens.""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from server_process import LONG_STREAMS, ServerProcess
+
+from npctalk.client import Client
 
 from npctalk.engine.dialogue import Turn
 from npctalk.engine.errors import ConfigError
 from npctalk.engine.kv_cache import KVCache
 from npctalk.engine.model import Model
 from npctalk.engine.npcs import PromptBuilder
-from npctalk.engine.persona import Persona, find_persona
+from npctalk.engine.persona import BUILTIN_DIR, Persona, find_persona
 from npctalk.engine.prefix_cache import PrefixCache, cache_bytes
 from npctalk.engine.request import Request, RequestKey
 from npctalk.engine.sampling import SearchOptions
@@ -157,3 +163,26 @@ def test_a_prefix_hint_that_is_not_a_real_prefix_is_ignored(model: Model) -> Non
     request = _say(model, "r", prompt)
     _run(scheduler, [(request, ("bram", len(prompt)))])  # the whole prompt: nothing would be left to prefill
     assert request.finish_reason is not None and len(scheduler.prefix_cache) == 0
+
+
+def test_the_server_reuses_the_prefix_and_npc_upsert_invalidates_it(gpt2_bundle: Path, tmp_path: Path) -> None:
+    """Through the real server: second say to an NPC hits, an upsert that changes it drops its entries,
+    and a Character Card upserted as a persona map talks."""
+    server = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, "--memory-db", ":memory:").start()
+    try:
+        with Client(server.endpoint) as client:
+            first = client.say("bram", "Hello", max_new_tokens=4).wait()
+            second = client.say("bram", "Hello again", max_new_tokens=4).wait()
+            assert first.text and second.text
+            stats = client.stats()["prefix_cache"]
+            assert (stats["misses"], stats["hits"], stats["entries"]) == (1, 1, 1) and stats["bytes"] > 0
+            client.upsert_npc("bram", {**client.get_npc("bram"), "role": "a retired blacksmith"})
+            stats = client.stats()["prefix_cache"]
+            assert (stats["entries"], stats["invalidations"], stats["bytes"]) == (0, 1, 0)
+            card = json.loads((BUILTIN_DIR / "wren.json").read_text(encoding="utf-8"))
+            del card["data"]["character_book"]  # deeper than the protocol's nesting limit; see PROTOCOL.md
+            assert client.upsert_npc("ferry", card)
+            assert client.get_npc("ferry")["name"] == "Wren"
+            assert client.say("ferry", "Two coppers?", player="Mira", max_new_tokens=4).wait().text
+    finally:
+        server.stop()
