@@ -47,9 +47,9 @@ class Built:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """bindings/c configured and built once, warnings as errors."""
+    """bindings/c configured and built once: warnings as errors, ASan + UBSan (a memory error fails the run)."""
     build = tmp_path_factory.mktemp("c-build")
-    for command in (["cmake", "-S", str(SOURCE), "-B", str(build), "-DNPCTALK_WERROR=ON"],
+    for command in (["cmake", "-S", str(SOURCE), "-B", str(build), "-DNPCTALK_WERROR=ON", "-DNPCTALK_SANITIZE=ON"],
                     ["cmake", "--build", str(build), "-j", "2"]):
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
@@ -83,7 +83,9 @@ def talk(built: Built, *args: str, timeout: float = 60.0) -> Talked:
     start = time.monotonic()
     done = subprocess.run([str(built.talk), *args], capture_output=True, check=False, timeout=timeout)
     # decode strictly: the protocol promises no broken UTF-8 in any token
-    return Talked(done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8"), time.monotonic() - start)
+    talked = Talked(done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8"), time.monotonic() - start)
+    assert "Sanitizer" not in talked.stderr and "runtime error" not in talked.stderr, talked.stderr
+    return talked
 
 
 def status_numbers(built: Built) -> dict[str, int]:
@@ -199,6 +201,7 @@ def test_a_server_that_freezes_mid_reply_fails_the_reply_within_the_timeout(buil
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert "Sanitizer" not in stderr
     assert code == status_numbers(built)["unavailable"], stderr
     assert "error: unavailable:" in stderr and "was cut after" in stderr
     assert elapsed < 0.6 + 2.0, f"the frozen server was noticed after {elapsed:.2f} s (timeout 0.6 s)"
@@ -210,5 +213,5 @@ def test_cpp_wrapper_streams_a_reply(built: Built, server: ServerProcess) -> Non
         pytest.skip("no C++ compiler: the header-only wrapper example was not built")
     done = subprocess.run([str(built.talk_cpp), server.endpoint, "bram", "Hello there."], capture_output=True,
                           check=False, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
+    assert done.returncode == 0 and b"Sanitizer" not in done.stderr, done.stderr.decode()
     assert done.stdout.decode("utf-8").strip() and "finish_reason=" in done.stderr.decode()

@@ -86,9 +86,11 @@ npctalk_status npctalk_hello(npctalk_client *c, npctalk_server_info *info) {
     if (status != NPCTALK_OK) return status;
     wire_reply r;
     char err[256];
-    status = wire_parse_reply(k.reply, k.reply_len, &r, err, sizeof err);
-    free(k.reply);
-    if (status != NPCTALK_OK) return fail(c, status, "%s", err);
+    status = wire_parse_reply(k.reply, k.reply_len, &r, err, sizeof err); /* r's views point into k.reply */
+    if (status != NPCTALK_OK) {
+        free(k.reply);
+        return fail(c, status, "%s", err);
+    }
     if (info) {
         const msgpack_object *map = &r.unpacked.data;
         const msgpack_object *model = wire_get(map, "model"), *caps = wire_get(map, "capabilities");
@@ -103,6 +105,7 @@ npctalk_status npctalk_hello(npctalk_client *c, npctalk_server_info *info) {
         info->client_timeout_ms = (int)wire_int(caps, "client_timeout_ms", 0);
     }
     wire_reply_free(&r);
+    free(k.reply);
     return NPCTALK_OK;
 }
 
@@ -151,12 +154,15 @@ npctalk_status npctalk_upsert_npc(npctalk_client *c, const char *npc, const npct
     if (status != NPCTALK_OK) return status;
     wire_reply r;
     char err[256];
-    status = wire_parse_reply(k.reply, k.reply_len, &r, err, sizeof err);
-    free(k.reply);
-    if (status != NPCTALK_OK) return fail(c, status, "%s", err);
+    status = wire_parse_reply(k.reply, k.reply_len, &r, err, sizeof err); /* r's views point into k.reply */
+    if (status != NPCTALK_OK) {
+        free(k.reply);
+        return fail(c, status, "%s", err);
+    }
     const msgpack_object *was_created = wire_get(&r.unpacked.data, "created");
     if (created) *created = was_created && was_created->type == MSGPACK_OBJECT_BOOLEAN && was_created->via.boolean;
     wire_reply_free(&r);
+    free(k.reply);
     return NPCTALK_OK;
 }
 
