@@ -1,0 +1,99 @@
+"""The engine going away: mid-reply kills, restarts, and the server the demo starts and stops itself."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pygame
+import zmq
+from conftest import Frame, run_script, run_until
+from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint
+from test_conversation import STREAMING_FRAME_BOUND_S, talk_steps
+
+from npctalk.demo.game import Game
+from npctalk.demo.link import LinkState, probe
+from npctalk.demo.script import Press, Type
+
+
+def streaming(game: Game) -> bool:
+    return game.dialogue is not None and game.dialogue.state.value == "streaming"
+
+
+def reply_over(game: Game) -> bool:
+    return game.dialogue is not None and game.dialogue.reply_id is None
+
+
+def nobody_at(endpoint: str) -> bool:
+    context = zmq.Context()
+    try:
+        return probe(endpoint, 0.5, context) is None
+    finally:
+        context.term()
+
+
+def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Path, tmp_path: Path,
+                                                               make_game: Callable[..., Game]) -> None:
+    first = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS).start()
+    try:
+        game = make_game(endpoint=first.endpoint, max_new_tokens=256, reply_timeout_s=2.0)
+        run_script(game, talk_steps("bram", "Tell me a long story."))
+        run_until(game, streaming, 30)
+        first.signal(signal.SIGKILL)
+        frames: list[Frame] = []
+        run_until(game, reply_over, 15, frames)
+    finally:
+        first.stop()
+    d = game.dialogue
+    assert d is not None and d.state.value == "failed" and "went away" in d.error, d.error
+    assert d.reply, "what streamed before the loss stays on screen"
+    assert game.toast == d.error
+    assert max(f.interval_s for f in frames) < STREAMING_FRAME_BOUND_S, "a frame froze while the server was gone"
+    run_until(game, lambda g: g.link.state is LinkState.LOST, 10)
+    assert game.step(), "the game keeps running without its engine"
+
+    second = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, endpoint=first.endpoint).start()
+    try:
+        run_until(game, lambda g: g.link.online, 30)
+        run_script(game, [Type("Are you back?"), Press(pygame.K_RETURN)])
+        run_until(game, reply_over, 30)
+    finally:
+        second.stop()
+    assert game.dialogue is not None and game.dialogue.state.value == "idle" and not game.dialogue.error
+    assert [e.line for e in game.transcript] == ["Are you back?"]
+
+
+def test_demo_starts_its_own_server_restarts_it_and_stops_it(gpt2_bundle: Path, tmp_path: Path,
+                                                             make_game: Callable[..., Game]) -> None:
+    endpoint = free_tcp_endpoint()
+    game = make_game(endpoint=endpoint, autostart=True, model=gpt2_bundle, memory_db=tmp_path / "memory.sqlite",
+                     server_threads=1, max_new_tokens=16)
+    run_until(game, lambda g: g.link.online, 60)
+    server = game.link.server
+    assert server is not None and server.process is not None and server.exited is None
+    run_script(game, talk_steps("tobin", "Who goes there?"))
+    run_until(game, reply_over, 30)
+    assert len(game.transcript) == 1
+
+    server.process.kill()  # the engine crashes: the demo starts it again
+    run_until(game, lambda g: g.link.state is LinkState.STARTING, 10)
+    run_until(game, lambda g: g.link.online, 60)
+    assert game.link.restarts == 1 and game.link.server is not None and game.link.server.exited is None
+    process = game.link.server.process
+    assert process is not None
+
+    remembers = game.link.server.remembers
+    game.close()
+    assert process.poll() is not None, "closing the demo stops the server it started"
+    assert nobody_at(endpoint)
+    if remembers:  # serve has --memory-db: the demo gave it its own database
+        assert (tmp_path / "memory.sqlite").exists()
+
+
+def test_missing_bundle_is_a_message_not_a_crash(tmp_path: Path, make_game: Callable[..., Game]) -> None:
+    game = make_game(autostart=True, model=tmp_path / "no-such-bundle")
+    run_until(game, lambda g: g.link.state is LinkState.FAILED, 15)
+    assert "No model bundle" in game.link.message and "export-onnx default" in game.link.message
+    run_script(game, [Press(pygame.K_RETURN)] * 3)
+    assert game.scene.value == "village"
