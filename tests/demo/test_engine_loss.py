@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pygame
+import pytest
 import zmq
 from conftest import Frame, run_script, run_until
-from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint
+from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
 from test_conversation import STREAMING_FRAME_BOUND_S, talk_steps
 
 from npctalk.demo.game import Game
@@ -97,3 +98,28 @@ def test_missing_bundle_is_a_message_not_a_crash(tmp_path: Path, make_game: Call
     assert "No model bundle" in game.link.message and "export-onnx default" in game.link.message
     run_script(game, [Press(pygame.K_RETURN)] * 3)
     assert game.scene.value == "village"
+
+
+def test_npcs_remember_the_player_across_demo_restarts(gpt2_bundle: Path, tmp_path: Path,
+                                                       make_game: Callable[..., Game]) -> None:
+    db = tmp_path / "demo-memory.sqlite"
+    first = make_game(autostart=True, model=gpt2_bundle, memory_db=db, server_threads=1, max_new_tokens=8)
+    run_until(first, lambda g: g.link.online, 60)
+    if first.link.server is None or not first.link.server.remembers:
+        pytest.skip("this npctalk serve has no --memory-db")
+    run_script(first, talk_steps("bram", "My name is Wren."))
+    run_until(first, reply_over, 30)
+    first.close()
+
+    second = make_game(autostart=True, model=gpt2_bundle, memory_db=db, server_threads=1)
+    run_until(second, lambda g: g.link.online, 60)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(second.config.endpoint)
+    try:
+        send(sock, op="memory.get", id="m1", npc="bram", player=second.config.player)
+        memory = recv(sock, 10)
+    finally:
+        sock.close()
+    assert memory["type"] == "ok", memory
+    assert "My name is Wren." in repr(memory["turns"]), memory
