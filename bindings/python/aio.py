@@ -97,6 +97,26 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         return await self._call(Op.STATS)
 
+    async def memory(self, npc: str, player: str = "player") -> dict[str, Any]:
+        reply = await self._call(Op.MEMORY_GET, npc=npc, player=player)
+        return {k: reply[k] for k in ("turns", "facts", "summary")}
+
+    async def remember(self, npc: str, fact: str, *, player: str = "player") -> dict[str, Any]:
+        return dict((await self._call(Op.MEMORY_REMEMBER, npc=npc, player=player, fact=fact))["fact"])
+
+    async def forget(self, npc: str, fact_id: int | None = None, *, player: str = "player") -> int:
+        fields = {"fact_id": fact_id} if fact_id is not None else {"all": True}
+        return int((await self._call(Op.MEMORY_FORGET, npc=npc, player=player, **fields))["forgotten"])
+
+    async def clear_memory(self, npc: str, player: str | None = None) -> int:
+        return int((await self._call(Op.MEMORY_CLEAR, npc=npc, player=player))["cleared"])
+
+    async def export_save(self, *, npc: str | None = None, player: str | None = None) -> bytes:
+        return bytes((await self._call(Op.SAVE_EXPORT, npc=npc, player=player))["save"])
+
+    async def import_save(self, save: bytes, mode: str = "replace") -> int:
+        return int((await self._call(Op.SAVE_IMPORT, save=bytes(save), mode=mode))["pairs"])
+
     async def say(self, npc: str, text: str, *, player: str = "player", context: Mapping[str, Any] | None = None,
                   max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, deadline_ms: int | None = None) -> AsyncReply:

@@ -33,6 +33,9 @@ from .core import HEARTBEAT_S, RETRIES, TIMEOUT_S, ClientCore, ReplyView
 from .events import Event, SayResult
 
 
+_MEMORY_FIELDS = ("turns", "facts", "summary")
+
+
 class Reply(ReplyView):
     """One streaming NPC reply. Iterate for text chunks; ``wait()`` or ``result`` once it has ended."""
 
@@ -99,6 +102,31 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Active and queued streams, tokens/s and counters."""
         return self._call(Op.STATS)
+
+    def memory(self, npc: str, player: str = "player") -> dict[str, Any]:
+        """What ``npc`` remembers of ``player``: ``{turns, facts, summary}`` (PROTOCOL.md, Memory)."""
+        return {k: v for k, v in self._call(Op.MEMORY_GET, npc=npc, player=player).items() if k in _MEMORY_FIELDS}
+
+    def remember(self, npc: str, fact: str, *, player: str = "player") -> dict[str, Any]:
+        """Tell ``npc`` a fact about ``player`` ("The player saved the mill."); the stored fact with its id."""
+        return dict(self._call(Op.MEMORY_REMEMBER, npc=npc, player=player, fact=fact)["fact"])
+
+    def forget(self, npc: str, fact_id: int | None = None, *, player: str = "player") -> int:
+        """Forget one fact by id, or every fact of the pair when ``fact_id`` is None; how many went."""
+        fields = {"fact_id": fact_id} if fact_id is not None else {"all": True}
+        return int(self._call(Op.MEMORY_FORGET, npc=npc, player=player, **fields)["forgotten"])
+
+    def clear_memory(self, npc: str, player: str | None = None) -> int:
+        """Forget ``npc``'s memories of ``player`` (None: of every player); how many pairs had any."""
+        return int(self._call(Op.MEMORY_CLEAR, npc=npc, player=player)["cleared"])
+
+    def export_save(self, *, npc: str | None = None, player: str | None = None) -> bytes:
+        """Every memory (or one NPC's / one player's) as an opaque blob for the game's save file."""
+        return bytes(self._call(Op.SAVE_EXPORT, npc=npc, player=player)["save"])
+
+    def import_save(self, save: bytes, mode: str = "replace") -> int:
+        """Load a blob from ``export_save`` (``replace`` its scope, or ``merge``); how many pairs it held."""
+        return int(self._call(Op.SAVE_IMPORT, save=bytes(save), mode=mode)["pairs"])
 
     def say(self, npc: str, text: str, *, player: str = "player", context: Mapping[str, Any] | None = None,
             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
