@@ -11,11 +11,13 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from npctalk.engine.protocol import ErrorCode
@@ -215,3 +217,85 @@ def test_cpp_wrapper_streams_a_reply(built: Built, server: ServerProcess) -> Non
                           check=False, timeout=60)
     assert done.returncode == 0 and b"Sanitizer" not in done.stderr, done.stderr.decode()
     assert done.stdout.decode("utf-8").strip() and "finish_reason=" in done.stderr.decode()
+
+
+def test_a_persona_map_from_msgpack_reaches_the_server(built: Built, server: ServerProcess, tmp_path: Path) -> None:
+    persona = {"name": "Wren", "role": "a river scout", "scenario": "Spring floods are coming.",
+               "lorebook": [{"keys": ["river"], "content": "The river floods every spring."}],
+               "traits": ["quiet", "watchful"]}
+    (tmp_path / "wren.msgpack").write_bytes(msgpack.packb(persona))
+    run = talk(built, "--endpoint", server.endpoint, "--npc", "c-wren", "--persona-msgpack", str(tmp_path / "wren.msgpack"),
+               "--max-new-tokens", "8", "How is the river?")
+    assert run.code == 0, run.stderr
+    assert "created NPC c-wren" in run.stderr
+    stored = server.request("npc.get", npc="c-wren")["persona"]
+    assert stored["scenario"] == persona["scenario"] and stored["traits"] == persona["traits"]
+    assert stored["lorebook"][0]["content"] == persona["lorebook"][0]["content"]
+
+    (tmp_path / "roleless.msgpack").write_bytes(msgpack.packb({"name": "Nobody"}))
+    run = talk(built, "--endpoint", server.endpoint, "--npc", "c-nobody", "--persona-msgpack",
+               str(tmp_path / "roleless.msgpack"), "Hi")
+    assert run.code == status_numbers(built)["bad_request"] and "role" in run.stderr
+
+    (tmp_path / "list.msgpack").write_bytes(msgpack.packb(["not", "a", "map"]))
+    run = talk(built, "--endpoint", server.endpoint, "--npc", "c-list", "--persona-msgpack", str(tmp_path / "list.msgpack"),
+               "Hi")
+    assert run.code == status_numbers(built)["invalid_argument"] and "one msgpack map" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def curve_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """server and alice (allowed) and mallory (not allowed) key pairs, as `npctalk keygen` writes them."""
+    from npctalk.engine.security import generate
+
+    root = tmp_path_factory.mktemp("curve-keys")
+    generate(root, "server")
+    alice, _ = generate(root, "alice")
+    generate(root, "mallory")
+    (root / "allowed").mkdir()
+    (root / "allowed" / "alice.key").write_bytes(alice.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def curve_endpoint(gpt2_bundle: Path, curve_keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`npctalk serve` with CURVE, admitting only alice. Not ServerProcess: its readiness probe has no
+    keys; the first C call waits for readiness itself (hello retried, Lazy Pirate)."""
+    endpoint = free_tcp_endpoint()
+    log = tmp_path_factory.mktemp("curve-server") / "server.log"
+    command = [sys.executable, "-m", "npctalk.engine.cli", "serve", "--model", str(gpt2_bundle), "--bind", endpoint,
+               "--provider", "cpu", "--threads", "1", "--curve-secret-key", str(curve_keys / "server.key_secret"),
+               "--curve-clients", str(curve_keys / "allowed")]
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        yield endpoint
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(15) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_curve_keys_let_an_allowed_client_in_and_keep_others_out(built: Built, curve_endpoint: str,
+                                                                 curve_keys: Path) -> None:
+    def over_curve(client: str, *args: str) -> Talked:
+        return talk(built, "--endpoint", curve_endpoint, "--curve-server-key", str(curve_keys / "server.key"),
+                    "--curve-client-secret", str(curve_keys / f"{client}.key_secret"), *args)
+
+    allowed = over_curve("alice", "--timeout-ms", "1000", "--retries", "60", "--max-new-tokens", "12", "--print-done",
+                         "Hello over an encrypted line")  # retries: the server may still be loading
+    assert allowed.code == 0, allowed.stderr
+    streamed, done_text = allowed.stdout.rsplit(DONE_MARKER, 1)
+    assert streamed == done_text.removesuffix("\n") and allowed.summary()["completion_tokens"] == "12"
+
+    unavailable = status_numbers(built)["unavailable"]
+    refused = over_curve("mallory", "--timeout-ms", "300", "--retries", "0", "Let me in")
+    assert refused.code == unavailable, refused.stderr
+    plain = talk(built, "--endpoint", curve_endpoint, "--timeout-ms", "300", "--retries", "0", "No keys")
+    assert plain.code == unavailable, plain.stderr
+    wrong_file = over_curve("alice", "--curve-client-secret", str(curve_keys / "alice.key"), "Hi")
+    assert wrong_file.code == status_numbers(built)["invalid_argument"] and "NAME.key_secret" in wrong_file.stderr

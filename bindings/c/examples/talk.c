@@ -77,6 +77,8 @@ static void usage(FILE *to) {
             "  --npc ID               who answers (default bram)\n"
             "  --player ID            whose conversation (default: the server's \"player\")\n"
             "  --persona-name NAME --persona-role ROLE   create or replace the NPC first\n"
+            "  --persona-msgpack FILE create or replace the NPC first from a msgpack persona map / card\n"
+            "  --curve-server-key FILE --curve-client-secret FILE   CURVE: server's NAME.key, own NAME.key_secret\n"
             "  --context KEY=VALUE    game state for this reply (repeatable, up to %d)\n"
             "  --max-new-tokens N  --temperature X  --top-p X  --top-k N  --seed N  --deadline-ms N\n"
             "  --timeout-ms N         server silence that counts as lost (default 3000)\n"
@@ -145,6 +147,25 @@ static npctalk_status game_loop(run *r, long frame_ms) {
     return NPCTALK_OK;
 }
 
+/* The whole of a small file (a persona); NULL with a message on stderr when it cannot be read. */
+static char *read_file(const char *path, size_t *len) {
+    FILE *file = fopen(path, "rb");
+    char *data = NULL;
+    if (file && fseek(file, 0, SEEK_END) == 0) {
+        long size = ftell(file);
+        if (size >= 0 && size <= (1L << 20) && fseek(file, 0, SEEK_SET) == 0 && (data = malloc((size_t)size + 1))) {
+            *len = fread(data, 1, (size_t)size, file);
+            if (*len != (size_t)size) {
+                free(data);
+                data = NULL;
+            }
+        }
+    }
+    if (file) fclose(file);
+    if (data == NULL) fprintf(stderr, "talk: cannot read %s (a file of at most 1 MiB).\n", path);
+    return data;
+}
+
 static int fail_with(npctalk_client *client, npctalk_status status, const char *what) {
     fprintf(stderr, "error: %s: %s failed: %s\n", npctalk_status_name(status), what, npctalk_last_error(client));
     npctalk_close(client);
@@ -153,7 +174,8 @@ static int fail_with(npctalk_client *client, npctalk_status status, const char *
 
 int main(int argc, char **argv) {
     const char *endpoint = NPCTALK_DEFAULT_ENDPOINT, *npc = "bram", *text = NULL;
-    const char *persona_name = NULL, *persona_role = NULL;
+    const char *persona_name = NULL, *persona_role = NULL, *persona_file = NULL;
+    const char *curve_server = NULL, *curve_client = NULL;
     npctalk_options options = npctalk_default_options();
     options.log = log_to_stderr;
     npctalk_say_options say = npctalk_say_defaults();
@@ -184,6 +206,9 @@ int main(int argc, char **argv) {
         else if (strcmp(flag, "--player") == 0) say.player = value;
         else if (strcmp(flag, "--persona-name") == 0) persona_name = value;
         else if (strcmp(flag, "--persona-role") == 0) persona_role = value;
+        else if (strcmp(flag, "--persona-msgpack") == 0) persona_file = value;
+        else if (strcmp(flag, "--curve-server-key") == 0) curve_server = value;
+        else if (strcmp(flag, "--curve-client-secret") == 0) curve_client = value;
         else if (strcmp(flag, "--context") == 0) {
             const char *eq = strchr(value, '=');
             if (eq == NULL || eq == value || context_count == MAX_CONTEXT) {
@@ -214,8 +239,24 @@ int main(int argc, char **argv) {
         fprintf(stderr, "talk: --persona-name and --persona-role go together.\n");
         return EXIT_USAGE;
     }
+    if ((curve_server == NULL) != (curve_client == NULL)) {
+        fprintf(stderr, "talk: --curve-server-key and --curve-client-secret go together.\n");
+        return EXIT_USAGE;
+    }
     say.context = context;
     say.context_count = context_count;
+    npctalk_curve_keys keys;
+    if (curve_server) {
+        char why[512];
+        npctalk_status loaded = npctalk_load_curve_keys(curve_server, curve_client, &keys, why, sizeof why);
+        if (loaded != NPCTALK_OK) {
+            fprintf(stderr, "error: %s: %s\n", npctalk_status_name(loaded), why);
+            return (int)loaded;
+        }
+        options.curve_server_key = keys.server_key;
+        options.curve_public_key = keys.public_key;
+        options.curve_secret_key = keys.secret_key;
+    }
 
     npctalk_status status = npctalk_connect(endpoint, &options, &r.client);
     if (status != NPCTALK_OK) {
@@ -234,6 +275,19 @@ int main(int argc, char **argv) {
         if ((status = npctalk_upsert_npc(r.client, npc, &persona, &created)) != NPCTALK_OK)
             return fail_with(r.client, status, "npc.upsert");
         fprintf(stderr, "%s NPC %s\n", created ? "created" : "replaced", npc);
+    }
+    if (persona_file) {
+        size_t len = 0;
+        char *persona = read_file(persona_file, &len);
+        if (persona == NULL) {
+            npctalk_close(r.client);
+            return EXIT_USAGE;
+        }
+        int created = 0;
+        status = npctalk_upsert_npc_msgpack(r.client, npc, persona, len, &created);
+        free(persona);
+        if (status != NPCTALK_OK) return fail_with(r.client, status, "npc.upsert");
+        fprintf(stderr, "%s NPC %s from %s\n", created ? "created" : "replaced", npc, persona_file);
     }
     npctalk_callbacks callbacks = {on_token, on_done, on_error, &r};
     if ((status = npctalk_say(r.client, npc, text, &say, &callbacks, &r.reply)) != NPCTALK_OK)

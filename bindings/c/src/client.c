@@ -64,6 +64,14 @@ static npctalk_status open_socket(npctalk_client *c) {
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_message, sizeof max_message);
     zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &heartbeat, sizeof heartbeat); /* ZMTP: notices dead TCP peers */
     zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &heartbeat_timeout, sizeof heartbeat_timeout);
+    if (c->use_curve && (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, c->curve.server_key, 40) != 0 ||
+                         zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, c->curve.public_key, 40) != 0 ||
+                         zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, c->curve.secret_key, 40) != 0)) {
+        int err = errno;
+        zmq_close(sock);
+        return fail(c, NPCTALK_E_INVALID_ARGUMENT, "The CURVE keys were refused: %s%s.", zmq_strerror(err),
+                    zmq_has("curve") ? " (each must be 40 Z85 characters)" : " (this libzmq was built without CURVE)");
+    }
     if (zmq_connect(sock, c->endpoint) != 0) {
         int err = errno;
         zmq_close(sock);
@@ -75,8 +83,19 @@ static npctalk_status open_socket(npctalk_client *c) {
 }
 
 npctalk_options npctalk_default_options(void) {
-    npctalk_options o = {3000, 2, 1000, NULL, NULL};
+    npctalk_options o = {3000, 2, 1000, NULL, NULL, NULL, NULL, NULL};
     return o;
+}
+
+/* All three keys or none; each 40 characters. Returns a sentence, or NULL when fine. */
+static const char *curve_problem(const npctalk_options *o) {
+    const char *keys[] = {o->curve_server_key, o->curve_public_key, o->curve_secret_key};
+    int given = (keys[0] != NULL) + (keys[1] != NULL) + (keys[2] != NULL);
+    if (given == 0) return NULL;
+    if (given != 3) return "CURVE needs all three keys (curve_server_key, curve_public_key, curve_secret_key) or none.";
+    for (int i = 0; i < 3; i++)
+        if (strlen(keys[i]) != 40) return "Each CURVE key must be 40 Z85 characters (see npctalk_load_curve_keys).";
+    return NULL;
 }
 
 npctalk_status npctalk_connect(const char *endpoint, const npctalk_options *options, npctalk_client **out) {
@@ -93,6 +112,11 @@ npctalk_status npctalk_connect(const char *endpoint, const npctalk_options *opti
                  o.heartbeat_ms, o.retries);
         return NPCTALK_E_INVALID_ARGUMENT;
     }
+    const char *curve = curve_problem(&o);
+    if (curve) {
+        snprintf(connect_error, sizeof connect_error, "%s", curve);
+        return NPCTALK_E_INVALID_ARGUMENT;
+    }
     if (o.heartbeat_ms > o.timeout_ms / 2) o.heartbeat_ms = o.timeout_ms / 2 > 0 ? o.timeout_ms / 2 : 1;
     npctalk_client *c = calloc(1, sizeof *c);
     if (c) c->endpoint = strdup(endpoint);
@@ -103,6 +127,13 @@ npctalk_status npctalk_connect(const char *endpoint, const npctalk_options *opti
         free(c);
         return NPCTALK_E_NO_MEMORY;
     }
+    c->use_curve = o.curve_server_key != NULL;
+    if (c->use_curve) { /* copied: reconnects need them after the caller's strings are gone */
+        memcpy(c->curve.server_key, o.curve_server_key, 41);
+        memcpy(c->curve.public_key, o.curve_public_key, 41);
+        memcpy(c->curve.secret_key, o.curve_secret_key, 41);
+    }
+    o.curve_server_key = o.curve_public_key = o.curve_secret_key = NULL;
     c->options = o;
     /* Ids only need to be unique among this client's running requests; a random prefix also keeps
      * them apart across reconnects and restarts in the server's logs. */
@@ -131,6 +162,8 @@ const char *npctalk_connect_error(void) { return connect_error; }
 const char *npctalk_last_error(const npctalk_client *c) { return c ? c->error : "No client."; }
 
 static void destroy(npctalk_client *c) {
+    volatile unsigned char *key = (volatile unsigned char *)&c->curve; /* volatile: not optimized away */
+    for (size_t i = 0; i < sizeof c->curve; i++) key[i] = 0;       /* no secret key left in freed memory */
     while (c->streams) {
         stream *s = c->streams;
         c->streams = s->next;

@@ -44,7 +44,9 @@ typedef struct call {
 struct npctalk_client {
     void *context, *socket;
     char *endpoint;
-    npctalk_options options;
+    npctalk_options options;    /* the curve_* pointers are cleared: the keys live in `curve` */
+    int use_curve;
+    npctalk_curve_keys curve;
     char id_prefix[16];
     uint64_t counter;      /* request numbers; a say's number is its npctalk_reply_id */
     stream *streams;       /* running replies, newest first */

@@ -116,19 +116,40 @@ static int strings_ok(const npctalk_strings *s) {
     return 1;
 }
 
+/* Send a built npc.upsert frame and read `created` from its answer. */
+static npctalk_status run_upsert(npctalk_client *c, call *k, int *created) {
+    npctalk_status status = call_run(c, k);
+    if (status != NPCTALK_OK) return status;
+    wire_reply r;
+    char err[256];
+    status = wire_parse_reply(k->reply, k->reply_len, &r, err, sizeof err); /* r's views point into k->reply */
+    if (status != NPCTALK_OK) {
+        free(k->reply);
+        return fail(c, status, "%s", err);
+    }
+    const msgpack_object *was_created = wire_get(&r.unpacked.data, "created");
+    if (created) *created = was_created && was_created->type == MSGPACK_OBJECT_BOOLEAN && was_created->via.boolean;
+    wire_reply_free(&r);
+    free(k->reply);
+    return NPCTALK_OK;
+}
+
 npctalk_status npctalk_upsert_npc(npctalk_client *c, const char *npc, const npctalk_persona *p, int *created) {
     if (c == NULL) return NPCTALK_E_INVALID_ARGUMENT;
     if (npc == NULL || npc[0] == '\0')
         return fail(c, NPCTALK_E_INVALID_ARGUMENT, "npctalk_upsert_npc needs an NPC id (e.g. \"guard_03\").");
     if (p == NULL || p->name == NULL || p->role == NULL)
         return fail(c, NPCTALK_E_INVALID_ARGUMENT, "The persona of NPC '%s' needs a name and a role.", npc);
-    const char *text_keys[] = {"name", "role", "description", "speaking_style", "greeting"};
-    const char *texts[] = {p->name, p->role, p->description, p->speaking_style, p->greeting};
-    const char *list_keys[] = {"traits", "background", "goals", "unknowns", "example_lines"};
-    const npctalk_strings *lists[] = {&p->traits, &p->background, &p->goals, &p->unknowns, &p->example_lines};
+    enum { TEXTS = 9, LISTS = 5 };
+    const char *text_keys[TEXTS] = {"name", "role", "description", "speaking_style", "greeting", "scenario",
+                                    "system_override", "post_history", "example_dialogue"};
+    const char *texts[TEXTS] = {p->name, p->role, p->description, p->speaking_style, p->greeting, p->scenario,
+                                p->system_override, p->post_history, p->example_dialogue};
+    const char *list_keys[LISTS] = {"traits", "background", "goals", "unknowns", "example_lines"};
+    const npctalk_strings *lists[LISTS] = {&p->traits, &p->background, &p->goals, &p->unknowns, &p->example_lines};
     size_t entries = 0;
-    for (int i = 0; i < 5; i++) entries += texts[i] != NULL;
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < TEXTS; i++) entries += texts[i] != NULL;
+    for (int i = 0; i < LISTS; i++) {
         if (!strings_ok(lists[i]))
             return fail(c, NPCTALK_E_INVALID_ARGUMENT, "Persona field '%s' of NPC '%s' has a NULL item.", list_keys[i], npc);
         entries += lists[i]->count > 0;
@@ -140,30 +161,42 @@ npctalk_status npctalk_upsert_npc(npctalk_client *c, const char *npc, const npct
     wire_pack_str(&pk, npc);
     wire_key(&pk, "persona");
     msgpack_pack_map(&pk, entries);
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < TEXTS; i++) {
         if (texts[i] == NULL) continue;
         wire_key(&pk, text_keys[i]);
         wire_pack_str(&pk, texts[i]);
     }
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < LISTS; i++) {
         if (lists[i]->count == 0) continue;
         wire_key(&pk, list_keys[i]);
         wire_pack_strings(&pk, lists[i]);
     }
-    npctalk_status status = call_run(c, &k);
-    if (status != NPCTALK_OK) return status;
-    wire_reply r;
-    char err[256];
-    status = wire_parse_reply(k.reply, k.reply_len, &r, err, sizeof err); /* r's views point into k.reply */
-    if (status != NPCTALK_OK) {
-        free(k.reply);
-        return fail(c, status, "%s", err);
-    }
-    const msgpack_object *was_created = wire_get(&r.unpacked.data, "created");
-    if (created) *created = was_created && was_created->type == MSGPACK_OBJECT_BOOLEAN && was_created->via.boolean;
-    wire_reply_free(&r);
-    free(k.reply);
-    return NPCTALK_OK;
+    return run_upsert(c, &k, created);
+}
+
+npctalk_status npctalk_upsert_npc_msgpack(npctalk_client *c, const char *npc, const void *persona, size_t len,
+                                          int *created) {
+    if (c == NULL) return NPCTALK_E_INVALID_ARGUMENT;
+    if (npc == NULL || npc[0] == '\0')
+        return fail(c, NPCTALK_E_INVALID_ARGUMENT, "npctalk_upsert_npc_msgpack needs an NPC id (e.g. \"guard_03\").");
+    /* One whole map and nothing after it, or the frame would be unreadable as a whole. */
+    msgpack_unpacked check;
+    msgpack_unpacked_init(&check);
+    size_t offset = 0;
+    int one_map = persona != NULL && msgpack_unpack_next(&check, persona, len, &offset) == MSGPACK_UNPACK_SUCCESS &&
+                  offset == len && check.data.type == MSGPACK_OBJECT_MAP;
+    msgpack_unpacked_destroy(&check);
+    if (!one_map)
+        return fail(c, NPCTALK_E_INVALID_ARGUMENT, "The persona of NPC '%s' must be exactly one msgpack map "
+                                                   "(%zu bytes given).", npc, persona ? len : 0);
+    call k;
+    msgpack_packer pk;
+    call_init(c, &k, "npc.upsert", 2, &pk);
+    wire_key(&pk, "npc");
+    wire_pack_str(&pk, npc);
+    wire_key(&pk, "persona");
+    msgpack_sbuffer_write(&k.frame, persona, len); /* already msgpack: appended as the value */
+    return run_upsert(c, &k, created);
 }
 
 /* --- say ------------------------------------------------------------------------------------ */

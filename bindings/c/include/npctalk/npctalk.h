@@ -62,9 +62,25 @@ typedef struct npctalk_options {
      * own log). NULL: silent. */
     void (*log)(void *user, const char *message);
     void *log_user;
+    /* CURVE encryption and authentication (PROTOCOL.md "Transport"; `npctalk keygen` makes the keys):
+     * all three Z85 keys (40 characters each, e.g. from npctalk_load_curve_keys) or all NULL. A
+     * server that refuses the keys drops the handshake silently: calls end with NPCTALK_E_UNAVAILABLE. */
+    const char *curve_server_key; /* the server's public key (its NAME.key) */
+    const char *curve_public_key; /* this client's key pair (its NAME.key_secret) */
+    const char *curve_secret_key;
 } npctalk_options;
 
 npctalk_options npctalk_default_options(void);
+
+typedef struct npctalk_curve_keys {
+    char server_key[41], public_key[41], secret_key[41]; /* Z85, NUL-terminated */
+} npctalk_curve_keys;
+
+/* Read the server's public certificate (NAME.key) and this client's secret certificate
+ * (NAME.key_secret), as written by `npctalk keygen`, into `keys`. On failure `error` (may be NULL)
+ * gets a sentence naming the file and the problem. */
+npctalk_status npctalk_load_curve_keys(const char *server_key_file, const char *client_secret_file,
+                                       npctalk_curve_keys *keys, char *error, size_t error_cap);
 
 typedef struct npctalk_client npctalk_client;
 
@@ -101,13 +117,18 @@ typedef struct npctalk_strings {
 } npctalk_strings;
 
 /* A persona (PROTOCOL.md "npc.upsert"). name and role are required; NULL strings and empty lists
- * are left out. */
+ * are left out. Fields this struct lacks (lorebook, rerank, a Character Card V2, ...) go through
+ * npctalk_upsert_npc_msgpack. */
 typedef struct npctalk_persona {
     const char *name;
     const char *role;
     const char *description;
     const char *speaking_style;
     const char *greeting;
+    const char *scenario;
+    const char *system_override;  /* replaces npctalk's closing instruction; {{original}} keeps it */
+    const char *post_history;     /* placed after the dialogue (chat models only) */
+    const char *example_dialogue; /* "{{user}}: ..." / "{{char}}: ..." lines */
     npctalk_strings traits;
     npctalk_strings background;
     npctalk_strings goals;
@@ -118,6 +139,11 @@ typedef struct npctalk_persona {
 /* Create or replace NPC `npc`. *created (may be NULL) is 1 when it did not exist before. */
 npctalk_status npctalk_upsert_npc(npctalk_client *client, const char *npc, const npctalk_persona *persona,
                                   int *created);
+
+/* The same with the persona given as one msgpack map, packed by the caller (any persona field,
+ * or a whole Character Card V2: {spec: "chara_card_v2", ...}); the server checks its fields. */
+npctalk_status npctalk_upsert_npc_msgpack(npctalk_client *client, const char *npc, const void *persona,
+                                          size_t persona_len, int *created);
 
 /* --- replies (streams) --------------------------------------------------------------------------- */
 
