@@ -1,0 +1,129 @@
+"""Fine-tuning a tiny model on CPU: eval loss falls, the output reloads, exports and generates; resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from npctalk.engine.errors import ConfigError
+from npctalk.finetune.checkpoint import list_checkpoints
+from npctalk.finetune.config import FinetuneConfig
+from npctalk.finetune.errors import FinetuneError
+
+torch = pytest.importorskip("torch")
+
+# Tiny random models need a large learning rate to move in a few steps; their persona prompts are long.
+QUICK = FinetuneConfig(learning_rate=3e-3, max_steps=4, eval_every=2, batch_size=2, grad_accumulation=2,
+                       max_length=1024, eval_max_new_tokens=6, log_every=1, early_stopping_patience=0)
+
+
+def _base_eval_loss(folder: Path, valid: Path) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from npctalk.finetune.dataset import load_examples
+    from npctalk.finetune.prompts import ExampleEncoder, engine_tokenizer, training_manifest
+    from npctalk.finetune.train import eval_loss
+
+    config, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    manifest = training_manifest(config, tok, "base", config.model_type, QUICK.max_length)
+    encoder = ExampleEncoder(manifest, engine_tokenizer(tok))
+    encoded = [encoder.encode(e) for e in load_examples(valid)]
+    return eval_loss(AutoModelForCausalLM.from_pretrained(folder), encoded, 2, "cpu", None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_finetune_lowers_eval_loss_and_the_output_exports_and_generates(
+    family: str, request: pytest.FixtureRequest, tiny_data: tuple[Path, Path], tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from npctalk.export.api import ExportOptions, export_bundle
+    from npctalk.finetune.evaluate import EvalOptions, evaluate_bundle
+    from npctalk.finetune.train import finetune
+
+    source = request.getfixturevalue(f"tiny_{family}_dir")
+    train, valid = tiny_data
+    before = _base_eval_loss(source, valid)
+    result = finetune(source, train, valid, tmp_path / "run", QUICK)
+    assert result.steps == 4 and [h["step"] for h in result.history] == [2, 4]
+    assert result.best_eval_loss < before, (before, result.history)
+    # The output root holds the best model, loadable by transformers …
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output)
+    assert reloaded.config.use_cache is True
+    # … and by export-onnx; the bundle's reference perplexity is the training eval loss, through the engine.
+    bundle = export_bundle(result.output, tmp_path / "bundle", ExportOptions())
+    report = evaluate_bundle(bundle, valid, EvalOptions(max_new_tokens=6, provider="cpu"))
+    assert report.examples == 4 and len(report.samples) == 4
+    assert report.metrics["perplexity"] == pytest.approx(math.exp(result.best_eval_loss), rel=1e-3)
+    assert all(math.isfinite(v) for v in report.metrics.values())
+
+
+@pytest.mark.slow
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
+    tiny_gpt2_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import npctalk.finetune.train as train_module
+    from npctalk.finetune.train import finetune
+
+    train, valid = tiny_data
+    full = finetune(tiny_gpt2_dir, train, valid, tmp_path / "full", QUICK)
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_crash(*args: object, **kwargs: object) -> Path:
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # killed right after the first checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", QUICK)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-2"]
+
+    resumed = finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", QUICK, resume="latest")
+    assert resumed.steps == 4 and [h["step"] for h in resumed.history] == [2, 4]
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-4"]
+    for got, want in zip(resumed.history, full.history):
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+    a = torch.load(tmp_path / "full/checkpoints/step-4/optimizer.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "cut/checkpoints/step-4/optimizer.pt", weights_only=True)["state"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k]["exp_avg"], b[k]["exp_avg"], atol=1e-6) for k in a)
+
+
+def test_output_and_resume_errors(tiny_data: tuple[Path, Path], tmp_path: Path) -> None:
+    from npctalk.finetune.train import finetune
+
+    train, valid = tiny_data
+    with pytest.raises(FinetuneError, match="holds no complete checkpoint"):
+        finetune("unused", train, valid, tmp_path / "empty", QUICK, resume="latest")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "something").write_text("x")
+    with pytest.raises(FinetuneError, match="--resume latest"):
+        finetune(tmp_path / "no-model", train, valid, busy, QUICK)
+
+
+def test_bad_data_fails_before_any_model_is_loaded(tiny_data: tuple[Path, Path], tmp_path: Path) -> None:
+    from npctalk.finetune.errors import DatasetError
+    from npctalk.finetune.train import finetune
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "completion": "Hello"}\n{"prompt": "Hi"}\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=rf"^{bad}:2: "):
+        finetune(tmp_path / "no-such-model", bad, tiny_data[1], tmp_path / "out", QUICK)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_defaults_and_validation() -> None:
+    d = FinetuneConfig()
+    assert (d.learning_rate, d.warmup_ratio, d.schedule, d.batch_size, d.grad_accumulation, d.weight_decay,
+            d.max_grad_norm, d.gradient_checkpointing, d.eval_every, d.early_stopping_patience, d.epochs,
+            d.precision) == (1e-5, 0.1, "cosine", 2, 8, 0.01, 1.0, True, 0.05, 3, 5.0, "auto")
+    assert d.total_steps(252) == 5 * 16 and d.eval_interval(80) == 4 and FinetuneConfig(eval_every=500).eval_interval(80) == 500
+    with pytest.raises(ConfigError, match="learning_rate.*warmup_ratio"):
+        FinetuneConfig(learning_rate=0, warmup_ratio=1.5)
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        FinetuneConfig(schedule="step")
