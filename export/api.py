@@ -1,7 +1,7 @@
 """``export_bundle``: the one Python entry point behind ``export-onnx``.
 
-Stages, each logged as ``[n/7] …``: resolve the source → load the PyTorch model → export the ONNX
-graph → convert to the dtype → validate against PyTorch → write tokenizer, license, report and
+Stages, each logged as ``[n/7] …``: resolve the source → load the PyTorch model → write the ONNX
+graph (``lean``: npctalk's own fused graph, ``export/lean/``; ``optimum``: the traced export) → convert to the dtype → validate against PyTorch → write tokenizer, license, report and
 manifest → publish. Everything is built in ``<output>.partial-<pid>``, the manifest written last,
 and the folder renamed into place, so an interrupted or failed export (full disk included) never
 leaves a folder that looks complete. An existing complete bundle for the same source, dtype and
@@ -18,14 +18,16 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from npctalk.engine import paths
-from npctalk.engine.bundle import DEVICES, DTYPES, Manifest, SourceInfo, load_manifest, write_manifest
+from npctalk.engine.bundle import DEVICES, DTYPES, GRAPHS, Manifest, SourceInfo, load_manifest, write_manifest
 from npctalk.engine.errors import BundleError, ConfigError, ExportError
 
 from . import sources
 from .chat_format import chat_format_from_tokenizer, end_of_turn_ids
 from .convert import convert_to_onnx, describe_graph
+from .lean import build_lean_graph
 from .notices import resolve_license
 from .optimize import optimize
 from .progress import Stages
@@ -35,6 +37,7 @@ from .validate import PROMPT, OnnxDecoder, cuda_usable, validate, write_report
 log = logging.getLogger(__name__)
 
 STAGES = 7
+DEFAULT_GRAPH = "optimum"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ExportOptions:
 
     dtype: ``fp32`` | ``fp16`` | ``int8`` (int8 = dynamic quantization for the CPU provider).
     device: ``cpu`` | ``cuda``, the execution provider the bundle is validated on and meant for.
+    graph: ``lean`` (npctalk's fused graph, a few nodes per layer) | ``optimum`` (optimum's traced export).
     atol: validation limit, absolute, in logit units; None = the dtype's default (``validate.TOLERANCES``).
     force: rebuild even if ``output`` holds a bundle, or an incomplete folder.
     """
@@ -51,12 +55,15 @@ class ExportOptions:
     device: str = "cpu"
     atol: float | None = None
     force: bool = False
+    graph: str = DEFAULT_GRAPH
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.graph not in GRAPHS:
+            raise ConfigError(f"graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}.")
         if self.atol is not None and not self.atol >= 0:
             raise ConfigError(f"atol must be a number >= 0, got {self.atol!r}.")
 
@@ -121,12 +128,13 @@ def _reusable(output: Path, requested: SourceInfo, options: ExportOptions) -> bo
             f"{output} exists but is not a complete bundle (an interrupted export, or another folder); "
             "remove it or pass --force to rebuild it."
         ) from None
-    have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device)
-    want = (requested.kind, requested.id, options.dtype, options.device)
+    have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device, manifest.graph)
+    want = (requested.kind, requested.id, options.dtype, options.device, options.graph)
     if have != want:
         raise ExportError(
-            f"{output} already holds a bundle of {manifest.source.id} ({manifest.dtype}, {manifest.device}), "
-            f"not {requested.id} ({options.dtype}, {options.device}); pass --force to replace it or choose another --output."
+            f"{output} already holds a bundle of {manifest.source.id} ({manifest.dtype}, {manifest.device}, "
+            f"{manifest.graph} graph), not {requested.id} ({options.dtype}, {options.device}, {options.graph} graph); "
+            "pass --force to replace it or choose another --output."
         )
     log.info("Bundle already exists at %s; nothing to do (pass --force to rebuild).", output)
     return True
@@ -176,10 +184,7 @@ def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Sta
     loaded = sources.load_pretrained(src)
     config, tokenizer = loaded.config, loaded.tokenizer
     chat = chat_format_from_tokenizer(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    stages.next("exporting the ONNX graph (fp32, KV cache)")
-    model_path = convert_to_onnx(loaded.model, folder)
-    stages.next(f"converting the graph to {options.dtype}")
-    optimize(model_path, options.dtype)
+    model_path = _write_graph(loaded.model, loaded.architecture, folder, options, stages)
     num_layers = config.num_hidden_layers
     graph = describe_graph(model_path, num_layers)
     eos = end_of_turn_ids(tokenizer, config.eos_token_id) if chat else tuple(
@@ -220,9 +225,31 @@ def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Sta
         license=lic.info,
         chat_format=chat,
         io=graph.io,
+        graph=options.graph,
         npctalk_version=_version(),
     )
     write_manifest(folder, manifest)
+
+
+def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOptions, stages: Stages) -> Path:
+    """Stages 3 and 4: the decoder graph in ``options.dtype`` at ``folder/model.onnx``."""
+    if options.graph == "optimum":
+        stages.next("exporting the ONNX graph with optimum (fp32, KV cache)")
+        model_path = convert_to_onnx(model, folder)
+        stages.next(f"converting the graph to {options.dtype}")
+        optimize(model_path, options.dtype)
+        return model_path
+    # The lean graph is written in fp16 directly; quantized dtypes start from fp32 and need the
+    # LM head as its own MatMul (a tied head shares the embedding through Gemm, which they skip).
+    built = options.dtype if options.dtype in ("fp32", "fp16") else "fp32"
+    stages.next(f"writing the lean ONNX graph ({built}, KV cache)")
+    model_path = build_lean_graph(model, architecture, folder, built, untie_lm_head=built != options.dtype)
+    stages.next(f"converting the graph to {options.dtype}")
+    if built == options.dtype:
+        log.info("%s: the lean graph was written in this precision", options.dtype)
+    else:
+        optimize(model_path, options.dtype)
+    return model_path
 
 
 def _version() -> str:

@@ -3,6 +3,7 @@
     export-onnx default                                  SmolLM2-135M-Instruct into the default bundle path
     export-onnx microsoft/DialoGPT-small -o bundles/dgpt
     export-onnx ./my-model --dtype int8 --force
+    export-onnx default --graph lean                     npctalk's fused decoder graph instead of optimum's
 
 Progress goes to stderr through ``logging`` (INFO; ``--verbose`` adds DEBUG and the libraries' own
 messages). Exit codes: 0 done, 1 the export failed (one ``error: …`` line), 2 bad usage, 130 interrupted.
@@ -18,11 +19,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from npctalk.engine.bundle import DEVICES, DTYPES
+from npctalk.engine.bundle import DEVICES, DTYPES, GRAPHS
 from npctalk.engine.errors import NpctalkError
 from npctalk.engine.paths import default_bundle_path
 
-from .api import ExportOptions, export_bundle
+from .api import DEFAULT_GRAPH, ExportOptions, export_bundle
 
 log = logging.getLogger("npctalk.export")
 _NOISY = ("transformers", "optimum", "torch", "onnxruntime", "huggingface_hub")
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(dynamic quantization for the CPU); default fp32")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="execution provider to validate on and target; default cpu")
+    parser.add_argument("--graph", choices=GRAPHS, default=DEFAULT_GRAPH,
+                        help="decoder graph builder: lean (npctalk's fused graph, a few nodes per layer, "
+                             "last-position logits) or optimum (optimum's traced export); "
+                             f"default {DEFAULT_GRAPH}")
     parser.add_argument("--atol", type=float, default=None,
                         help="validation limit on |ONNX - PyTorch| logits, absolute (default: per dtype, "
                              "see npctalk.export.validate.TOLERANCES)")
@@ -59,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> ExportOptions:
     """The one place command-line arguments become ``ExportOptions``."""
-    return ExportOptions(dtype=args.dtype, device=args.device, atol=args.atol, force=args.force)
+    return ExportOptions(dtype=args.dtype, device=args.device, atol=args.atol, force=args.force, graph=args.graph)
 
 
 @contextmanager

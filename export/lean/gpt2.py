@@ -85,6 +85,7 @@ def _skip_norm(b: GraphBuilder, name: str, stream: str, skip: str, bias: Any, ln
     inputs = [stream, skip, b.weight(f"{weight}.weight", numpy(ln.weight)), b.weight(f"{weight}.bias", numpy(ln.bias))]
     if bias is not None:
         inputs.append(b.weight(f"{name}/skip_bias", bias))
-    normed, _, _, total = b.node("SkipLayerNormalization", inputs, f"{name}/SkipLayerNormalization", 4,
+    normed, _, _, total = b.node("SkipLayerNormalization", inputs, f"{name}/SkipLayerNormalization",
+                                 [f"{name}/output_0", "", "", f"{name}/output_3"],
                                  "com.microsoft", epsilon=eps)
     return normed, total

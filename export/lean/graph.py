@@ -37,6 +37,7 @@ MS = "com.microsoft"
 MASKED = -30000.0  # additive bias on padded keys; representable in float16
 INT64_MAX = np.iinfo(np.int64).max
 
+_ORT_ONLY_OPS = ("SimplifiedLayerNormalization",)  # in the default domain, but known to ONNX Runtime only
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 
 
@@ -56,6 +57,7 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
+        self.value_info: list[Any] = []
         self._names: set[str] = set()
 
     def weight(self, name: str, array: np.ndarray) -> str:
@@ -75,9 +77,16 @@ class GraphBuilder:
 
     def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1,
              domain: str = "", **attrs: Any) -> list[str]:
-        """Add one node called ``name``; outputs are ``{name}/output_{i}`` unless named. Returns them."""
+        """Add one node called ``name``; outputs are ``{name}/output_{i}`` unless named. Returns them.
+
+        An output named ``""`` is an optional output left out. Outputs of contrib ops are declared
+        as the graph's float type: onnx's shape inference does not know those ops, and the
+        quantizers need every tensor's type.
+        """
         names = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain or None, **attrs))
+        if domain == MS or op in _ORT_ONLY_OPS:
+            self.value_info += [helper.make_tensor_value_info(n, self.onnx_float, None) for n in names if n]
         return names
 
     def one(self, op: str, inputs: list[str], name: str, domain: str = "", **attrs: Any) -> str:
@@ -92,7 +101,9 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     def model(self, producer: str) -> ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        declared = {v.name for v in self.outputs}
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers,
+                                  value_info=[v for v in self.value_info if v.name not in declared])
         model = helper.make_model(graph, ir_version=IR_VERSION, producer_name=producer,
                                   opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
         return model
@@ -184,20 +195,23 @@ def lm_head(b: GraphBuilder, hidden: str, io: dict[str, Any], embedding: str | N
     """
     out = io["logits"]
     cast = b.dtype != "fp32"
+    steps: list[tuple[str, list[str], str, dict[str, Any]]] = []  # (op, inputs, name, attrs); the last writes ``out``
     if embedding is not None:
         flat = b.one("Squeeze", [hidden, b.const("/lm_head/axis1", np.array([1], np.int64))], "/lm_head/Squeeze")
         gemm_in = [flat, embedding] + ([b.weight("lm_head.bias", bias)] if bias is not None else [])
-        logits2 = b.one("Gemm", gemm_in, "/lm_head/Gemm", transB=1)                     # (batch, vocab)
-        logits = b.one("Unsqueeze", [logits2, "/lm_head/axis1"], "/lm_head/Unsqueeze")
+        steps += [("Gemm", gemm_in, "/lm_head/Gemm", {"transB": 1}),                   # (batch, vocab)
+                  ("Unsqueeze", ["/lm_head/axis1"], "/lm_head/Unsqueeze", {})]        # (batch, 1, vocab)
     else:
         assert weight is not None
-        logits = b.one("MatMul", [hidden, b.weight("lm_head.weight", weight)], "/lm_head/MatMul")
+        steps.append(("MatMul", [hidden, b.weight("lm_head.weight", weight)], "/lm_head/MatMul", {}))
         if bias is not None:
-            logits = b.one("Add", [logits, b.weight("lm_head.bias", bias)], "/lm_head/Add")
+            steps.append(("Add", [b.weight("lm_head.bias", bias)], "/lm_head/Add", {}))
     if cast:
-        b.node("Cast", [logits], "/lm_head/Cast", [out], to=TensorProto.FLOAT)
-    else:
-        b.node("Identity", [logits], "/lm_head/Identity", [out])
+        steps.append(("Cast", [], "/lm_head/Cast", {"to": TensorProto.FLOAT}))
+    previous: list[str] = []
+    for i, (op, inputs, name, attrs) in enumerate(steps):
+        inputs = inputs if not previous else [previous[0], *inputs]
+        previous = b.node(op, inputs, name, [out] if i == len(steps) - 1 else 1, **attrs)
 
 
 def numpy(tensor: Any) -> np.ndarray:

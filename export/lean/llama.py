@@ -119,5 +119,6 @@ def _rms_norm(b: GraphBuilder, name: str, stream: str, residual: str | None, nor
         return b.one("SimplifiedLayerNormalization", [stream, gamma], f"{name}/SimplifiedLayerNormalization",
                      axis=-1, epsilon=eps, stash_type=1), stream
     normed, _, _, total = b.node("SkipSimplifiedLayerNormalization", [stream, residual, gamma],
-                                 f"{name}/SkipSimplifiedLayerNormalization", 4, MS, epsilon=eps)
+                                 f"{name}/SkipSimplifiedLayerNormalization",
+                                 [f"{name}/output_0", "", "", f"{name}/output_3"], MS, epsilon=eps)
     return normed, total
