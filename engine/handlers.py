@@ -10,7 +10,9 @@ never throws). Not thread-safe: the engine loop owns it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from .npcs import NpcRegistry, PromptBuilder, persona_to_dict
 from .persona import Persona
 from .protocol import ErrorCode, Op, ProtocolError
 from .request import DoneEvent, ErrorEvent, Event, Request, RequestKey, TokenEvent
+from .rerank import MAX_SEED, candidate_options, score_candidates
 from .sampling import SearchOptions
 from .scheduler import Scheduler
 from .store import MemoryStore
@@ -160,7 +163,17 @@ class Handlers:
         say = Request(key, prompt, options, self.model.tokenizer, self._eos, manifest.max_context, received_at=now,
                       deadline=now + self._timeout_s(params), meta=SayMeta(params.npc, params.player, params.text))
         cached = len(prefix) if prompt[:len(prefix)] == prefix else 0
-        if not self.scheduler.submit(say, (params.npc, cached)):
+        if persona.rerank.enabled:  # N sampled candidates decode; the best is sent once chosen (PROTOCOL.md)
+            seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
+            candidates = [dataclasses.replace(say, key=RequestKey(identity, f"{request.id}\x00candidate{i}"),
+                                              options=o, meta=None)
+                          for i, o in enumerate(candidate_options(options, persona.rerank, seed))]
+            scorer = functools.partial(score_candidates, self.model, self.prompts.formatter, persona=persona,
+                                       config=persona.rerank)
+            submitted = self.scheduler.submit_reranked(say, candidates, scorer, (params.npc, cached))
+        else:
+            submitted = self.scheduler.submit(say, (params.npc, cached))
+        if not submitted:
             cap = self.scheduler.config
             raise ProtocolError(ErrorCode.BUSY, f"The server is at capacity ({cap.max_batch} streams running, "
                                 f"{cap.max_queue} waiting); retry later.")

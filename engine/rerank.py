@@ -17,6 +17,7 @@ candidate, so scoring is deterministic given the candidates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from .batch import DecodeBatch
 from .dialogue import Turn
 from .errors import ConfigError, PromptError
 from .generator import LanguageModel
+from .sampling import SearchOptions
 
 if TYPE_CHECKING:
     from .dialogue import DialogueFormatter
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 Method = Literal["likelihood", "overlap", "both"]
 METHODS: tuple[str, ...] = ("likelihood", "overlap", "both")
 MAX_CANDIDATES = 16
+GREEDY_FALLBACK_TEMPERATURE = 0.7  # candidates of a greedy say are sampled at this temperature
+MAX_SEED = 2**63 - 1
 OUT_OF_CHARACTER = ("ai", "assistant", "language model", "chatbot", "openai", "pirate", "arr", "matey")
 _STOPWORDS = frozenset(
     "a an the and or but of to in on at by for with from as is are was were be been am i you he she it we they "
@@ -159,3 +163,11 @@ def best_index(scores: Sequence[float]) -> int:
     if not scores:
         raise ConfigError("Reranking needs at least one candidate.")
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def candidate_options(options: SearchOptions, config: RerankConfig, seed: int) -> list[SearchOptions]:
+    """Search options of each candidate: always sampled (greedy candidates would all be one reply;
+    a greedy say's candidates use ``GREEDY_FALLBACK_TEMPERATURE``), seeds ``seed``, ``seed + 1``, …"""
+    temperature = options.temperature if options.do_sample and options.temperature > 0 else GREEDY_FALLBACK_TEMPERATURE
+    return [dataclasses.replace(options, do_sample=True, temperature=temperature, seed=(seed + i) % MAX_SEED)
+            for i in range(config.candidates)]

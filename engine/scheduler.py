@@ -15,6 +15,12 @@ and returns the events (token / done / error) the step produced, in order. A req
 within one step of ``cancel``. The queue is bounded: ``submit`` refuses at once when it is full, so
 the caller answers ``busy`` instead of letting latency grow without limit.
 
+Reranked says (``submit_reranked``): the client's request never decodes itself; its N candidate
+requests (same prompt, different seeds) do, batched like any others, and their messages are
+swallowed. When the last candidate ends, the scorer picks one and the client's request sends the
+chosen text as one token message, then ``done`` (cancel and deadline act on the client's request
+and end its candidates). Scoring runs inside the step (N prefills and a few batched forwards).
+
 When the graph cannot mask padding (``batch.supports_padding``), every stream keeps its own
 single-row batch and is stepped alone; that is slower but exact, and logged once at start.
 
@@ -28,7 +34,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,10 +46,23 @@ from .kv_cache import KVCache
 from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, Request, RequestKey, RequestState
+from .rerank import best_index
 
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 5.0  # tokens/s in stats is measured over this many recent seconds
+
+Scorer = Callable[[list[str]], list[float]]  # candidate replies → one score each, higher is better
+
+
+@dataclass(eq=False)
+class Candidates:
+    """A reranked say: the client's request and the internal candidate requests that decode for it."""
+
+    parent: Request
+    children: list[Request]
+    scorer: Scorer
+    scores: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,8 @@ class Scheduler:
         self._live: dict[RequestKey, Request] = {}
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self._prefixes: dict[RequestKey, tuple[str, int]] = {}  # live request → (NPC id, persona prefix length)
+        self._reranked: dict[RequestKey, Candidates] = {}       # client's request key → its candidates
+        self._candidate_of: dict[Request, Candidates] = {}      # internal candidate → its group
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
@@ -103,6 +124,23 @@ class Scheduler:
         self._live[request.key] = request
         if prefix is not None and 0 < prefix[1] < request.prompt_tokens and self.prefix_cache.enabled:
             self._prefixes[request.key] = prefix
+        return True
+
+    def submit_reranked(self, request: Request, candidates: list[Request], scorer: Scorer,
+                        prefix: tuple[str, int] | None = None) -> bool:
+        """Queue ``candidates`` (their own keys, the client's identity) to answer ``request``, which is
+        answered with the candidate ``scorer`` rates best; False when they do not all fit."""
+        keys = [request.key, *(c.key for c in candidates)]
+        if any(key in self._live for key in keys) or len(set(keys)) != len(keys):
+            raise ServeError(f"Request {request.key.id!r} or one of its candidates is already live; ids must be unique.")
+        if not candidates or len(self._live) + len(candidates) > self.config.max_batch + self.config.max_queue:
+            return False
+        group = Candidates(request, list(candidates), scorer)
+        self._live[request.key] = request
+        self._reranked[request.key] = group
+        for child in candidates:
+            self.submit(child, prefix)
+            self._candidate_of[child] = group
         return True
 
     def has_live(self, key: RequestKey) -> bool:
@@ -140,8 +178,11 @@ class Scheduler:
             if request.live:
                 events.append(request.fail(ErrorCode.INTERNAL, message, now))
             self._retire(request)
+        events = [e for e in events if e.request not in self._candidate_of]
         self._live.clear()
         self._prefixes.clear()
+        self._reranked.clear()
+        self._candidate_of.clear()
         self._queue.clear()
         self._groups = []
         return events
@@ -155,6 +196,7 @@ class Scheduler:
         self._reap(self.clock(), events)
         self._admit(events)
         self._decode(events)
+        events = self._settle_reranked(events)
         now = self.clock()
         self.counters["steps"] += 1
         self.counters["tokens"] += self._step_tokens
@@ -240,6 +282,47 @@ class Scheduler:
             self.prefix_cache.put(key, cache)
         return cache, len(key[1])
 
+    def _settle_reranked(self, events: list[Event]) -> list[Event]:
+        """Swallow candidates' messages; answer each reranked say whose candidates have all ended."""
+        visible = [e for e in events if e.request not in self._candidate_of]
+        for key, group in list(self._reranked.items()):
+            parent, children = group.parent, group.children
+            if parent.live and any(c.live for c in children):
+                continue
+            if parent.live:
+                visible += self._choose(group)
+            for child in children:
+                child.cancel_requested = child.live  # the say was cancelled or timed out: stop its candidates
+            if not any(c.live for c in children):
+                del self._reranked[key]
+                for child in children:
+                    self._candidate_of.pop(child, None)
+        return visible
+
+    def _choose(self, group: Candidates) -> list[Event]:
+        """The best finished candidate's text as the say's one token message, then its done."""
+        parent, now = group.parent, self.clock()
+        done = [c for c in group.children if c.state is RequestState.FINISHED and c.finish_reason != "cancelled"]
+        try:
+            if not done:
+                raise RuntimeError("every candidate failed")
+            group.scores = group.scorer([c.text for c in done])
+            best = done[best_index(group.scores)]
+        except Exception as exc:  # a failed scoring fails this say, not the server
+            log.exception("Reranking request %r failed.", parent.key.id)
+            event: Event = parent.fail(ErrorCode.INTERNAL, f"The engine failed while choosing a reply: {exc}.", now)
+            self._retire(parent)
+            return [event]
+        parent.advance(RequestState.PREFILLING)
+        parent.advance(RequestState.DECODING)
+        parent.admitted_at, parent.first_token_at = best.admitted_at, now
+        parent.tokens = list(best.tokens)
+        events: list[Event] = list(parent._text_events(best.text))  # the Request's own seq/text bookkeeping
+        assert best.finish_reason is not None
+        events.append(parent.finish(best.finish_reason, now))
+        self._retire(parent)
+        return events
+
     def _decode(self, events: list[Event]) -> None:
         """One token for every row of every group."""
         finished: set[Request] = set()
@@ -276,6 +359,8 @@ class Scheduler:
     def _retire(self, request: Request) -> None:
         self._live.pop(request.key, None)
         self._prefixes.pop(request.key, None)
+        if request in self._candidate_of:
+            return  # candidates are internal: the say they answer is what counts
         outcome = "failed" if request.state is RequestState.FAILED else (
             "cancelled" if request.finish_reason == "cancelled" else "completed")
         self.counters[outcome] += 1

@@ -3,8 +3,13 @@ and ChatSession returns the best of its sampled candidates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from server_process import LONG_STREAMS, ServerProcess
+
+from npctalk.client import Client
 
 from npctalk.engine.chat import ChatSession
 from npctalk.engine.dialogue import DialogueFormatter, Turn
@@ -75,3 +80,24 @@ def test_chat_session_returns_the_best_sampled_candidate(model: Model) -> None:
     assert session.history[-1] == Turn("assistant", texts[best_index(scores)].strip())
     again = ChatSession(model, find_persona("bram"), options, rerank=RerankConfig(candidates=4))
     assert list(again.say("Who are you?")) == chunks, "same seed, same candidates, same choice"
+
+
+def test_the_server_streams_a_reranked_say_once_chosen(gpt2_bundle: Path, tmp_path: Path) -> None:
+    server = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, "--memory-db", ":memory:").start()
+    try:
+        with Client(server.endpoint) as client:
+            persona = {**client.get_npc("bram"), "rerank": {"candidates": 3, "method": "both"}}
+            client.upsert_npc("bram3", persona)
+            replies = []
+            for player in ("p1", "p2"):
+                reply = client.say("bram3", "Who are you?", player=player, max_new_tokens=12, seed=5)
+                chunks = list(reply)
+                replies.append((chunks, reply.wait()))
+            (chunks, result), (again, _) = replies
+            assert len(chunks) <= 1 and "".join(chunks) == result.text, "one message with the chosen text"
+            assert chunks == again, "same seed, same candidates, same choice"
+            assert result.usage.completion_tokens >= 1
+            stats = client.stats()
+            assert stats["completed"] == 2 and stats["active"] == 0, "candidates are not counted as says"
+    finally:
+        server.stop()

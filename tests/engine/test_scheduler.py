@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fake_model import ScriptedModel
 
 from npctalk.engine.batch import DecodeBatch, supports_padding
 from npctalk.engine.bundle import LicenseInfo, Manifest, SourceInfo
-from npctalk.engine.errors import ContextOverflowError, RequestStateError
+from npctalk.engine.errors import ContextOverflowError, RequestStateError, ServeError
 from npctalk.engine.generator import Generator, GeneratorParams
 from npctalk.engine.kv_cache import KVCache
 from npctalk.engine.model import Model
@@ -300,3 +301,94 @@ def test_stats_report_throughput(counting: CountingModel) -> None:
     run(scheduler)
     stats = scheduler.stats()
     assert stats["tokens"] == 32 and stats["tokens_per_s"] > 0 and stats["active"] == stats["queued"] == 0
+
+
+# --- reranked says ---------------------------------------------------------------------------------
+
+
+def _candidates(counting: CountingModel, rid: str, lengths: Sequence[int], deadline: float = float("inf")) -> list[Request]:
+    return [make_request(counting, f"{rid}\x00{i}", [FIRST], max_new_tokens=n, deadline=deadline)
+            for i, n in enumerate(lengths)]
+
+
+def test_a_reranked_say_sends_only_the_chosen_candidate(byte_tokenizer: Tokenizer) -> None:
+    script = byte_tokenizer.encode("Hi! Mind the sparks, friend, and mind the dog.")
+    model = ScriptedModel(byte_tokenizer, script, eos=0)
+    scheduler = Scheduler(model, SchedulerConfig(max_batch=8))  # type: ignore[arg-type]
+    say = make_request(model, "say", script[:2], max_new_tokens=99)
+    seen: list[list[str]] = []
+
+    def longest(texts: list[str]) -> list[float]:
+        seen.append(texts)
+        return [float(len(t)) for t in texts]
+
+    candidates = [make_request(model, f"say\x00{i}", script[:2], max_new_tokens=n) for i, n in enumerate([3, 9, 5])]
+    assert scheduler.submit_reranked(say, candidates, longest)
+    events = run(scheduler)
+    check_streams(events, [say])
+    assert [type(e) for e in events] == [TokenEvent, DoneEvent], "nothing streams until the choice, then one message"
+    assert seen == [[c.text for c in candidates]] and len({len(t) for t in seen[0]}) == 3
+    assert say.text == candidates[1].text == byte_tokenizer.decode(script[2:11])
+    assert say.completion_tokens == 9 and say.finish_reason == "length"
+    assert scheduler.counters["completed"] == 1 and not scheduler.has_work
+
+
+def test_reranked_candidates_batch_with_other_streams(counting: CountingModel) -> None:
+    scheduler = Scheduler(counting, SchedulerConfig(max_batch=8))
+    say = make_request(counting, "say", [FIRST])
+    other = make_request(counting, "other", [FIRST + 40], max_new_tokens=5)
+    candidates = _candidates(counting, "say", [3, 9, 5])
+    assert scheduler.submit_reranked(say, candidates, lambda texts: [0.0, 1.0, 0.0]) and scheduler.submit(other)
+    events = run(scheduler)
+    check_streams(events, [say, other])
+    assert not [e for e in events if e.request in candidates], "candidates' messages are internal"
+    assert max(counting.batch_sizes) == 4, "the candidates decoded in one batch with the other stream"
+    assert say.tokens == candidates[1].tokens and other.tokens[1:] == [FIRST + 41 + i for i in range(5)]
+
+
+def test_cancelling_a_reranked_say_ends_its_candidates(counting: CountingModel) -> None:
+    scheduler = Scheduler(counting)
+    say = make_request(counting, "say", [FIRST])
+    candidates = _candidates(counting, "say", [50, 50])
+    assert scheduler.submit_reranked(say, candidates, lambda texts: [0.0] * len(texts))
+    events = scheduler.step() + scheduler.step()
+    assert scheduler.cancel(say.key)
+    events += run(scheduler)
+    check_streams(events, [say])
+    assert say.finish_reason == "cancelled" and say.text == ""
+    assert all(c.finish_reason == "cancelled" for c in candidates) and not scheduler.has_work
+    assert scheduler.counters["cancelled"] == 1
+
+
+def test_a_reranked_say_times_out_and_a_failing_scorer_fails_only_it(counting: CountingModel) -> None:
+    clock = Clock()
+    scheduler = Scheduler(counting, clock=clock)
+    late = make_request(counting, "late", [FIRST], deadline=1.0)
+    assert scheduler.submit_reranked(late, _candidates(counting, "late", [40, 40], deadline=1.0), lambda t: [0.0] * len(t))
+    events = scheduler.step()
+    clock.now = 2.0
+    events += run(scheduler)
+    check_streams(events, [late])
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code is ErrorCode.TIMEOUT
+
+    def broken(texts: list[str]) -> list[float]:
+        raise ValueError("scorer broke")
+
+    bad = make_request(counting, "bad", [FIRST])
+    fine = make_request(counting, "fine", [FIRST], max_new_tokens=3)
+    assert scheduler.submit_reranked(bad, _candidates(counting, "bad", [2, 2]), broken) and scheduler.submit(fine)
+    events = run(scheduler)
+    check_streams(events, [bad, fine])
+    error = [e for e in events if e.request is bad][0]
+    assert isinstance(error, ErrorEvent) and error.code is ErrorCode.INTERNAL and "scorer broke" in error.message
+    assert fine.finish_reason == "length"
+
+
+def test_reranked_candidates_count_against_capacity(counting: CountingModel) -> None:
+    scheduler = Scheduler(counting, SchedulerConfig(max_batch=2, max_queue=1))
+    say = make_request(counting, "say", [FIRST])
+    assert not scheduler.submit_reranked(say, _candidates(counting, "say", [2, 2, 2, 2]), lambda t: [0.0] * len(t))
+    assert not scheduler.has_work
+    assert scheduler.submit_reranked(say, _candidates(counting, "say", [2, 2, 2]), lambda t: [0.0] * len(t))
+    with pytest.raises(ServeError, match="already live"):
+        scheduler.submit_reranked(say, _candidates(counting, "say", [2]), lambda t: [0.0])
