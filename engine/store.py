@@ -78,7 +78,6 @@ class MemoryStore:
         self._now = clock
         self.db = _open(config.path)
         log.info("Memory database %s: %d conversations.", config.path, self.pair_count())
-        log.info("Memory database %s: %d conversations.", config.path, self.pair_count())
 
     def close(self) -> None:
         self.db.close()

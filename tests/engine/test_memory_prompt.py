@@ -1,0 +1,100 @@
+"""Memory in the prompt and in the handlers (in-process, real tiny models, SQLite in memory)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from npctalk.engine.facts import NewFact
+from npctalk.engine.handlers import Handlers
+from npctalk.engine.memory import MemoryConfig
+from npctalk.engine.model import Model
+from npctalk.engine.npcs import NpcRegistry
+from npctalk.engine.persona import Persona
+from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+from npctalk.engine.server import ServerConfig
+from npctalk.engine.store import MemoryStore
+
+MIRA = Persona(name="Mira", role="the herbalist of Ashford")
+
+
+def frame(**fields: Any) -> list[bytes]:
+    return [msgpack.packb({"v": 1, **fields}, use_bin_type=True)]
+
+
+def make(model: Model) -> Handlers:
+    scheduler = Scheduler(model, SchedulerConfig(max_batch=2, max_queue=2))
+    return Handlers(model, scheduler, ServerConfig(), NpcRegistry({"mira": MIRA}), MemoryStore(MemoryConfig(recent_turns=2)))
+
+
+def finish(handlers: Handlers) -> list[dict[str, Any]]:
+    messages = []
+    while handlers.scheduler.has_work:
+        messages += [handlers.message_for(e) for e in handlers.scheduler.step()]
+    return messages
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_memory_enters_the_prompt_after_the_unchanged_persona_prefix(family: str, request: pytest.FixtureRequest) -> None:
+    model: Model = request.getfixturevalue(f"{family}_model")
+    handlers = make(model)
+    store = handlers.memory
+    store.record("mira", "ada", "My name is Ada. I bought the iron sword.", "Good choice.")
+    store.record("mira", "ada", "Lovely weather today.", "It is.")  # window of 2 lines: the first turn is folded
+    store.remember("mira", "ada", NewFact("The player fears wolves."))
+    recall = store.recall("mira", "ada", "Is my sword sharp enough?")
+    assert [f.text for f in recall.facts] == ["The player's name is Ada.", "The player bought the iron sword."]
+    ids = handlers.prompts.build(MIRA, store.history("mira", "ada"), "Is my sword sharp enough?", {}, 8,
+                                 player="ada", notes=recall.notes())
+    prefix = handlers.prompts.persona_prefix(MIRA, "ada")
+    assert ids[:len(prefix)] == prefix  # the persona prefix cache still applies
+    text = model.tokenizer.decode(ids[len(prefix):], skip_special_tokens=False)
+    assert "The player's name is Ada. The player bought the iron sword." in text
+    assert "wolves" not in text  # not relevant to this line
+    assert 'Player: "I bought the iron sword." You: "Good choice."' in text  # the summary of the folded turn
+    assert text.index("The player's name") < text.index("Lovely weather") < text.index("Is my sword sharp enough?")
+    # With nothing remembered the prompt is what it was without memory.
+    bare = handlers.prompts.build(MIRA, [], "Hi", {}, 8, player="bo", notes=store.recall("mira", "bo", "Hi").notes())
+    assert bare == handlers.prompts.build(MIRA, [], "Hi", {}, 8, player="bo")
+
+
+def test_done_is_sent_only_after_the_turn_is_saved(gpt2_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    handlers = make(gpt2_model)
+    assert handlers.handle(b"c", frame(id="a", op="say", npc="mira", player="p", text="I have a red hat.",
+                                       max_new_tokens=4, temperature=0)) is None
+    saved: list[str] = []
+    real_record = handlers.memory.record
+
+    def record(*args: str) -> int:
+        saved.append(args[2])
+        return real_record(*args)
+
+    monkeypatch.setattr(handlers.memory, "record", record)
+    done = [m for m in finish(handlers) if m["type"] == "done"]
+    assert len(done) == 1 and saved == ["I have a red hat."]
+    assert [t.reply for t in handlers.memory.turns("mira", "p")] == [done[0]["text"].strip()]
+
+    def broken(*args: str) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(handlers.memory, "record", broken)
+    handlers.handle(b"c", frame(id="b", op="say", npc="mira", player="q", text="Hello.", max_new_tokens=4, temperature=0))
+    terminal = finish(handlers)[-1]
+    assert terminal["type"] == "error" and terminal["code"] == "internal" and "not remembered" in terminal["message"]
+    assert handlers.counters["internal_errors"] == 1 and handlers.memory.turns("mira", "q") == []
+
+
+def test_a_failed_or_cancelled_turn_writes_nothing(gpt2_model: Model) -> None:
+    handlers = make(gpt2_model)
+    handlers.handle(b"c", frame(id="a", op="say", npc="mira", player="p", text="My name is Ada.", max_new_tokens=50))
+    handlers.scheduler.step()
+    handlers.scheduler.cancel(next(iter(handlers.scheduler._live)))
+    assert {m.get("finish_reason") for m in finish(handlers)} >= {"cancelled"}
+    handlers.handle(b"c", frame(id="b", op="say", npc="mira", player="p", text="My name is Bo.", max_new_tokens=50))
+    handlers.scheduler.step()
+    failed = [handlers.message_for(e) for e in handlers.scheduler.abort_all("engine failure")]
+    assert [m["code"] for m in failed] == ["internal"]
+    assert handlers.memory.turns("mira", "p") == [] and handlers.memory.facts("mira", "p") == []
+    assert handlers.memory.pair_count() == 0
