@@ -23,12 +23,14 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class FrameSummary:
-    """Milliseconds. ``streaming_*`` cover only frames during which a reply was on its way."""
+    """Milliseconds. ``idle_*``: frames with no reply on its way; ``streaming_*``: frames with one (the
+    idle frames are the peer the streaming ones are compared with, in the same run)."""
 
     frames: int
     p50_ms: float
     p99_ms: float
     max_ms: float
+    idle_p99_ms: float
     streaming_frames: int
     streaming_p50_ms: float
     streaming_p99_ms: float
@@ -37,6 +39,7 @@ class FrameSummary:
 
     def line(self) -> str:
         return (f"{self.frames} frames: p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms, max {self.max_ms:.1f} ms; "
+                f"idle p99 {self.idle_p99_ms:.1f} ms; "
                 f"while streaming ({self.streaming_frames} frames): p50 {self.streaming_p50_ms:.1f} ms, "
                 f"p99 {self.streaming_p99_ms:.1f} ms, max {self.streaming_max_ms:.1f} ms; "
                 f"work p99 {self.work_p99_ms:.1f} ms")
@@ -48,6 +51,7 @@ class FrameStats:
     def __init__(self) -> None:
         self.intervals: list[float] = []
         self.streaming: list[float] = []
+        self.idle: list[float] = []
         self.work: list[float] = []
         self._recent: deque[float] = deque(maxlen=FPS_WINDOW)
 
@@ -55,8 +59,7 @@ class FrameStats:
         self.intervals.append(interval_s)
         self.work.append(work_s)
         self._recent.append(interval_s)
-        if streaming:
-            self.streaming.append(interval_s)
+        (self.streaming if streaming else self.idle).append(interval_s)
 
     @property
     def fps(self) -> float:
@@ -69,5 +72,6 @@ class FrameStats:
             return None
         ms = [v * 1000 for v in self.intervals]
         st = [v * 1000 for v in self.streaming] or [0.0]
-        return FrameSummary(len(ms), percentile(ms, 50), percentile(ms, 99), max(ms), len(self.streaming),
+        idle = [v * 1000 for v in self.idle] or [0.0]
+        return FrameSummary(len(ms), percentile(ms, 50), percentile(ms, 99), max(ms), percentile(idle, 99), len(self.streaming),
                             percentile(st, 50), percentile(st, 99), max(st), percentile([w * 1000 for w in self.work], 99))

@@ -253,7 +253,9 @@ class Game:
             render.village_frame(self.screen, self.village, self.background, t, self.fonts.small, near)
             if self.scene is Scene.TALK and self.dialogue is not None:
                 self.shown_thinking, self.shown_reply = ui.dialogue_box(self.screen, self.fonts, self.dialogue, t)
-        ui.hud(self.screen, self.fonts, self.stats.fps, self.link.state, self.link.message, self.toast)
+        quiet = self.scene is Scene.CREDITS  # the notices need the whole screen
+        ui.hud(self.screen, self.fonts, self.stats.fps, self.link.state, "" if quiet else self.link.message,
+               "" if quiet else self.toast)
 
 
 def _describe(error: ClientError) -> str:

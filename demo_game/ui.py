@@ -86,8 +86,8 @@ def credits(surface: pygame.Surface, fonts: Fonts, lines: list[str], scroll: flo
     w, h = surface.get_size()
     surface.fill((24, 22, 30))
     heading = fonts.body.render("Credits — Esc or C to go back, arrows to scroll", True, GOLD)
-    surface.blit(heading, (24, 14))
-    top, step, shown = 50, fonts.small.get_linesize(), []
+    surface.blit(heading, (24, 40))  # below the HUD's status line
+    top, step, shown = 76, fonts.small.get_linesize(), []
     clip = surface.get_clip()
     surface.set_clip(pygame.Rect(0, top, w, h - top))
     for i, line in enumerate(lines):
@@ -131,12 +131,12 @@ def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -
         surface.blit(fonts.small.render(wrap(d.error, fonts.small, box.width - 32)[0], True, (180, 40, 30)),
                      (box.left + 16, box.bottom - 58))
     entry = pygame.Rect(box.left + 12, box.bottom - 36, box.width - 24, 26)
-    prompt = "…" if d.busy else d.input + ("|" if int(t * 2) % 2 else "")
+    prompt = d.input + ("|" if int(t * 2) % 2 else "")  # typing ahead while the NPC answers is allowed
     while len(prompt) > 1 and fonts.small.size(prompt)[0] > entry.width - 200:
         prompt = prompt[1:]  # show the end of a long line
     pygame.draw.rect(surface, (255, 255, 255), entry, border_radius=4)
     pygame.draw.rect(surface, (150, 140, 120), entry, 1, border_radius=4)
-    hint = "Enter: send   Esc: close" if not d.busy else "Esc: close"
+    hint = "Enter: send   Esc: close" if not d.busy else f"{d.npc_name} is answering…   Esc: close"
     surface.blit(fonts.small.render(f"> {prompt}", True, INK), (entry.left + 6, entry.top + 5))
     hint_img = fonts.small.render(hint, True, (120, 110, 100))
     surface.blit(hint_img, hint_img.get_rect(topright=(entry.right - 6, entry.top + 5)))

@@ -47,6 +47,7 @@ def test_frame_stats_percentiles_and_streaming_split() -> None:
     assert summary is not None and summary.frames == 100 and summary.streaming_frames == 50
     assert summary.p50_ms == pytest.approx(16.0) and summary.max_ms == pytest.approx(50.0)
     assert summary.p99_ms == pytest.approx(50.0) and summary.work_p99_ms == pytest.approx(4.0)
+    assert summary.idle_p99_ms == pytest.approx(50.0) and summary.streaming_p50_ms == pytest.approx(16.0)
     assert 20 < stats.fps < 63
     assert FrameStats().summary() is None
     with pytest.raises(ValueError):
