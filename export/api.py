@@ -242,7 +242,7 @@ def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOpt
     # The lean graph is written in fp16 directly; quantized dtypes start from fp32 and need the
     # LM head as its own MatMul (a tied head shares the embedding through Gemm, which they skip).
     built = options.dtype if options.dtype in ("fp32", "fp16") else "fp32"
-    stages.next(f"writing the lean ONNX graph ({built}, KV cache)")
+    stages.next(f"exporting the lean ONNX graph (written from the weights; {built}, KV cache)")
     model_path = build_lean_graph(model, architecture, folder, built, untie_lm_head=built != options.dtype)
     stages.next(f"converting the graph to {options.dtype}")
     if built == options.dtype:

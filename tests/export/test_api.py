@@ -78,6 +78,7 @@ def test_default_output_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     ({"device": "tpu"}, "device must be one of cpu, cuda"),
     ({"atol": -0.1}, "atol must be a number >= 0"),
     ({"atol": float("nan")}, "atol must be a number >= 0"),
+    ({"graph": "fast"}, "graph must be one of optimum, lean"),
 ])
 def test_bad_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -98,3 +99,12 @@ def test_explicit_atol_is_recorded(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     report = json.loads((out / "validation.json").read_text())
     assert report["tolerance"] == {"atol": 0.5, "rtol": 0.0, "explicit_atol": True}
     assert all(s["logits_limit"] == 0.5 for s in report["steps"])
+
+
+def test_a_bundle_of_the_other_graph_builder_is_not_reused(gpt2_bundle: Path) -> None:
+    from npctalk.engine.errors import ExportError
+
+    manifest = load_manifest(gpt2_bundle)
+    other = "lean" if manifest.graph == "optimum" else "optimum"
+    with pytest.raises(ExportError, match=f"{manifest.graph} graph\\), not .*{other} graph\\); pass --force"):
+        export_bundle(manifest.source.id, gpt2_bundle, ExportOptions(graph=other))

@@ -38,6 +38,13 @@ def test_success_prints_bundle_path_and_logs_every_stage(run_cli, tiny_llama_dir
     assert time.monotonic() - start < 5
 
 
+def test_graph_flag_picks_the_builder(run_cli, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(tiny_gpt2_dir, "-o", tmp_path / "lean", "--graph", "lean")
+    assert result.code == 0, result.err
+    assert "[3/7] exporting the lean ONNX graph" in result.err and load_manifest(tmp_path / "lean").graph == "lean"
+    assert "--graph" in run_cli("--help").out
+
+
 def test_missing_folder(run_cli, tmp_path: Path) -> None:
     result = run_cli(tmp_path / "nope", "-o", tmp_path / "out")
     assert result.code == 1
@@ -69,6 +76,7 @@ def test_hub_id_without_network(run_cli, monkeypatch: pytest.MonkeyPatch, tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["x", "--dtype", "int4"], "invalid choice: 'int4'"),
     (["x", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["x", "--graph", "fast"], "invalid choice: 'fast'"),
     (["x", "--atol", "-1"], "--atol must be >= 0"),
     (["x", "--atol", "lots"], "invalid float value"),
     ([], "the following arguments are required: SOURCE"),
@@ -101,7 +109,7 @@ def test_existing_bundle_of_another_dtype_is_not_silently_reused(run_cli, gpt2_b
     result = run_cli(gpt2_bundle.parent / "nothing-here", "-o", gpt2_bundle)
     assert result.code == 1 and "already holds a bundle" in result.err
     result = run_cli(load_manifest(gpt2_bundle).source.id, "-o", gpt2_bundle, "--dtype", "int8")
-    assert result.code == 1 and "(fp32, cpu), not" in result.err and "--force" in result.err
+    assert result.code == 1 and f"(fp32, cpu, {load_manifest(gpt2_bundle).graph} graph), not" in result.err and "--force" in result.err
 
 
 def test_disk_full_removes_the_partial_folder(run_cli, tiny_gpt2_dir: Path, tmp_path: Path,

@@ -226,3 +226,53 @@ def test_unsupported_variants_are_refused_by_name(tiny_gpt2_dir: Path, tiny_llam
     with pytest.raises(UnsupportedModelError, match="no builder for 'mistral'"):
         build_lean_graph(llama, "mistral", tmp_path)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def _lean_llama(lean: tuple[str, str, Path]) -> Path:
+    family, dtype, bundle = lean
+    if (family, dtype) != ("llama", "fp32"):
+        pytest.skip("checked once, on the fp32 Llama lean graph")
+    return bundle
+
+
+def test_validation_catches_a_corrupted_lean_layer(lean: tuple[str, str, Path], tiny_llama_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """Noise in layer 1's fused q|k|v weight: the logits and that layer's cache fail, layer 0's does not."""
+    import onnx
+    from npctalk.engine.errors import ValidationError
+    from npctalk.export.validate import PROMPT, OnnxDecoder, validate
+    from onnx import numpy_helper
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bundle = _lean_llama(lean)
+    manifest = load_manifest(bundle)
+    model = onnx.load(str(bundle / "model.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == "model.layers.1.self_attn.qkv_proj.weight")
+    weight = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(weight + np.random.default_rng(0).normal(0, 0.05, weight.shape).astype(weight.dtype),
+                                          init.name))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="float32").eval()
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(PROMPT, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValidationError) as info:
+        validate(OnnxDecoder(tmp_path / "bad.onnx", manifest.io, manifest.num_layers), hf, ids, manifest.pad_token_id, "fp32")
+    message = str(info.value)
+    assert "'logits' differs from PyTorch at prefill" in message and "'present.1." in message
+    assert "present.0" not in message
+
+
+def test_left_padding_check_catches_a_lean_graph_fed_no_mask(lean: tuple[str, str, Path]) -> None:
+    """With last-position logits, the padded rows' presents are compared too: both catch a dropped mask."""
+    from npctalk.export.validate import TOLERANCES, OnnxDecoder, check_left_padding
+
+    bundle = _lean_llama(lean)
+    manifest = load_manifest(bundle)
+    decoder = OnnxDecoder(bundle / "model.onnx", manifest.io, manifest.num_layers)
+    assert decoder.last_only
+    ids = list(range(5, 25))
+    ok = check_left_padding(decoder, ids, manifest.pad_token_id, TOLERANCES["fp32"])
+    assert ok["max_abs_diff"] <= ok["limit"] and ok["present_max_abs_diff"] <= ok["present_limit"]
+    original = decoder.step
+    decoder.step = lambda ids_, mask, pos, past: original(ids_, np.ones_like(mask), pos, past)  # type: ignore[method-assign]
+    broken = check_left_padding(decoder, ids, manifest.pad_token_id, TOLERANCES["fp32"])
+    assert broken["max_abs_diff"] > broken["limit"] and broken["present_max_abs_diff"] > broken["present_limit"]
