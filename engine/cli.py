@@ -77,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
         personas_dir=args.personas, curve=_curve(args),
-        memory=MemoryConfig(path=str(args.memory_db or memory_db_path()), recent_turns=args.memory_turns),
+        memory=MemoryConfig(path=str(args.memory_db or memory_db_path()), recent_turns=args.memory_turns,
+                            synchronous=args.memory_sync),
     )
     return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"SQLite file of NPC memories, or :memory: to keep none (default: {memory_db_path()})")
     srv.add_argument("--memory-turns", type=int, default=16,
                      help="lines per NPC and player kept verbatim; older ones go into a rolling summary")
+    srv.add_argument("--memory-sync", choices=("full", "normal"), default="full",
+                     help="full: a turn is on disk before done (survives power loss); normal: faster, survives crashes")
     _add_sampling_flags(srv)
     srv.set_defaults(func=_serve)
 

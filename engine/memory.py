@@ -39,6 +39,7 @@ class MemoryConfig:
     summary_chars: int = 1200     # rolling summary per pair, oldest lines dropped beyond this
     facts_per_turn: int = 6       # facts retrieved into one prompt (the name fact counts)
     max_facts: int = 200          # facts kept per pair; the oldest non-name fact goes first
+    synchronous: str = "full"     # SQLite synchronous: "full" survives power loss, "normal" only crashes
 
     def __post_init__(self) -> None:
         if not 2 <= self.recent_turns <= MAX_RECENT_TURNS or self.recent_turns % 2:
@@ -48,6 +49,8 @@ class MemoryConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be in [{low}, {high}], got {value}.")
+        if self.synchronous not in ("full", "normal"):
+            raise ConfigError(f"synchronous must be 'full' or 'normal', got {self.synchronous!r}.")
 
 
 @dataclass(frozen=True)

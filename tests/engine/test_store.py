@@ -230,3 +230,10 @@ def test_a_read_only_database_is_a_clear_error_at_open(tmp_path: Path) -> None:
     path.chmod(0o444)
     with pytest.raises(StoreError, match="ro.sqlite3"):
         MemoryStore(MemoryConfig(path=str(path)))
+
+
+@pytest.mark.parametrize(("setting", "level"), [("full", 2), ("normal", 1)])
+def test_synchronous_level_is_applied(tmp_path: Path, setting: str, level: int) -> None:
+    store = MemoryStore(MemoryConfig(path=str(tmp_path / "m.sqlite3"), synchronous=setting))
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == level
+    store.close()
