@@ -12,8 +12,9 @@ recent turns, the player's new line and the persona's post-history instructions:
 
 (‖ marks the end of the cached prefix.)
 
-History is trimmed oldest-first until prompt + ``max_new_tokens`` fit the model's context, as
-``chat.ChatSession`` does; the persona and the new line are never cut. Not thread-safe.
+History is trimmed oldest-first until prompt + ``max_new_tokens`` fit the model's context
+(``memory.fit_turns``); the persona, the notes and the new line are never cut. Memory (recalled facts
+and the summary, ``memory.Recall.notes``) arrives as notes. Not thread-safe.
 """
 
 from __future__ import annotations
