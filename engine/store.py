@@ -16,7 +16,8 @@ completed turn, paid on the engine loop: on the dev VM's ext4 disk a turn's comm
 with FULL against 0.5-0.9 ms with NORMAL (300 turns each, same run). ``serve --memory-sync normal``
 trades the power-loss guarantee for that time.
 
-Not thread-safe: the engine loop owns it (``check_same_thread`` stays on to catch misuse).
+Not thread-safe: the engine loop owns it. ``check_same_thread`` is off because a server may be
+built on one thread and run on another (tests, ``npctalk evaluate``); never use it from two at once.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _open(path: str, synchronous: str = "full") -> sqlite3.Connection:
         except OSError as exc:
             raise StoreError(f"Cannot create the folder of {where}: {exc.strerror}.") from exc
     try:
-        db = sqlite3.connect(path, isolation_level=None)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise StoreError(f"Cannot open {where}: {exc}. Check the path and its permissions, or pass another "
                          "--memory-db.") from exc

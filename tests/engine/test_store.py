@@ -237,3 +237,22 @@ def test_synchronous_level_is_applied(tmp_path: Path, setting: str, level: int) 
     store = MemoryStore(MemoryConfig(path=str(tmp_path / "m.sqlite3"), synchronous=setting))
     assert store.db.execute("PRAGMA synchronous").fetchone()[0] == level
     store.close()
+
+
+def test_a_store_opened_on_one_thread_serves_on_another() -> None:
+    """Servers are built on one thread and may run on another (in-process tests, npctalk evaluate)."""
+    import threading
+
+    store = MemoryStore()
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            store.record("bram", "p", "I have a map.", "Good.")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=use)
+    thread.start()
+    thread.join(10)
+    assert errors == [] and [t.line for t in store.turns("bram", "p")] == ["I have a map."]
