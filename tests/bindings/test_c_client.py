@@ -8,6 +8,7 @@ where cmake, pkg-config, libzmq or msgpack-c are missing (`.ci/run` installs the
 
 from __future__ import annotations
 
+import select
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.skipif(_missing_tools() is not None, reason=f"C client 
 class Built:
     talk: Path
     talk_cpp: Path | None
+    api_checks: Path
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +57,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
                     ["cmake", "--build", str(build), "-j", "2"]):
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    # api_checks.c exercises the API directly (callbacks that re-enter, close, recover): built on the library
+    msgpack_module = next(m for m in ("msgpack-c", "msgpack")
+                          if subprocess.run(["pkg-config", "--exists", m], check=False).returncode == 0)
+    libs = subprocess.run(["pkg-config", "--libs", "libzmq", msgpack_module], capture_output=True, text=True,
+                          check=True).stdout.split()
+    command = ["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fsanitize=address,undefined", "-g",
+               f"-I{SOURCE / 'include'}", str(Path(__file__).with_name("api_checks.c")), str(build / "libnpctalk.a"),
+               *libs, "-o", str(build / "api_checks")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr}"
     cpp = build / "talk_cpp"
-    return Built(build / "talk", cpp if cpp.exists() else None)
+    return Built(build / "talk", cpp if cpp.exists() else None, build / "api_checks")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +106,45 @@ def status_numbers(built: Built) -> dict[str, int]:
     listed = talk(built, "--list-status")
     assert listed.code == 0
     return {name: int(number) for number, name in (line.split() for line in listed.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("check", ["arguments", "concurrent", "reentry", "close"])
+def test_api_behaviour(built: Built, server: ServerProcess, check: str) -> None:
+    """arguments: bad input fails at once with a sentence. concurrent: four replies on one client.
+    reentry: a callback starts a reply; blocking calls and poll from callbacks are refused.
+    close: npctalk_close inside a callback is deferred and safe (ASan would catch a use after free)."""
+    done = subprocess.run([str(built.api_checks), server.endpoint, check], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert done.returncode == 0 and done.stdout.endswith("ok\n"), done.stdout + done.stderr
+
+
+def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"api_checks said nothing for {timeout} s"
+    return process.stdout.readline().decode().strip()
+
+
+def test_the_same_client_recovers_after_the_server_froze(built: Built, server: ServerProcess) -> None:
+    process = subprocess.Popen([str(built.api_checks), server.endpoint, "recover"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None
+    try:
+        assert _read_line(process, 20) == "streaming"
+        server.signal(signal.SIGSTOP)
+        try:
+            assert _read_line(process, 5) == "lost"  # 0.6 s client timeout
+        finally:
+            server.signal(signal.SIGCONT)
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        code = process.wait(30)
+        rest = _read_line(process, 1) if code == 0 else process.stdout.read().decode()  # type: ignore[union-attr]
+        assert code == 0 and rest == "ok", rest + (process.stderr.read().decode() if process.stderr else "")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_status_enum_matches_the_protocol_error_codes(built: Built) -> None:
