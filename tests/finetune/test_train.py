@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
     from npctalk.finetune.train import finetune
 
     train, valid = tiny_data
-    full = finetune(tiny_gpt2_dir, train, valid, tmp_path / "full", QUICK)
+    config = dataclasses.replace(QUICK, max_steps=2, eval_every=1)
+    full = finetune(tiny_gpt2_dir, train, valid, tmp_path / "full", config)
 
     real_save = train_module.save_checkpoint
 
@@ -79,17 +81,17 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", QUICK)
+        finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", config)
     monkeypatch.undo()
-    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-2"]
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-1"]
 
-    resumed = finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", QUICK, resume="latest")
-    assert resumed.steps == 4 and [h["step"] for h in resumed.history] == [2, 4]
-    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-4"]
+    resumed = finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", config, resume="latest")
+    assert resumed.steps == 2 and [h["step"] for h in resumed.history] == [1, 2]
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-2"]
     for got, want in zip(resumed.history, full.history):
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
-    a = torch.load(tmp_path / "full/checkpoints/step-4/optimizer.pt", weights_only=True)["state"]
-    b = torch.load(tmp_path / "cut/checkpoints/step-4/optimizer.pt", weights_only=True)["state"]
+    a = torch.load(tmp_path / "full/checkpoints/step-2/optimizer.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "cut/checkpoints/step-2/optimizer.pt", weights_only=True)["state"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k]["exp_avg"], b[k]["exp_avg"], atol=1e-6) for k in a)
 
 
