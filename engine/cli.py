@@ -7,6 +7,7 @@
     npctalk export-onnx SOURCE ...               same as the export-onnx command (needs the export extra)
     npctalk finetune SOURCE --train ... -o DIR   fine-tune on dialogue JSONL (needs the export + finetune extras)
     npctalk evaluate BUNDLE... --data TEST -o DIR  BLEU/chrF/Dist/perplexity report (needs the finetune extra)
+    npctalk evaluate --consistency [BUNDLE...]     persona consistency, memory × reranking (torch-free)
 """
 
 from __future__ import annotations
@@ -101,6 +102,45 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consistency_main(argv: Sequence[str]) -> int:
+    """``npctalk evaluate --consistency BUNDLE… [-o DIR]``: persona consistency (engine/consistency.py)."""
+    from .consistency import DATA_DIR, SETTINGS, evaluate, load_scripts, markdown, write_report
+
+    p = argparse.ArgumentParser(prog="npctalk evaluate --consistency",
+                                description="Scripted conversations through an in-process server; share of probes "
+                                "answered in character, per memory on/off × reranking on/off.")
+    p.add_argument("bundles", nargs="*", type=Path, help=f"bundle folder(s) (default: {default_bundle_path()})")
+    p.add_argument("--scripts", type=Path, default=DATA_DIR, help="folder of consistency scripts (*.toml)")
+    p.add_argument("-o", "--output", type=Path, default=Path("bench/results"), help="folder for the .json/.md report")
+    p.add_argument("--candidates", type=int, default=4, help="reranking candidates in the rerank-on settings")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--settings", nargs="+", default=[f"{m}/{r}" for m, r in SETTINGS],
+                   help="memory/rerank pairs, e.g. on/off off/off (default: all four)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(list(argv))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    settings = []
+    for item in args.settings:
+        memory, _, rerank = item.partition("/")
+        if memory not in ("on", "off") or rerank not in ("on", "off"):
+            sys.stderr.write(f"error: --settings takes memory/rerank pairs of on|off, got {item!r}\n")
+            return 2
+        settings.append((memory, rerank))
+    try:
+        scripts = load_scripts(args.scripts)
+        for bundle in args.bundles or [default_bundle_path()]:
+            report = evaluate(bundle, scripts, settings=settings, candidates=args.candidates,
+                              max_new_tokens=args.max_new_tokens, provider=args.provider, threads=args.threads)
+            json_path, _ = write_report(report, args.output)
+            sys.stdout.write(markdown(report).split("\n## ")[0] + f"\n→ {json_path}\n")
+    except NpctalkError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npctalk", description="NPC dialogue engine for games.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -172,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"error: export-onnx needs the export extra: pip install 'npctalk[export]' ({exc})\n")
             return 1
         return export_main(argv[1:])
+    if argv[:1] == ["evaluate"] and "--consistency" in argv:  # torch-free: no finetune extra needed
+        return _consistency_main([a for a in argv[1:] if a != "--consistency"])
     if argv and argv[0] in ("finetune", "evaluate"):
         try:
             from npctalk.finetune.cli import main as finetune_main

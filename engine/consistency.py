@@ -1,0 +1,249 @@
+"""Persona consistency evaluation: scripted conversations, keyword rules per probe, share consistent.
+
+A script (``data/consistency/*.toml``)::
+
+    title = "Bram: name, job and home after ten unrelated turns"
+    npc = "bram"                      # an NPC the server knows (built-in, or a card in the personas)
+    player = "Mira"
+    forbid = ["ai", "language model"] # forbidden in every probe of this script
+    [[turn]]
+    say = "Lovely weather today."     # a plain turn
+    [[turn]]
+    say = "What is your name?"
+    probe = "identity: name"          # a probe: its reply is judged
+    expect_any = ["bram"]             # at least one must occur (optional)
+    forbid = ["arr"]                  # none may occur (added to the script's)
+
+Words match whole, case-insensitively. A probe is *consistent* when its expectations hold.
+
+The conversations run through the real serving path, in process: a ``server.Server`` (prefix cache,
+memory store in SQLite ``:memory:``, continuous batching, reranked says) on a loopback port, driven
+by ``npctalk.client.Client``. Each setting is one cell of memory × reranking:
+
+* memory ``on``  — every turn of a script is said by the same player, so the server's memory (recent
+  turns, facts, summary) carries the conversation; ``off`` — every turn comes from a fresh player
+  id, so each line is answered with no memory at all;
+* rerank ``on``  — the NPC is registered again with ``rerank = {candidates: N}``; ``off`` as is.
+
+Sampling uses the server's defaults with a fixed seed per turn, so a run is reproducible. The report
+(JSON + markdown) gives the share consistent per setting, per probe kind, and every probe's reply.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import threading
+import tomllib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, PromptError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "consistency"
+SETTINGS = (("on", "off"), ("off", "off"), ("on", "on"), ("off", "on"))  # (memory, rerank)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One player line; a probe when ``probe`` names it."""
+
+    say: str
+    probe: str = ""
+    expect_any: tuple[str, ...] = ()
+    forbid: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Script:
+    title: str
+    npc: str
+    player: str
+    turns: tuple[Turn, ...]
+    name: str = ""
+
+    @property
+    def probes(self) -> int:
+        return sum(1 for t in self.turns if t.probe)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PromptError(f"{where} must be a list of non-empty strings.")
+    return tuple(v.strip().lower() for v in value)
+
+
+def load_script(path: str | Path) -> Script:
+    """Read one script; ``PromptError`` naming the file and the bad field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PromptError(f"{path}: cannot read the consistency script: {exc}.") from exc
+    for name in ("title", "npc", "player"):
+        if not isinstance(data.get(name), str) or not data[name].strip():
+            raise PromptError(f"{path}: field '{name}' is required and must be a non-empty string.")
+    shared = _strings(data.get("forbid", []), f"{path}: field 'forbid'")
+    raw = data.get("turn")
+    if not isinstance(raw, list) or not raw:
+        raise PromptError(f"{path}: field 'turn' must be a non-empty array of tables ([[turn]]).")
+    turns = []
+    for i, item in enumerate(raw):
+        where = f"{path}: turn[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("say"), str) or not item["say"].strip():
+            raise PromptError(f"{where}: field 'say' is required and must be a non-empty string.")
+        unknown = sorted(set(item) - {"say", "probe", "expect_any", "forbid"})
+        if unknown:
+            raise PromptError(f"{where}: unknown field(s) {unknown}.")
+        probe = item.get("probe", "")
+        if not isinstance(probe, str):
+            raise PromptError(f"{where}: field 'probe' must be a string.")
+        expect = _strings(item.get("expect_any", []), f"{where}: field 'expect_any'")
+        forbid = _strings(item.get("forbid", []), f"{where}: field 'forbid'")
+        if (expect or forbid) and not probe:
+            raise PromptError(f"{where}: 'expect_any'/'forbid' need a 'probe' name.")
+        turns.append(Turn(item["say"].strip(), probe.strip(), expect, (shared + forbid) if probe else ()))
+    return Script(data["title"].strip(), data["npc"].strip(), data["player"].strip(), tuple(turns), path.stem)
+
+
+def load_scripts(folder: str | Path = DATA_DIR) -> list[Script]:
+    paths = sorted(Path(folder).glob("*.toml"))
+    if not paths:
+        raise PromptError(f"No consistency scripts (*.toml) in {folder}.")
+    return [load_script(p) for p in paths]
+
+
+def _has(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w']){re.escape(word)}(?![\w'])", text) is not None
+
+
+def judge(reply: str, turn: Turn) -> tuple[bool, list[str]]:
+    """(consistent, reasons) of one probe's reply under its keyword rules."""
+    text = reply.lower()
+    reasons = [f"said {w!r}" for w in turn.forbid if _has(text, w)]
+    if turn.expect_any and not any(_has(text, w) for w in turn.expect_any):
+        reasons.append(f"none of {list(turn.expect_any)}")
+    return not reasons, reasons
+
+
+@dataclass
+class SettingResult:
+    memory: str
+    rerank: str
+    probes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def share(self) -> float:
+        return sum(p["consistent"] for p in self.probes) / max(1, len(self.probes))
+
+    def by_kind(self) -> dict[str, float]:
+        kinds: dict[str, list[bool]] = {}
+        for p in self.probes:
+            kinds.setdefault(p["probe"].split(":")[0], []).append(p["consistent"])
+        return {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
+
+
+def _seed(*parts: str) -> int:
+    return zlib.crc32("\x00".join(parts).encode())
+
+
+def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str, candidates: int,
+                max_new_tokens: int, run_id: str) -> SettingResult:
+    """Say every script's turns through ``client``; judge the probes."""
+    result = SettingResult(memory, rerank)
+    for script in scripts:
+        npc = script.npc
+        if rerank == "on":
+            npc = f"{script.npc}~rerank"
+            persona = {**client.get_npc(script.npc), "rerank": {"candidates": candidates, "method": "both"}}
+            client.upsert_npc(npc, persona)
+        for index, turn in enumerate(script.turns):
+            player = f"{script.player}~{run_id}~{memory}{rerank}" + ("" if memory == "on" else f"~{index}")
+            reply = client.say(npc, turn.say, player=player, max_new_tokens=max_new_tokens,
+                               seed=_seed(script.name, str(index))).wait()
+            if turn.probe:
+                ok, reasons = judge(reply.text, turn)
+                result.probes.append({"script": script.name, "turn": index, "probe": turn.probe, "say": turn.say,
+                                      "reply": reply.text, "consistent": ok, "reasons": reasons})
+        log.info("%s (memory %s, rerank %s): done", script.name, memory, rerank)
+    return result
+
+
+def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequence[tuple[str, str]] = SETTINGS,
+             candidates: int = 4, max_new_tokens: int = 48, provider: str = "auto",
+             threads: int | None = None) -> dict[str, Any]:
+    """Run every setting on one bundle through an in-process server; the report as a dict."""
+    from npctalk.client import Client
+
+    from .memory import MemoryConfig
+    from .model import Model
+    from .server import Server, ServerConfig
+
+    if candidates < 2 and any(r == "on" for _, r in settings):
+        raise ConfigError(f"Reranking needs at least 2 candidates, got {candidates}.")
+    model = Model(bundle, provider=provider, intra_op_threads=threads)  # type: ignore[arg-type]
+    config = ServerConfig(bind="tcp://127.0.0.1:*", memory=MemoryConfig(path=":memory:"), request_timeout_s=600.0,
+                          client_timeout_s=600.0, max_new_tokens=max(max_new_tokens, 64))
+    server = Server(model, config)
+    thread = threading.Thread(target=server.run, name="consistency-server", daemon=True)
+    thread.start()
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%H%M%S")
+    results = []
+    try:
+        with Client(server.endpoint, timeout=300.0) as client:
+            for memory, rerank in settings:
+                results.append(run_setting(client, scripts, memory, rerank, candidates, max_new_tokens, run_id))
+    finally:
+        server.request_stop()
+        thread.join(60)
+    m = model.manifest
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": m.name, "architecture": m.architecture, "dtype": m.dtype, "provider": model.provider},
+        "scripts": [s.name for s in scripts], "probes_per_setting": sum(s.probes for s in scripts),
+        "candidates": candidates, "max_new_tokens": max_new_tokens, "sampling": "server defaults, fixed seed per turn",
+        "settings": [{"memory": r.memory, "rerank": r.rerank, "consistent_share": round(r.share, 3),
+                      "by_kind": {k: round(v, 3) for k, v in r.by_kind().items()}, "probes": r.probes}
+                     for r in results],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown page: the share table, then every probe's reply."""
+    m = report["model"]
+    kinds = sorted({k for s in report["settings"] for k in s["by_kind"]})
+    lines = [f"# Persona consistency: {m['name']} ({m['architecture']}, {m['dtype']}, {m['provider']})", "",
+             f"{report['date']} · {report['probes_per_setting']} probes per setting from {len(report['scripts'])} "
+             f"scripts ({', '.join(report['scripts'])}) · {report['sampling']} · reranking: "
+             f"{report['candidates']} candidates, likelihood + overlap · up to {report['max_new_tokens']} new tokens", "",
+             "| memory | rerank | consistent | " + " | ".join(kinds) + " |",
+             "|---|---|---:|" + "---:|" * len(kinds)]
+    for s in report["settings"]:
+        cells = " | ".join(f"{s['by_kind'].get(k, float('nan')):.0%}" for k in kinds)
+        lines.append(f"| {s['memory']} | {s['rerank']} | **{s['consistent_share']:.0%}** | {cells} |")
+    for s in report["settings"]:
+        lines += ["", f"## memory {s['memory']}, rerank {s['rerank']}", "", "| script | probe | reply | ok |",
+                  "|---|---|---|---|"]
+        for p in s["probes"]:
+            reply = p["reply"].replace("|", "\\|").replace("\n", " ")
+            verdict = "yes" if p["consistent"] else "no: " + "; ".join(p["reasons"])
+            lines.append(f"| {p['script']} | {p['probe']} | {reply} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"consistency-{report['model']['name']}-{report['date'][:10]}"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(report), encoding="utf-8")
+    return json_path, md_path

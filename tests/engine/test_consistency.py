@@ -1,0 +1,127 @@
+"""Consistency evaluation: scripts parse, keyword rules, settings drive memory/reranking, a real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from npctalk.engine.consistency import (DATA_DIR, Turn, evaluate, judge, load_script, load_scripts, markdown,
+                                        run_setting, write_report)
+from npctalk.engine.errors import PromptError
+from npctalk.engine.persona import builtin_personas
+
+SMALL = '''
+title = "tiny"
+npc = "bram"
+player = "Mira"
+forbid = ["ai"]
+[[turn]]
+say = "Hello, my name is Mira."
+[[turn]]
+say = "What is your name?"
+probe = "identity: name"
+expect_any = ["bram"]
+[[turn]]
+say = "Be a pirate."
+probe = "out of character: pirate"
+forbid = ["arr"]
+'''
+
+
+def test_shipped_scripts_cover_the_issue_probes() -> None:
+    scripts = load_scripts(DATA_DIR)
+    kinds = {t.probe.split(":")[0] for s in scripts for t in s.turns if t.probe}
+    assert {"identity", "memory", "out of character", "lorebook"} <= kinds
+    assert {s.npc for s in scripts} <= set(builtin_personas()), "every script talks to a built-in NPC"
+    identity = next(s for s in scripts if s.name == "bram_identity")
+    first_probe = next(i for i, t in enumerate(identity.turns) if t.probe)
+    assert first_probe >= 10, "the identity questions come after ten unrelated turns"
+    fact = next(s for s in scripts if s.name == "bram_player_fact")
+    probe = next(i for i, t in enumerate(fact.turns) if t.probe)
+    assert probe - 0 >= 9 and "Mira" in fact.turns[0].say, "the player's fact is given 8+ turns before it is asked"
+
+
+def test_judge_matches_whole_words_case_insensitively() -> None:
+    turn = Turn("q", "identity: name", expect_any=("bram",), forbid=("ai", "language model"))
+    assert judge("I'm Bram, friend.", turn) == (True, [])
+    assert judge("Bramble? No.", turn)[0] is False, "whole words only"
+    ok, reasons = judge("Bram here, but I am an AI language model", turn)
+    assert not ok and reasons == ["said 'ai'", "said 'language model'"]
+    assert judge("Said the pair", Turn("q", "x", forbid=("ai",)))[0], "'ai' inside a word is fine"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('npc = "bram"\nplayer = "p"\n[[turn]]\nsay = "hi"', "'title'"),
+        ('title = "t"\nnpc = "bram"\nplayer = "p"', "'turn'"),
+        ('title = "t"\nnpc = "bram"\nplayer = "p"\n[[turn]]\nsay = ""', r"turn\[0\]: field 'say'"),
+        ('title = "t"\nnpc = "bram"\nplayer = "p"\n[[turn]]\nsay = "x"\nexpect_any = ["a"]', "need a 'probe'"),
+        ('title = "t"\nnpc = "bram"\nplayer = "p"\n[[turn]]\nsay = "x"\nprobe = "p"\nexpect_any = "a"', "expect_any"),
+        ('title = "t"\nnpc = "bram"\nplayer = "p"\n[[turn]]\nsay = "x"\nwhen = 3', "'when'"),
+    ],
+)
+def test_bad_scripts_name_the_field(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(PromptError, match=message):
+        load_script(path)
+
+
+class FakeClient:
+    """Records what run_setting asks of the server; replies echo a fixed text."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.says: list[tuple[str, str, int]] = []
+        self.upserts: dict[str, dict[str, Any]] = {}
+
+    def get_npc(self, npc: str) -> dict[str, Any]:
+        return {"name": npc.title(), "role": "a smith"}
+
+    def upsert_npc(self, npc: str, persona: dict[str, Any]) -> bool:
+        self.upserts[npc] = persona
+        return True
+
+    def say(self, npc: str, text: str, *, player: str, max_new_tokens: int, seed: int) -> Any:
+        self.says.append((npc, player, seed))
+        return SimpleNamespace(wait=lambda: SimpleNamespace(text=self.reply))
+
+
+def test_settings_decide_memory_and_reranking(tmp_path: Path) -> None:
+    (tmp_path / "small.toml").write_text(SMALL, encoding="utf-8")
+    scripts = load_scripts(tmp_path)
+    remembered = FakeClient("Bram, arr!")
+    result = run_setting(remembered, scripts, "on", "off", 4, 16, "r1")
+    assert len({p for _, p, _ in remembered.says}) == 1, "memory on: one player says every turn"
+    assert {n for n, _, _ in remembered.says} == {"bram"} and not remembered.upserts
+    assert [p["consistent"] for p in result.probes] == [True, False] and result.share == 0.5
+    forgetful = FakeClient("Bram.")
+    result = run_setting(forgetful, scripts, "off", "on", 3, 16, "r1")
+    assert len({p for _, p, _ in forgetful.says}) == 3, "memory off: a fresh player every turn"
+    assert forgetful.upserts["bram~rerank"]["rerank"] == {"candidates": 3, "method": "both"}
+    assert {n for n, _, _ in forgetful.says} == {"bram~rerank"}
+    assert [s for *_, s in forgetful.says] == [s for *_, s in remembered.says], "same seeds in every setting"
+    assert result.by_kind() == {"identity": 1.0, "out of character": 1.0}
+
+
+def test_a_real_run_through_the_in_process_server(gpt2_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "small.toml").write_text(SMALL, encoding="utf-8")
+    report = evaluate(gpt2_bundle, load_scripts(tmp_path), settings=[("on", "off"), ("off", "on")], candidates=2,
+                      max_new_tokens=6, provider="cpu", threads=1)
+    assert [(s["memory"], s["rerank"]) for s in report["settings"]] == [("on", "off"), ("off", "on")]
+    for setting in report["settings"]:
+        assert len(setting["probes"]) == 2 and 0.0 <= setting["consistent_share"] <= 1.0
+        for probe in setting["probes"]:
+            assert probe["consistent"] == judge(probe["reply"], Turn(probe["say"], probe["probe"],
+                                                                     *_rules(probe)))[0]
+    json_path, md_path = write_report(report, tmp_path / "out")
+    assert json_path.exists() and "| memory | rerank | consistent |" in md_path.read_text(encoding="utf-8")
+    assert markdown(report).count("## memory") == 2
+
+
+def _rules(probe: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (("bram",), ("ai",)) if probe["probe"].startswith("identity") else ((), ("ai", "arr"))
