@@ -221,6 +221,17 @@ def test_a_server_side_bad_request_reaches_the_caller(built: Built, server: Serv
     assert "temperature" in run.stderr
 
 
+def test_per_request_deadlines_end_a_long_reply_with_timeout(built: Built, server: ServerProcess) -> None:
+    """deadline_ms is the server's limit for one say; --reply-timeout-ms the client's own (it cancels)."""
+    timeout = status_numbers(built)["timeout"]
+    long_reply = ("--endpoint", server.endpoint, *MIRA, "--player", "c-deadline", "--max-new-tokens", "600")
+    by_server = talk(built, *long_reply, "--deadline-ms", "30", "Tell me everything.")
+    assert by_server.code == timeout and "error: timeout:" in by_server.stderr, by_server.stderr
+    by_client = talk(built, *long_reply, "--reply-timeout-ms", "30", "Tell me everything.")
+    assert by_client.code == timeout and "did not end within its timeout_ms" in by_client.stderr, by_client.stderr
+    assert by_server.seconds < 10 and by_client.seconds < 10
+
+
 def test_bad_usage_names_the_flag(built: Built) -> None:
     run = talk(built, "--max-new-tokens", "many", "Hi")
     assert run.code == 64 and "--max-new-tokens" in run.stderr
