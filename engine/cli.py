@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
         personas_dir=args.personas, curve=_curve(args),
         memory=MemoryConfig(path=str(args.memory_db or memory_db_path()), recent_turns=args.memory_turns,
-                            synchronous=args.memory_sync),
+                            synchronous=args.memory_sync, embeddings=args.memory_embeddings),
     )
     return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
 
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lines per NPC and player kept verbatim; older ones go into a rolling summary")
     srv.add_argument("--memory-sync", choices=("full", "normal"), default="full",
                      help="full: a turn is on disk before done (survives power loss); normal: faster, survives crashes")
+    srv.add_argument("--memory-embeddings", choices=("auto", "on", "off"), default="auto",
+                     help="also retrieve facts by sentence embeddings (auto: when npctalk[memory-embeddings] is installed)")
     _add_sampling_flags(srv)
     srv.set_defaults(func=_serve)
 

@@ -21,11 +21,13 @@ fact is always included. Stateless and thread-safe.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 MAX_FACT_CHARS = 300       # a fact's text, from the game or extracted
 MAX_PHRASE_CHARS = 80      # what an extracted pattern takes after its trigger words
+MIN_SIMILARITY = 0.2       # embedding cosine that makes a fact relevant without a shared keyword (MiniLM:
+                           # related sentences scored 0.22-0.25, unrelated ones -0.03-0.17 in our samples)
 
 FactKind = str             # "name" | "origin" | "other"
 SOURCES = ("dialogue", "game")
@@ -146,16 +148,22 @@ def keywords(text: str) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def retrieve(facts: Sequence[Fact], query: Iterable[str], limit: int) -> list[Fact]:
+def retrieve(facts: Sequence[Fact], query: Iterable[str], limit: int,
+             similarity: Mapping[int, float] | None = None) -> list[Fact]:
     """The facts worth putting in this turn's prompt, oldest first.
 
-    Every ``name`` fact, then those sharing the most keywords with ``query`` (newer first on ties),
-    up to ``limit`` in all. A fact sharing no keyword is left out.
+    Every ``name`` fact, then the best scoring up to ``limit`` in all (newer first on ties). A fact
+    scores one per keyword it shares with ``query``, plus its embedding similarity to the turn
+    (``similarity`` by fact id, cosine in [-1, 1]) when given. A fact is left out unless it shares a
+    keyword or its similarity reaches ``MIN_SIMILARITY``.
     """
-    wanted = set(query)
+    wanted, similar = set(query), similarity or {}
     chosen = [f for f in facts if f.kind == "name"]
-    scored = [(len(wanted.intersection(f.keywords)), f.created, f.id, f) for f in facts if f.kind != "name"]
-    scored = [s for s in scored if s[0] > 0]
+    scored = []
+    for f in facts:
+        overlap, cosine = len(wanted.intersection(f.keywords)), similar.get(f.id, 0.0)
+        if f.kind != "name" and (overlap > 0 or cosine >= MIN_SIMILARITY):
+            scored.append((overlap + max(cosine, 0.0), f.created, f.id, f))
     scored.sort(key=lambda s: (s[0], s[1], s[2]), reverse=True)
     chosen += [s[3] for s in scored[:max(0, limit - len(chosen))]]
     return sorted(chosen, key=lambda f: (f.created, f.id))

@@ -40,6 +40,7 @@ class MemoryConfig:
     facts_per_turn: int = 6       # facts retrieved into one prompt (the name fact counts)
     max_facts: int = 200          # facts kept per pair; the oldest non-name fact goes first
     synchronous: str = "full"     # SQLite synchronous: "full" survives power loss, "normal" only crashes
+    embeddings: str = "off"       # fact retrieval by sentence embeddings too: "on", "off", "auto" (if installed)
 
     def __post_init__(self) -> None:
         if not 2 <= self.recent_turns <= MAX_RECENT_TURNS or self.recent_turns % 2:
@@ -49,6 +50,8 @@ class MemoryConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be in [{low}, {high}], got {value}.")
+        if self.embeddings not in ("on", "off", "auto"):
+            raise ConfigError(f"embeddings must be 'on', 'off' or 'auto', got {self.embeddings!r}.")
         if self.synchronous not in ("full", "normal"):
             raise ConfigError(f"synchronous must be 'full' or 'normal', got {self.synchronous!r}.")
 

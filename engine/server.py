@@ -30,6 +30,7 @@ SIGTERM/SIGINT: stop accepting ``say`` (answered ``busy``), let running streams 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -294,6 +295,7 @@ def _stop_on_signals(stop: Any) -> Iterator[None]:
 def serve(bundle: Path, config: ServerConfig = ServerConfig(), *, provider: str = "auto",
           intra_op_threads: int | None = None) -> int:
     """Load ``bundle`` and serve it until SIGTERM/SIGINT; returns the exit code."""
-    MemoryStore(config.memory).close()  # an unusable memory database fails now, before the slow model load
+    # An unusable memory database fails now, before the slow model load (embeddings load with the server).
+    MemoryStore(dataclasses.replace(config.memory, embeddings="off")).close()
     model = Model(bundle, provider=provider, intra_op_threads=intra_op_threads)  # type: ignore[arg-type]
     return Server(model, config).run()

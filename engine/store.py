@@ -3,7 +3,7 @@
 Schema (version in ``PRAGMA user_version``; ``_MIGRATIONS[n]`` brings a file from n-1 to n)::
 
     turns      id, npc, player, line, reply, created        one row per completed exchange
-    facts      id, npc, player, text, kind, source, keywords, created, turn_id
+    facts      id, npc, player, text, kind, source, keywords, created, turn_id, embedding (v2)
     summaries  npc, player, text, folded, updated            the rolling summary of folded turns
 
 Durability: WAL journal, ``synchronous=FULL`` by default. A completed turn (player line, NPC
@@ -31,14 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from . import memory_embeddings
 from .dialogue import Turn
 from .errors import ServeError
 from .facts import Fact, NewFact, extract_facts, keywords, retrieve
 from .memory import MemoryConfig, Recall, fold_summary, query_keywords
+from .memory_embeddings import SentenceEmbedder
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+EMBED_PER_RECALL = 8  # facts without an embedding embedded by one recall (a big import catches up over turns)
 _MIGRATIONS = {
     1: """
     CREATE TABLE turns (
@@ -54,6 +59,9 @@ _MIGRATIONS = {
         npc TEXT NOT NULL, player TEXT NOT NULL, text TEXT NOT NULL, folded INTEGER NOT NULL,
         updated REAL NOT NULL, PRIMARY KEY (npc, player));
     """,
+    2: """
+    ALTER TABLE facts ADD COLUMN embedding BLOB
+    """,  # float32 sentence embedding (memory_embeddings), filled by the first recall that needs it
 }
 
 
@@ -81,7 +89,9 @@ class MemoryStore:
         self.config = config
         self._now = clock
         self.db = _open(config.path, config.synchronous)
-        log.info("Memory database %s: %d conversations.", config.path, self.pair_count())
+        self.embedder = _embedder(config.embeddings)
+        log.info("Memory database %s: %d conversations; embedding retrieval %s.", config.path, self.pair_count(),
+                 "on" if self.embedder else "off")
 
     def close(self) -> None:
         self.db.close()
@@ -122,8 +132,25 @@ class MemoryStore:
     def recall(self, npc: str, player: str, line: str, context: Mapping[str, Any] | None = None) -> Recall:
         """What the NPC remembers for this turn: the facts relevant to ``line`` and ``context``, the summary."""
         about = " ".join(" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in (context or {}).values())
-        facts = retrieve(self.facts(npc, player), query_keywords(line, about), self.config.facts_per_turn)
+        similarity = self._similarity(npc, player, f"{line} {about}".strip()) if self.embedder else None
+        facts = retrieve(self.facts(npc, player), query_keywords(line, about), self.config.facts_per_turn, similarity)
         return Recall(tuple(facts), self.summary(npc, player))
+
+    def _similarity(self, npc: str, player: str, query: str) -> dict[int, float]:
+        """Cosine of each embedded fact with ``query``; embeds (and stores) up to EMBED_PER_RECALL new facts."""
+        assert self.embedder is not None
+        rows = self.db.execute("SELECT id, text, embedding FROM facts WHERE npc = ? AND player = ? AND kind != 'name'",
+                               (npc, player)).fetchall()
+        if not rows:
+            return {}
+        missing = [(i, text) for i, text, blob in rows if blob is None][:EMBED_PER_RECALL]
+        if missing:
+            new = {i: self.embedder.embed(text) for i, text in missing}
+            with self.transaction() as db:
+                db.executemany("UPDATE facts SET embedding = ? WHERE id = ?", [(v.tobytes(), i) for i, v in new.items()])
+            rows = [(i, text, new[i].tobytes() if i in new else blob) for i, text, blob in rows]
+        q = self.embedder.embed(query)
+        return {i: float(np.frombuffer(blob, dtype=np.float32) @ q) for i, _, blob in rows if blob is not None}
 
     def pair_count(self) -> int:
         """(NPC, player) pairs with anything remembered."""
@@ -201,6 +228,12 @@ class MemoryStore:
         self.db.execute("INSERT OR REPLACE INTO summaries (npc, player, text, folded, updated) VALUES (?, ?, ?, ?, ?)",
                         (npc, player, text, folded + len(old), now))
         self.db.executemany("DELETE FROM turns WHERE id = ?", [(i,) for i, _, _ in old])
+
+
+def _embedder(setting: str) -> SentenceEmbedder | None:
+    if setting == "off" or (setting == "auto" and not memory_embeddings.available()):
+        return None
+    return SentenceEmbedder()  # ConfigError naming the missing extra when "on" and not installed
 
 
 def _scope(npc: str | None, player: str | None) -> tuple[str, tuple[str, ...]]:

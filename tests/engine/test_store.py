@@ -256,3 +256,32 @@ def test_a_store_opened_on_one_thread_serves_on_another() -> None:
     thread.start()
     thread.join(10)
     assert errors == [] and [t.line for t in store.turns("bram", "p")] == ["I have a map."]
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_memories(tmp_path: Path) -> None:
+    from npctalk.engine.store import _MIGRATIONS
+
+    path = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_MIGRATIONS[1])
+    db.execute("INSERT INTO facts (npc, player, text, kind, source, keywords, created) "
+               "VALUES ('bram', 'p', 'The player is kind.', 'other', 'game', 'kind', 1.0)")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = MemoryStore(MemoryConfig(path=str(path)))
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert [f.text for f in store.facts("bram", "p")] == ["The player is kind."]
+    columns = [row[1] for row in store.db.execute("PRAGMA table_info(facts)")]
+    assert "embedding" in columns
+    store.close()
+
+
+def test_embeddings_on_without_the_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from npctalk.engine import memory_embeddings
+    from npctalk.engine.errors import ConfigError
+
+    monkeypatch.setattr(memory_embeddings, "model_zip", lambda: None)
+    with pytest.raises(ConfigError, match=r"npctalk\[memory-embeddings\]"):
+        MemoryStore(MemoryConfig(embeddings="on"))
+    assert MemoryStore(MemoryConfig(embeddings="auto")).embedder is None  # auto: quietly off
