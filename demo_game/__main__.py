@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if headless:
         log.info("No display: playing a scripted conversation headless (SDL_VIDEODRIVER=dummy).")
     game = Game(config, script)
+    # SIGTERM ends the loop like closing the window, so the server the demo started is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(game, "running", False))
     try:
         game.run()
     except ScriptError as exc:

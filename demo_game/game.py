@@ -76,7 +76,7 @@ class Game:
         self.shown_credits: list[str] = []
         self.held: set[int] = set()
         self.toast, self._toast_until = "", 0.0
-        self.frame, self.running = 0, True
+        self.frame, self.running, self._closed = 0, True, False
         self._greetings = {key: p.greeting for key, p in builtin_personas().items()}
         self._start = time.perf_counter()
         self._last_frame: float | None = None
@@ -114,8 +114,9 @@ class Game:
 
     def close(self) -> None:
         """Stop the engine the demo started, log frame times, close the window. Safe to call twice."""
-        if not pygame.display.get_init():
+        if self._closed:
             return
+        self._closed = True
         self.link.close()
         summary = self.stats.summary()
         if summary is not None:

@@ -96,4 +96,7 @@ def make_game() -> Iterator[Callable[..., Game]]:
 
     yield make
     for game in games:
+        server = game.link.server
+        process = server.process if server is not None else None
         game.close()
+        assert process is None or process.poll() is not None, "closing the game left its server running"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -78,3 +79,27 @@ def test_headless_main_command_plays_a_conversation_and_exits_0(gpt2_bundle: Pat
     assert std > 20 and colours > 50
     assert nobody_at(endpoint), "the demo left its server running"
     assert (tmp_path / "home" / "demo" / "server.log").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
+def test_sigterm_ends_the_demo_and_stops_its_server(gpt2_bundle: Path, tmp_path: Path) -> None:
+    endpoint = free_tcp_endpoint()
+    env = dict(os.environ, NPCTALK_HOME=str(tmp_path / "home"))
+    command = [sys.executable, "-m", "npctalk.demo", "--headless", "--model", str(gpt2_bundle), "--endpoint", endpoint,
+               "--threads", "1", "--say", "bram:Tell me everything.", "--max-new-tokens", "256"]
+    demo = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        assert demo.stderr is not None
+        for line in demo.stderr:  # blocks on the demo's log, which the demo writes as it goes
+            if "Engine online" in line:
+                break
+        else:
+            raise AssertionError(f"the demo exited ({demo.wait()}) before its engine came online")
+        demo.send_signal(signal.SIGTERM)
+        rest = demo.communicate(timeout=30)[1]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert "Stopped the engine" in rest and "Frame times:" in rest
+    assert nobody_at(endpoint), "the demo's server outlived it"
