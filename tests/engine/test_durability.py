@@ -33,7 +33,8 @@ ROUNDS = int(os.environ.get("NPCTALK_DURABILITY_ROUNDS", "200"))  # one SIGKILL 
 STREAMS = 3                  # says in flight at once, each from its own player
 MAX_KILL_DELAY_S = 0.3       # the kill lands uniformly in [0, this) after the server answers
 MAX_TURNS_PER_PLAYER = 100   # stays inside --memory-turns 256, so no turn is folded into the summary
-ARGS = (*LONG_STREAMS, "--max-new-tokens", "8", "--default-max-new-tokens", "3", "--memory-turns", "256")
+ARGS = (*LONG_STREAMS, "--max-new-tokens", "8", "--default-max-new-tokens", "3", "--memory-turns", "256",
+        "--memory-embeddings", "off")  # SQLite durability is the point; the embedding model only slows each start
 MIRA = {"name": "Mira", "role": "a herbalist"}
 
 

