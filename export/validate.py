@@ -213,7 +213,7 @@ def check_left_padding(decoder: OnnxDecoder, prompt_ids: list[int], pad_id: int,
     pos2 = np.where(mask2 == 1, np.cumsum(mask2, axis=1) - 1, 1)
     past1, past2 = decoder.empty_past(1), decoder.empty_past(2)
     worst, limit = 0.0, float("inf")
-    kv_worst, kv_limit = 0.0, float("inf")
+    kv_worst, kv_limit = -float("inf"), 0.0
     for step in range(PADDING_DECODE_STEPS + 1):
         out1, past1 = decoder.step(ids1, mask1, pos1, past1)
         out2, past2 = decoder.step(ids2, mask2, pos2, past2)
@@ -222,7 +222,8 @@ def check_left_padding(decoder: OnnxDecoder, prompt_ids: list[int], pad_id: int,
         worst, limit = max(worst, diff), min(limit, tol.limit(scale))
         for got, want in zip(past2, past1, strict=True):           # (kv_heads, pad + n, head_dim) vs (kv_heads, n, head_dim)
             diff, scale = _max_diff(got[0, :, pad:], want[0])
-            kv_worst, kv_limit = max(kv_worst, diff), min(kv_limit, tol.limit(scale))
+            if diff - tol.limit(scale) > kv_worst - kv_limit:      # each tensor against its own limit; keep the worst
+                kv_worst, kv_limit = diff, tol.limit(scale)
         token = out1[:, -1:].argmax(-1).astype(np.int64)           # (1, 1)
         ids1, ids2 = token, np.concatenate([token, token])
         mask1 = np.concatenate([mask1, np.ones((1, 1), np.int64)], axis=1)
