@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from .facts import MAX_FACT_CHARS, SOURCES, NewFact
+from .memory import fold_summary
 from .store import MemoryStore, StoreError
 
 FORMAT = "npctalk-memory"
@@ -101,6 +102,7 @@ def _write_pair(store: MemoryStore, pair: dict[str, Any]) -> None:
     for text, kind, source, created, turn in pair["facts"]:
         store._add_fact(npc, player, NewFact(text, kind), source, created, None if turn is None else ids[turn])
     summary, folded = pair["summary"]
+    summary = fold_summary(summary, [], store.config.summary_chars)  # this server's size limit
     if summary and not store.summary(npc, player):
         db.execute("INSERT OR REPLACE INTO summaries (npc, player, text, folded, updated) VALUES (?, ?, ?, ?, ?)",
                    (npc, player, summary, folded, store._now()))

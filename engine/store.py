@@ -150,7 +150,8 @@ class MemoryStore:
                 db.executemany("UPDATE facts SET embedding = ? WHERE id = ?", [(v.tobytes(), i) for i, v in new.items()])
             rows = [(i, text, new[i].tobytes() if i in new else blob) for i, text, blob in rows]
         q = self.embedder.embed(query)
-        return {i: float(np.frombuffer(blob, dtype=np.float32) @ q) for i, _, blob in rows if blob is not None}
+        return {i: float(np.frombuffer(blob, dtype=np.float32) @ q) for i, _, blob in rows
+                if blob is not None and len(blob) == q.nbytes}  # another model's vectors are skipped
 
     def pair_count(self) -> int:
         """(NPC, player) pairs with anything remembered."""

@@ -285,3 +285,11 @@ def test_embeddings_on_without_the_package_is_a_clear_error(monkeypatch: pytest.
     with pytest.raises(ConfigError, match=r"npctalk\[memory-embeddings\]"):
         MemoryStore(MemoryConfig(embeddings="on"))
     assert MemoryStore(MemoryConfig(embeddings="auto")).embedder is None  # auto: quietly off
+
+
+def test_an_imported_summary_is_held_to_this_servers_size(store: MemoryStore) -> None:
+    lines = "\n".join(f'Player: "line {i}" You: "reply {i}"' for i in range(500))
+    blob = pack({**GOOD, "pairs": [{**GOOD["pairs"][0], "summary": [lines, 500]}]})
+    import_blob(store, blob, "replace")
+    summary = store.summary("bram", "p")
+    assert len(summary) <= store.config.summary_chars and summary.endswith('"reply 499"')
