@@ -4,7 +4,8 @@
  * Prints "ok" and exits 0 when the check holds; otherwise prints why and exits 1.
  * The "recover" check talks to the test over stdio: it prints "streaming" once a token arrived
  * (the test then freezes the server), "lost" when the reply failed (the test thaws it), and waits
- * for a line on stdin before saying the next line on the same client.
+ * for a line on stdin before saying the next line on the same client. "stall" and "dropped" stop
+ * polling after their first line until a line arrives on stdin.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,9 +202,49 @@ static void check_recover(const char *endpoint) {
     npctalk_close(c);
 }
 
+/* A game that stops polling (a loading screen) while the server has nothing to say keeps its
+ * reply: the silence counts from the first ping after the stall, not from before it. Run against
+ * the test's scripted server, which answers pings but holds the reply until told. */
+static void check_stall(const char *endpoint) {
+    npctalk_client *c = connect_or_die(endpoint, 400);
+    reply_state s = {0};
+    npctalk_callbacks callbacks = {on_token, on_done, on_error, &s};
+    npctalk_say_options o = short_reply("api-stall", 8);
+    CHECK(npctalk_say(c, "bram", "Hello?", &o, &callbacks, NULL) == NPCTALK_OK, "say");
+    for (int i = 0; i < 50; i++) CHECK(npctalk_poll(c, 10) == NPCTALK_OK, "poll"); /* 0.5 s of frames */
+    CHECK(!s.failed && npctalk_running(c) == 1, "the reply failed before the stall (status %d)", s.status);
+    printf("stalling\n");
+    fflush(stdout);
+    char line[16];
+    CHECK(fgets(line, sizeof line, stdin) != NULL, "no go-ahead on stdin"); /* the stall: no polls */
+    wait_all(c);
+    CHECK(s.done && !s.failed && s.tokens == 1, "the reply did not survive the stall (failed %d status %d)", s.failed,
+          s.status);
+    npctalk_close(c);
+}
+
+/* The connection drops underneath a running reply (the server froze past the ZMTP heartbeat
+ * timeout while the game was not polling): the reply fails at once instead of waiting forever. */
+static void check_dropped(const char *endpoint) {
+    npctalk_client *c = connect_or_die(endpoint, 400);
+    reply_state s = {0};
+    npctalk_callbacks callbacks = {on_token, on_done, on_error, &s};
+    npctalk_say_options o = short_reply("api-dropped", 500);
+    CHECK(npctalk_say(c, "bram", "Tell me a long story.", &o, &callbacks, NULL) == NPCTALK_OK, "say");
+    while (s.tokens == 0 && !s.failed) CHECK(npctalk_poll(c, 10) == NPCTALK_OK, "poll");
+    printf("streaming\n");
+    fflush(stdout);
+    char line[16];
+    CHECK(fgets(line, sizeof line, stdin) != NULL, "no go-ahead on stdin"); /* no polls meanwhile */
+    wait_all(c);
+    CHECK(s.failed && s.status == NPCTALK_E_UNAVAILABLE, "the lost reply did not fail (done %d status %d)", s.done,
+          s.status);
+    npctalk_close(c);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: api_checks ENDPOINT arguments|concurrent|reentry|close|recover\n");
+        fprintf(stderr, "usage: api_checks ENDPOINT arguments|concurrent|reentry|close|recover|stall|dropped\n");
         return 64;
     }
     const char *endpoint = argv[1], *check = argv[2];
@@ -212,6 +253,8 @@ int main(int argc, char **argv) {
     else if (strcmp(check, "reentry") == 0) check_reentry(endpoint);
     else if (strcmp(check, "close") == 0) check_close_in_callback(endpoint);
     else if (strcmp(check, "recover") == 0) check_recover(endpoint);
+    else if (strcmp(check, "stall") == 0) check_stall(endpoint);
+    else if (strcmp(check, "dropped") == 0) check_dropped(endpoint);
     else {
         fprintf(stderr, "api_checks: unknown check %s\n", check);
         return 64;

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +146,100 @@ def test_the_same_client_recovers_after_the_server_froze(built: Built, server: S
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_reply_lost_when_the_connection_drops_fails_instead_of_hanging(built: Built, server: ServerProcess) -> None:
+    """The server freezes past the ZMTP heartbeat timeout while the game does not poll; when both
+    resume, pings are answered again on a new connection, but the reply is gone server-side."""
+    process = subprocess.Popen([str(built.api_checks), server.endpoint, "dropped"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None
+    try:
+        assert _read_line(process, 20) == "streaming"
+        server.signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.2)  # past the client's ZMTP heartbeat timeout (3 x 0.2 s): the connection drops
+        finally:
+            server.signal(signal.SIGCONT)
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        code = process.wait(10)
+        out = process.stdout.read().decode() if process.stdout else ""
+        assert code == 0 and out.endswith("ok\n"), out + (process.stderr.read().decode() if process.stderr else "")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+class HeldReplyServer:
+    """A scripted ROUTER: answers pings at once, holds every say until `release()`, then streams one
+    token and done. Stands in for a server busy with a long prefill (alive, but silent on the reply)."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        self.endpoint = free_tcp_endpoint()
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(self.endpoint)
+        self.released = threading.Event()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        held: list[tuple[bytes, str]] = []
+        while not self.stopped.is_set():
+            if self.socket.poll(20):
+                identity, frame = self.socket.recv_multipart()
+                request = msgpack.unpackb(frame, raw=False)
+                if request["op"] == "say":
+                    held.append((identity, request["id"]))
+                else:
+                    self._send(identity, {"type": "ok", "id": request["id"]})
+            if self.released.is_set():
+                for identity, request_id in held:
+                    self._send(identity, {"type": "token", "id": request_id, "seq": 0, "text": "Hm."})
+                    self._send(identity, {"type": "done", "id": request_id, "seq": 1, "text": "Hm.",
+                                          "finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                                          "timings": {"queue_ms": 0.0, "ttft_ms": 1.0, "total_ms": 1.0}})
+                held.clear()
+
+    def _send(self, identity: bytes, message: dict[str, object]) -> None:
+        self.socket.send_multipart([identity, msgpack.packb(message)])
+
+    def release(self) -> None:
+        self.released.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.socket.close(linger=0)
+        self.context.term()
+
+
+def test_a_reply_survives_a_game_stall_while_the_server_is_silent(built: Built) -> None:
+    fake = HeldReplyServer()
+    process = subprocess.Popen([str(built.api_checks), fake.endpoint, "stall"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None
+    try:
+        assert _read_line(process, 20) == "stalling"
+        time.sleep(1.0)  # the game does not poll for 1 s (2.5 x its 0.4 s timeout); the server says nothing
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        time.sleep(0.2)  # the client polls again: it must ask (ping) before judging the server silent
+        fake.release()
+        code = process.wait(10)
+        out = process.stdout.read().decode() if process.stdout else ""
+        assert code == 0 and out.endswith("ok\n"), out + (process.stderr.read().decode() if process.stderr else "")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        fake.stop()
 
 
 def test_status_enum_matches_the_protocol_error_codes(built: Built) -> None:

@@ -47,20 +47,29 @@ void next_id(npctalk_client *c, char id[ID_CAP], uint64_t *number) {
     if (number) *number = n;
 }
 
-static int pending(const npctalk_client *c) { return c->call != NULL || c->running > 0; }
-
 void wake(npctalk_client *c) {
     if (!pending(c)) c->last_heard_ms = now_ms(); /* silence counts from the first pending request */
 }
 
 /* --- connection ------------------------------------------------------------------------------ */
 
-static npctalk_status open_socket(npctalk_client *c) {
+#define MONITORED_EVENTS                                                                   \
+    (ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+     ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+
+npctalk_status open_socket(npctalk_client *c) {
     void *sock = zmq_socket(c->context, ZMQ_DEALER);
-    if (sock == NULL) return fail(c, NPCTALK_E_SOCKET, "Cannot create a ZeroMQ DEALER socket: %s.", zmq_strerror(errno));
+    void *monitor = zmq_socket(c->context, ZMQ_PAIR);
+    if (sock == NULL || monitor == NULL) {
+        int err = errno;
+        if (sock) zmq_close(sock);
+        if (monitor) zmq_close(monitor);
+        return fail(c, NPCTALK_E_SOCKET, "Cannot create ZeroMQ sockets: %s.", zmq_strerror(err));
+    }
     int linger = 0, heartbeat = c->options.heartbeat_ms, heartbeat_timeout = 3 * c->options.heartbeat_ms;
     int64_t max_message = WIRE_MAX_REPLY_BYTES;
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger); /* a closed socket drops what it queued */
+    zmq_setsockopt(monitor, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max_message, sizeof max_message);
     zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &heartbeat, sizeof heartbeat); /* ZMTP: notices dead TCP peers */
     zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &heartbeat_timeout, sizeof heartbeat_timeout);
@@ -69,17 +78,38 @@ static npctalk_status open_socket(npctalk_client *c) {
                          zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, c->curve.secret_key, 40) != 0)) {
         int err = errno;
         zmq_close(sock);
+        zmq_close(monitor);
         return fail(c, NPCTALK_E_INVALID_ARGUMENT, "The CURVE keys were refused: %s%s.", zmq_strerror(err),
                     zmq_has("curve") ? " (each must be 40 Z85 characters)" : " (this libzmq was built without CURVE)");
     }
+    char address[64];
+    snprintf(address, sizeof address, "inproc://npctalk-monitor-%llu", (unsigned long long)++c->monitors);
+    if (zmq_socket_monitor(sock, address, MONITORED_EVENTS) != 0 || zmq_connect(monitor, address) != 0) {
+        int err = errno;
+        zmq_close(sock);
+        zmq_close(monitor);
+        return fail(c, NPCTALK_E_SOCKET, "Cannot monitor the connection: %s.", zmq_strerror(err));
+    }
     if (zmq_connect(sock, c->endpoint) != 0) {
         int err = errno;
+        zmq_socket_monitor(sock, NULL, 0);
+        zmq_close(monitor);
         zmq_close(sock);
         return fail(c, NPCTALK_E_SOCKET, "Cannot connect to '%s': %s (use tcp://HOST:PORT or ipc://PATH).",
                     c->endpoint, zmq_strerror(err));
     }
     c->socket = sock;
+    c->monitor = monitor;
+    c->handshake_failed = 0;
     return NPCTALK_OK;
+}
+
+void close_socket(npctalk_client *c) {
+    if (c->socket == NULL) return;
+    zmq_socket_monitor(c->socket, NULL, 0); /* stop events before their reader goes away */
+    zmq_close(c->monitor);
+    zmq_close(c->socket);
+    c->socket = c->monitor = NULL;
 }
 
 npctalk_options npctalk_default_options(void) {
@@ -169,7 +199,7 @@ static void destroy(npctalk_client *c) {
         c->streams = s->next;
         free_stream(s);
     }
-    zmq_close(c->socket);
+    close_socket(c);
     zmq_ctx_term(c->context);
     free(c->endpoint);
     free(c);
@@ -191,6 +221,7 @@ int finish_deferred_close(npctalk_client *c) {
 }
 
 npctalk_status send_frame(npctalk_client *c, const msgpack_sbuffer *frame) {
+    if (c->socket == NULL && open_socket(c) != NPCTALK_OK) return NPCTALK_E_SOCKET; /* a reopen had failed */
     if (zmq_send(c->socket, frame->data, frame->size, ZMQ_DONTWAIT) < 0) {
         if (errno == EAGAIN)
             return fail(c, NPCTALK_E_SOCKET, "Cannot queue a message for %s: the send queue is full (the server "
@@ -242,79 +273,46 @@ static npctalk_status drain(npctalk_client *c, int *received) {
     return NPCTALK_OK;
 }
 
-/* --- time ------------------------------------------------------------------------------------ */
-
-/* Milliseconds until service() may have work; -1 when nothing is pending. */
-static int64_t next_wakeup(const npctalk_client *c) {
-    if (!pending(c)) return -1;
-    int64_t at = c->last_sent_ms + c->options.heartbeat_ms;
-    if (c->last_heard_ms + c->options.timeout_ms + 1 < at) at = c->last_heard_ms + c->options.timeout_ms + 1;
-    for (const stream *s = c->streams; s; s = s->next)
-        if (s->expires_ms && s->expires_ms < at) at = s->expires_ms;
-    int64_t wait = at - now_ms();
-    return wait > 0 ? wait : 0;
-}
-
-static void reconnect(npctalk_client *c) {
-    double silent = (double)(now_ms() - c->last_heard_ms);
-    log_line(c, "No answer from %s for %.0f ms (timeout %d ms): reconnecting.", c->endpoint, silent,
-             c->options.timeout_ms);
-    zmq_close(c->socket);
-    npctalk_status opened = open_socket(c);
-    stream *lost = c->streams; /* detached first: their callbacks may start new replies */
-    c->streams = NULL;
-    c->running = 0;
-    while (lost) {
-        stream *s = lost;
-        lost = s->next;
-        char message[512];
-        snprintf(message, sizeof message,
-                 "No message from the server for %.1f s (timeout %.1f s); reply %s was cut after %zu bytes.",
-                 silent / 1000.0, c->options.timeout_ms / 1000.0, s->id, s->text_len);
-        report_error(c, s, NPCTALK_E_UNAVAILABLE, message);
-    }
-    call *k = c->call;
-    if (k && !k->finished) {
-        if (opened != NPCTALK_OK || k->attempts > c->options.retries) {
-            k->finished = 1;
-            k->status = opened != NPCTALK_OK ? opened : NPCTALK_E_UNAVAILABLE;
-            snprintf(k->error, sizeof k->error, "No message from the server at %s for %.1f s (timeout %.1f s); gave "
-                     "up on %s after %d attempts.", c->endpoint, silent / 1000.0, c->options.timeout_ms / 1000.0,
-                     k->op, k->attempts);
-        } else {
-            k->attempts++;
-            if (send_frame(c, &k->frame) != NPCTALK_OK) log_line(c, "%s", c->error);
+/* Read the monitor's events; 1 when the connection dropped. An event is two frames: 2 bytes of
+ * event id and 4 of value, then the endpoint. */
+static int drain_monitor(npctalk_client *c) {
+    int dropped = 0;
+    for (;;) {
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        if (zmq_msg_recv(&msg, c->monitor, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&msg);
+            return dropped;
+        }
+        uint16_t event = 0;
+        if (zmq_msg_size(&msg) >= sizeof event) memcpy(&event, zmq_msg_data(&msg), sizeof event);
+        while (zmq_msg_more(&msg) && zmq_msg_recv(&msg, c->monitor, ZMQ_DONTWAIT) >= 0) {}
+        zmq_msg_close(&msg);
+        if (event == ZMQ_EVENT_DISCONNECTED) {
+            dropped = 1;
+        } else if (!c->handshake_failed) {
+            c->handshake_failed = 1;
+            log_line(c, "The handshake with %s failed (event 0x%x): are the CURVE keys right?", c->endpoint, event);
         }
     }
-    c->last_heard_ms = c->last_sent_ms = now_ms();
-}
-
-/* Client-side reply timeouts, heartbeats and the silence check. */
-static void service(npctalk_client *c) {
-    for (stream *s = c->streams; s && !c->closing;) {
-        stream *next = s->next;
-        if (s->expires_ms && now_ms() >= s->expires_ms)
-            fail_stream(c, s, NPCTALK_E_TIMEOUT, 1, "Reply %s did not end within its timeout_ms; it was cancelled.",
-                        s->id);
-        s = next; /* a callback may have started replies: those are at the head, checked next time */
-    }
-    if (!pending(c) || c->closing) return;
-    int64_t now = now_ms();
-    if (now - c->last_heard_ms > c->options.timeout_ms) reconnect(c);
-    else if (now - c->last_sent_ms >= c->options.heartbeat_ms) send_simple(c, "ping", NULL);
 }
 
 npctalk_status pump(npctalk_client *c, int timeout_ms) {
+    if (c->socket == NULL && open_socket(c) != NPCTALK_OK) return NPCTALK_E_SOCKET; /* a reopen had failed */
     int64_t wake_in = next_wakeup(c);
     int64_t wait = timeout_ms < 0 ? 0 : timeout_ms;
     if (wake_in >= 0 && wake_in < wait) wait = wake_in;
     if (wait > 0) {
-        zmq_pollitem_t item = {c->socket, 0, ZMQ_POLLIN, 0};
-        if (zmq_poll(&item, 1, (long)wait) < 0 && errno != EINTR)
+        zmq_pollitem_t items[2] = {{c->socket, 0, ZMQ_POLLIN, 0}, {c->monitor, 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(items, 2, (long)wait) < 0 && errno != EINTR)
             return fail(c, NPCTALK_E_SOCKET, "Polling %s failed: %s.", c->endpoint, zmq_strerror(errno));
     }
     int received = 0;
-    npctalk_status status = drain(c, &received);
+    npctalk_status status = drain(c, &received); /* what arrived before a drop is still delivered */
+    if (!c->closing && drain_monitor(c) && pending(c)) {
+        connection_dropped(c);
+        received++;
+    }
     if (!c->closing) service(c);
     return status != NPCTALK_OK ? status : received > 0 ? NPCTALK_OK : NPCTALK_E_TIMEOUT;
 }

@@ -43,6 +43,9 @@ typedef struct call {
 
 struct npctalk_client {
     void *context, *socket;
+    void *monitor;         /* PAIR receiving the DEALER's connection events (a dropped connection) */
+    uint64_t monitors;     /* numbers the monitor's inproc endpoints, one per socket opened */
+    int handshake_failed;  /* the last handshake was refused (CURVE keys): said in timeout errors */
     char *endpoint;
     npctalk_options options;    /* the curve_* pointers are cleared: the keys live in `curve` */
     int use_curve;
@@ -61,6 +64,8 @@ struct npctalk_client {
 /* --- status.c --- */
 npctalk_status status_from_code_n(const char *code, size_t len);
 
+static inline int pending(const npctalk_client *c) { return c->call != NULL || c->running > 0; }
+
 /* --- client.c -------------------------------------------------------------------------------- */
 int64_t now_ms(void);
 /* Format the client's last error; returns `status` so callers can `return fail(c, ...)`. */
@@ -78,13 +83,25 @@ void log_line(npctalk_client *c, const char *format, ...)
 void next_id(npctalk_client *c, char id[ID_CAP], uint64_t *number);
 /* Something is about to be pending: start the silence clock if nothing was. */
 void wake(npctalk_client *c);
+/* A new DEALER (options, CURVE keys, monitor) connected to the endpoint; close_socket undoes it. */
+npctalk_status open_socket(npctalk_client *c);
+void close_socket(npctalk_client *c);
 npctalk_status send_frame(npctalk_client *c, const msgpack_sbuffer *frame);
 void send_cancel(npctalk_client *c, stream *s);
 void send_simple(npctalk_client *c, const char *op, const char *target);
-/* Wait (at most `timeout_ms`) and receive, dispatch, heartbeat, reconnect: one turn of the loop. */
+/* Wait (at most `timeout_ms`) and receive, dispatch, heartbeat, reconnect: one turn of the loop.
+ * Returns NPCTALK_E_TIMEOUT when no frame arrived (internal meaning: "nothing yet"). */
 npctalk_status pump(npctalk_client *c, int timeout_ms);
 /* Free the client if npctalk_close was deferred from a callback. Returns 1 when it was freed. */
 int finish_deferred_close(npctalk_client *c);
+
+/* --- liveness.c ------------------------------------------------------------------------------ */
+/* Milliseconds until service() may have work; -1 when nothing is pending. */
+int64_t next_wakeup(const npctalk_client *c);
+/* Client-side reply timeouts, heartbeats, the silence check (after receiving). */
+void service(npctalk_client *c);
+/* The monitor saw the TCP connection drop while something was pending. */
+void connection_dropped(npctalk_client *c);
 
 /* --- replies.c ------------------------------------------------------------------------------- */
 /* One frame from the server: to the blocking call or stream it answers (others only show life). */
