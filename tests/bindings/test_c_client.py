@@ -327,6 +327,15 @@ def test_per_request_deadlines_end_a_long_reply_with_timeout(built: Built, serve
     assert by_server.seconds < 10 and by_client.seconds < 10
 
 
+def test_too_large_is_told_by_the_server_or_before_sending(built: Built, server: ServerProcess) -> None:
+    too_large = status_numbers(built)["too_large"]
+    long_line = talk(built, "--endpoint", server.endpoint, "--npc", "bram", "x" * 5000)  # over 4000 characters
+    assert long_line.code == too_large and "4000" in long_line.stderr, long_line.stderr
+    huge_frame = talk(built, "--endpoint", server.endpoint, "--npc", "bram", "x" * 70_000)  # the server could not read it
+    assert huge_frame.code == too_large and "70" in huge_frame.stderr and "65536" in huge_frame.stderr, huge_frame.stderr
+    assert huge_frame.seconds < 5
+
+
 def test_bad_usage_names_the_flag(built: Built) -> None:
     run = talk(built, "--max-new-tokens", "many", "Hi")
     assert run.code == 64 and "--max-new-tokens" in run.stderr

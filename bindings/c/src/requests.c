@@ -15,6 +15,15 @@ npctalk_say_options npctalk_say_defaults(void) {
     return o;
 }
 
+#define MAX_REQUEST_BYTES (64 * 1024) /* PROTOCOL.md limits: the server cannot even read the id of a larger frame */
+
+/* A frame the server would refuse unread is refused here, where the caller can be told which. */
+static npctalk_status check_size(npctalk_client *c, const char *op, const msgpack_sbuffer *frame) {
+    if (frame->size <= MAX_REQUEST_BYTES) return NPCTALK_OK;
+    return fail(c, NPCTALK_E_TOO_LARGE, "The %s request is %zu bytes; the server accepts at most %d per frame.", op,
+                frame->size, MAX_REQUEST_BYTES);
+}
+
 /* --- blocking calls ------------------------------------------------------------------------- */
 
 /* Send k->frame and pump until its answer, an error, or `retries` reconnects. On NPCTALK_OK the
@@ -24,6 +33,10 @@ static npctalk_status call_run(npctalk_client *c, call *k) {
         msgpack_sbuffer_destroy(&k->frame);
         return fail(c, NPCTALK_E_INVALID_ARGUMENT,
                     "%s was called from a callback; blocking calls must run outside callbacks.", k->op);
+    }
+    if (check_size(c, k->op, &k->frame) != NPCTALK_OK) {
+        msgpack_sbuffer_destroy(&k->frame);
+        return NPCTALK_E_TOO_LARGE;
     }
     wake(c);
     c->call = k;
@@ -280,8 +293,11 @@ npctalk_status npctalk_say(npctalk_client *c, const char *npc, const char *text,
     msgpack_packer pk;
     msgpack_packer_init(&pk, &frame, msgpack_sbuffer_write);
     pack_say(&pk, s->id, npc, text, &o);
-    wake(c);
-    status = send_frame(c, &frame);
+    status = check_size(c, "say", &frame);
+    if (status == NPCTALK_OK) {
+        wake(c);
+        status = send_frame(c, &frame);
+    }
     msgpack_sbuffer_destroy(&frame);
     if (status != NPCTALK_OK) {
         free_stream(s);
