@@ -2,7 +2,7 @@
  * npctalk C client: talk to `npctalk serve` over ZeroMQ (protocol v1, bindings/PROTOCOL.md).
  *
  * One npctalk_client owns one DEALER socket. Requests:
- *   - blocking calls with one answer: npctalk_hello, npctalk_ping, npctalk_upsert_npc. Each waits
+ *   - blocking calls with one answer: npctalk_hello, npctalk_ping, npctalk_upsert_npc(_msgpack). Each waits
  *     at most options.timeout_ms of server silence per attempt and retries (Lazy Pirate: close the
  *     socket with LINGER 0, reopen, resend) up to options.retries times.
  *   - streams: npctalk_say returns at once; npctalk_poll (timeout 0 from a game loop: never blocks)
@@ -11,11 +11,14 @@
  * While anything is pending the client pings the server every heartbeat_ms (the server drops
  * clients silent for its --client-timeout); when the server says nothing for timeout_ms, the
  * connection is replaced and running replies fail with NPCTALK_E_UNAVAILABLE (a half-shown reply
- * cannot be resumed).
+ * cannot be resumed). The same happens at once when the TCP connection drops underneath (a socket
+ * monitor sees it).
  *
  * Threads: a client is not thread-safe; use it from one thread (the game loop). Different clients
  * may live in different threads. Strings passed to callbacks are valid only during the call.
- * Callbacks may call npctalk_say and npctalk_cancel, not the blocking calls or npctalk_close.
+ * Callbacks may call npctalk_say and npctalk_cancel; npctalk_close from a callback takes effect when
+ * the npctalk_* call that ran the callback returns; blocking calls and npctalk_poll from a callback
+ * fail with NPCTALK_E_INVALID_ARGUMENT.
  */
 #ifndef NPCTALK_H
 #define NPCTALK_H
@@ -90,7 +93,8 @@ typedef struct npctalk_client npctalk_client;
 npctalk_status npctalk_connect(const char *endpoint, const npctalk_options *options, npctalk_client **out);
 /* The sentence explaining this thread's last npctalk_connect failure (static storage). */
 const char *npctalk_connect_error(void);
-/* Close the socket (LINGER 0) and free the client. Running replies get no more callbacks. */
+/* Close the socket (LINGER 0) and free the client. Running replies get no more callbacks. From a
+ * callback: deferred until the npctalk_poll (or blocking call) that ran it returns. */
 void npctalk_close(npctalk_client *client);
 /* A sentence explaining the last failed call on `client` ("" if none). Valid until the next call. */
 const char *npctalk_last_error(const npctalk_client *client);
