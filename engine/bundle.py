@@ -43,7 +43,7 @@ MANIFEST_NAME = "manifest.json"
 
 ARCHITECTURES = ("gpt2", "llama")
 DIALOGUE_FORMATS = ("eos_joined", "chat_template")
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
 DEVICES = ("cpu", "cuda")
 GRAPHS = ("optimum", "lean")
 

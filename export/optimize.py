@@ -11,6 +11,13 @@
   activations uint8 scaled per call) of every weight MatMul/Gather except the MLP down
   projections: for the CPU execution provider. KV cache and logits stay float32. GPT-2's Gemm
   layers are first rewritten as MatMul + Add, which the quantizer handles and Gemm it does not.
+- ``int4``: 4-bit weight-only quantization (``MatMulNBits``, onnxruntime's
+  ``matmul_nbits_quantizer``) of every weight MatMul, the LM head included (a tied LM head reads
+  the embedding through a Transpose; it gets its own transposed copy so it can be quantized, while
+  the embedding Gather stays fp32). Blocks of ``INT4_BLOCK_SIZE`` input channels share one scale
+  and zero point; activations stay float (``INT4_ACCURACY_LEVEL`` lets the CPU kernel multiply in
+  int8). KV cache and logits stay float32. The choices below were set by perplexity on
+  ``data/heldout`` (see ``bench/quality.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ KEEP_FLOAT32 = ["logits"]
 # activations; one per-tensor uint8 scale for it wrecks every other token. Keeping these MatMuls in
 # fp32 cut SmolLM2-135M's worst prefill logit error from 18.8 to 5.1 (bundle +80 MB).
 KEEP_FP32_NODES = re.compile(r"/mlp/(down_proj|c_proj)/")
+# int4, chosen by perplexity of SmolLM2-135M-Instruct on data/heldout (bench/results/quality-*):
+INT4_METHOD = "rtn"         # rtn: min/max per block, integer zero point; hqq: float zero point, refined (HQQ)
+INT4_BLOCK_SIZE = 32        # input channels per scale; 32 is the smallest block MatMulNBits' CPU kernel favours
+INT4_SYMMETRIC = False      # asymmetric: one uint4 zero point per block
+INT4_ACCURACY_LEVEL = 4     # CPU kernel: activations quantized to int8 per block for the dot products
+INT4_KEEP_FP32_NODES: re.Pattern[str] | None = None  # weight-only int4 needs no fp32 down projection
 
 
 def data_files(model_path: Path) -> list[Path]:
@@ -141,14 +154,83 @@ def to_int8(model_path: Path) -> None:
     _install(new_path, model_path)
 
 
+def untie_lm_head(model: onnx.ModelProto) -> int:
+    """Give every MatMul that reads a constant weight through a Transpose its own transposed weight.
+
+    A tied LM head exports as ``MatMul(h, Transpose(embedding))``; the weight-only quantizer only
+    handles constant weights. Returns the number of MatMuls rewritten; the embedding stays for its Gather.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    transposes = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    count = 0
+    for node in model.graph.node:
+        source = transposes.get(node.input[1]) if node.op_type == "MatMul" else None
+        if source is None:
+            continue
+        perm = next((list(helper.get_attribute_value(a)) for a in source.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[source.input[0]])
+        if weight.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{source.input[0]}.untied_T"
+        model.graph.initializer.append(numpy_helper.from_array(weight.T.copy(), name))
+        node.input[1] = name
+        count += 1
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [n for n in model.graph.node if not (n.op_type == "Transpose" and n.output[0] not in used)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return count
+
+
+def to_int4(model_path: Path, block_size: int | None = None, symmetric: bool | None = None,
+            keep_fp32: re.Pattern[str] | None = INT4_KEEP_FP32_NODES, quantize_lm_head: bool = True,
+            accuracy_level: int | None = None, method: str | None = None) -> None:
+    """Quantize ``model_path``'s MatMul weights to 4 bits (MatMulNBits) in place; arguments override the defaults."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    external = _size(model_path) // 4 > EXTERNAL_DATA_BYTES
+    model = onnx.load(str(model_path))
+    rewritten = gemm_to_matmul(model)
+    if rewritten:
+        log.info("Rewrote %d Gemm nodes as MatMul + Add so they can be quantized", rewritten)
+    if quantize_lm_head and (untied := untie_lm_head(model)):
+        log.info("Gave %d tied MatMul(s) (the LM head) their own transposed weight so they can be quantized", untied)
+    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and keep_fp32 is not None
+                and keep_fp32.search(n.name)]
+    method = method or INT4_METHOD
+    block_size = block_size or INT4_BLOCK_SIZE
+    algo = None
+    if method == "hqq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
+    elif method != "rtn":
+        raise ExportError(f"Unknown int4 method {method!r}; choose 'rtn' or 'hqq'.")
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=INT4_SYMMETRIC if symmetric is None else symmetric,
+        accuracy_level=INT4_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+        nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",), algo_config=algo,
+    )
+    quantizer.process()
+    quantized = quantizer.model.model
+    log.info("int4: %d MatMulNBits, %d MatMul kept in float",
+             sum(n.op_type == "MatMulNBits" for n in quantized.graph.node), len(excluded))
+    new_path = _scratch(model_path)
+    save(quantized, new_path, external=external)
+    _install(new_path, model_path)
+
+
 def optimize(model_path: Path, dtype: str) -> None:
-    """Turn the fp32 graph at ``model_path`` into ``dtype`` (``fp32``/``fp16``/``int8``), in place."""
+    """Turn the fp32 graph at ``model_path`` into ``dtype`` (``fp32``/``fp16``/``int8``/``int4``), in place."""
     if dtype == "fp32":
         log.info("fp32: keeping the exported graph as is")
         return
-    convert = {"fp16": to_fp16, "int8": to_int8}.get(dtype)
+    convert = {"fp16": to_fp16, "int8": to_int8, "int4": to_int4}.get(dtype)
     if convert is None:
-        raise ExportError(f"Unknown dtype {dtype!r}; choose fp32, fp16 or int8.")
+        raise ExportError(f"Unknown dtype {dtype!r}; choose fp32, fp16, int8 or int4.")
     before = _size(model_path)
     try:
         with heartbeat(f"converting to {dtype}"):

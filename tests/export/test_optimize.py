@@ -1,4 +1,4 @@
-"""optimize.py: fp16 and int8 bundles of both families build, validate, and say what they hold."""
+"""optimize.py: fp16, int8 and int4 bundles of both families build, validate, and say what they hold."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_gemm_rewrite_keeps_gpt2_logits(gpt2_bundle: Path, tmp_path: Path) -> No
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
 def test_external_weights_layout(dtype: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Big models keep weights in ``model.onnx.data``: forced here on a tiny one, through every step."""
     from npctalk.export import optimize
@@ -96,3 +96,96 @@ def test_external_weights_layout(dtype: str, tiny_llama_dir: Path, tmp_path: Pat
         ["LICENSE.model", "manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "validation.json"])
     assert (out / "model.onnx.data").stat().st_size > 64_000  # the weights really moved out
     assert _report(out)["passed"] and load_manifest(out).dtype == dtype
+
+
+# --- int4 (MatMulNBits) -------------------------------------------------------------------------
+
+def _export_dtype(source: Path, out: Path, dtype: str) -> Path:
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    return export_bundle(source, out, ExportOptions(dtype=dtype))
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def int4_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """int4 (4-bit weight-only) bundle of each tiny model."""
+    source = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return _export_dtype(source, tmp_path_factory.mktemp("bundles") / f"{request.param}-int4", "int4")
+
+
+def _constant_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """MatMuls whose weight is an initializer, directly or through a Transpose (a tied LM head)."""
+    inits = {i.name for i in graph.initializer}
+    transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    return [n for n in graph.node if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in transposed)]
+
+
+def test_int4_bundle_is_matmulnbits_everywhere_and_validates(int4_bundle: Path) -> None:
+    from npctalk.export.optimize import INT4_BLOCK_SIZE
+
+    manifest = load_manifest(int4_bundle)
+    assert manifest.dtype == "int4" and manifest.kv_dtype == "fp32"
+    graph = _graph(int4_bundle)
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    # Every linear layer (4 or 7 per layer) and the LM head; no float weight MatMul is left.
+    per_layer = 4 if manifest.architecture == "gpt2" else 7
+    assert len(nbits) == per_layer * manifest.num_layers + 1, [n.name for n in nbits]
+    assert any("lm_head" in n.name for n in nbits)
+    assert not _constant_matmuls(graph)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == INT4_BLOCK_SIZE
+    report = _report(int4_bundle)
+    assert report["passed"] and report["dtype"] == "int4" and len(report["steps"]) == DECODE_STEPS + 1
+    assert report["tolerance"]["atol"] == TOLERANCES["int4"].atol
+    assert report["left_padding"]["supported"] and report["left_padding"]["max_abs_diff"] <= report["left_padding"]["limit"]
+    # Really quantized (not fp32 under another name), yet far inside the broken-graph limit.
+    worst = max(s["logits_max_abs_diff"] for s in report["steps"])
+    assert 1e-4 < worst < 0.5 * report["steps"][0]["logits_limit"]
+
+
+def test_int4_greedy_decoding_runs_and_mostly_agrees_with_fp32(int4_bundle: Path, request: pytest.FixtureRequest) -> None:
+    from npctalk.engine.generator import Generator, GeneratorParams
+    from npctalk.engine.model import Model
+
+    family = load_manifest(int4_bundle).architecture
+    reference = request.getfixturevalue(f"{family}_bundle")
+    replies = []
+    for path in (reference, int4_bundle):
+        model = Model(path, provider="cpu")
+        params = GeneratorParams(model)
+        params.set_search_options(max_new_tokens=12)
+        gen = Generator(model, params)
+        gen.append_tokens(model.tokenizer.encode("Hello traveller, welcome to the village"))
+        while not gen.is_done():
+            gen.generate_next_token()
+        replies.append(gen.reply_tokens)
+    fp32, int4 = replies
+    assert 1 <= len(int4) <= 12 and all(0 <= t < load_manifest(int4_bundle).vocab_size for t in int4)
+    assert int4[0] == fp32[0]  # the first greedy token survives 4-bit weights
+
+
+def test_int4_graph_is_smaller_than_fp32(int4_bundle: Path, request: pytest.FixtureRequest) -> None:
+    reference = request.getfixturevalue(f"{load_manifest(int4_bundle).architecture}_bundle")
+    assert (int4_bundle / "model.onnx").stat().st_size < 0.8 * (reference / "model.onnx").stat().st_size
+
+
+def test_untie_lm_head_keeps_llama_logits(llama_bundle: Path, tmp_path: Path) -> None:
+    """A tied LM head gets its own transposed weight without changing a logit; the embedding stays."""
+    import numpy as np
+    from npctalk.export.optimize import untie_lm_head
+    from npctalk.export.validate import OnnxDecoder
+
+    model = onnx.load(str(llama_bundle / "model.onnx"))
+    before = len(_constant_matmuls(model.graph))
+    assert untie_lm_head(model) == 1
+    assert not any(n.op_type == "Transpose" and n.input[0] in {i.name for i in model.graph.initializer}
+                   for n in model.graph.node)
+    assert len(_constant_matmuls(model.graph)) == before
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    manifest = load_manifest(llama_bundle)
+    ids, mask, pos = np.array([[3, 14, 15, 92, 65]]), np.ones((1, 5)), np.arange(5)[None]
+    outputs = []
+    for path in (llama_bundle / "model.onnx", tmp_path / "model.onnx"):
+        dec = OnnxDecoder(path, manifest.io, manifest.num_layers)
+        outputs.append(dec.step(ids, mask, pos, dec.empty_past(1))[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
