@@ -26,7 +26,7 @@ MAX_NODES_PER_LAYER = {"gpt2": 9, "llama": 14}
 MAX_SHARED_NODES = 21  # GPT-2: 13 for mask and lengths, 2 embeddings, final norm, slice, 3 for the head (+ a Cast in fp16)
 
 
-def _export(source: Path, out: Path, dtype: str) -> Path:
+def _export(source: Path | str, out: Path, dtype: str) -> Path:
     from npctalk.export.api import ExportOptions, export_bundle
 
     logging.getLogger("npctalk").setLevel(logging.INFO)
@@ -276,3 +276,18 @@ def test_left_padding_check_catches_a_lean_graph_fed_no_mask(lean: tuple[str, st
     decoder.step = lambda ids_, mask, pos, past: original(ids_, np.ones_like(mask), pos, past)  # type: ignore[method-assign]
     broken = check_left_padding(decoder, ids, manifest.pad_token_id, TOLERANCES["fp32"])
     assert broken["max_abs_diff"] > broken["limit"] and broken["present_max_abs_diff"] > broken["present_limit"]
+
+
+@pytest.mark.slow
+def test_default_model_lean_export_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export-onnx default --graph lean``: SmolLM2-135M-Instruct within the fp32 tolerance, padding exact."""
+    monkeypatch.setenv("NPCTALK_HOME", str(tmp_path))
+    bundle = _export("default", tmp_path / "smollm2-lean", "fp32")
+    manifest = load_manifest(bundle)
+    assert manifest.graph == "lean" and manifest.num_layers == 30 and manifest.num_kv_heads == 3
+    report = json.loads((bundle / "validation.json").read_text())
+    assert report["passed"] and report["top1_agreement"] == 1.0
+    assert all(s["logits_max_abs_diff"] <= s["logits_limit"] for s in report["steps"])
+    assert report["left_padding"]["max_abs_diff"] <= report["left_padding"]["limit"]
+    nodes = len(_graph(bundle).node)
+    assert nodes <= MAX_NODES_PER_LAYER["llama"] * 30 + MAX_SHARED_NODES
