@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-db", type=Path, default=None,
                         help=f"NPC memory database for a started server (default {demo_home() / 'memory.sqlite'})")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of a started server")
+    parser.add_argument("--serve-args", type=shlex.split, default=[], metavar="'FLAGS'",
+                        help="more flags for a server the demo starts, e.g. '--provider cuda --max-batch 8'")
     parser.add_argument("--player", default=DemoConfig.player, help="the player id NPCs remember")
     parser.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens, help="reply length")
     parser.add_argument("--fps", type=int, default=DemoConfig.fps, help="frame-rate cap")
@@ -71,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("npctalk.client").setLevel(logging.WARNING)  # hello probes of an absent server are routine
     try:
         config = DemoConfig(endpoint=args.endpoint, model=args.model, autostart=not args.no_autostart,
-                            memory_db=args.memory_db, server_threads=args.threads, player=args.player,
+                            memory_db=args.memory_db, server_threads=args.threads,
+                            server_args=tuple(args.serve_args), player=args.player,
                             max_new_tokens=args.max_new_tokens, fps=args.fps)
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")

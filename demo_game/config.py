@@ -23,6 +23,7 @@ class DemoConfig:
     autostart: bool = True                # start `npctalk serve` when nothing answers `hello`
     memory_db: Path | None = None         # NPC memory across restarts (when serve has --memory-db); None: demo_home()
     server_threads: int | None = None     # ONNX Runtime threads of a started server; None: all cores but one
+    server_args: tuple[str, ...] = ()     # more `npctalk serve` flags for a started server (e.g. --provider cuda)
     server_log: Path | None = None        # stderr of a started server; None: demo_home()/server.log
     server_start_timeout_s: float = 180.0  # loading a bundle may take a while on a cold disk
     player: str = "traveller"             # the player id NPCs remember

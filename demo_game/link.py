@@ -12,6 +12,11 @@ One enum holds the link's state; ``update()`` (once per frame) makes every trans
 
 Nothing here blocks a frame: ``hello`` probes and the server's start run on one worker thread
 (``Client.hello`` waits by design), and the game's own ``Client`` is only ever ``poll``ed.
+
+A reply never waits forever. The client fails it when the server goes silent (``reply_timeout_s``);
+when the demo's own server process exits, its replies fail at once (a restarted server would answer
+the client's pings but never finish them); and a reply still open past the server's own deadline
+(``request_timeout_ms`` from ``hello``) plus ``reply_timeout_s`` is cancelled and failed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 import zmq
 
 from npctalk.client import Client, ClientError, DoneEvent, ErrorEvent, Event, Reply, ServerUnavailable
+
+DEFAULT_REQUEST_TIMEOUT_S = 60.0  # the server's deadline for a reply when its hello does not say
 
 from .config import DemoConfig
 from .server_proc import ServerProcess, StartError
@@ -71,15 +78,15 @@ class EngineLink:
         self._start: Future[None] | None = None
         self._next_probe = clock()
         self._starting_since = clock()
-        self._replies: set[str] = set()  # ids of replies still streaming
-        self._probe_fails = 0
+        self._replies: dict[str, tuple[Reply, float]] = {}  # replies on their way: (reply, sent at)
+        self._lost: list[Event] = []  # failures the link decided, delivered by the next update()
 
     # --- once per frame -------------------------------------------------------------------------------
 
     def update(self) -> list[Event]:
         """Advance the state machine and return the reply events that arrived (never blocks)."""
         now = self.clock()
-        events = self._poll_client()
+        events = self._poll_client() + self._overdue(now)
         if self.server is not None and self.server.exited is not None and self.state in (LinkState.ONLINE, LinkState.STARTING):
             self._server_exited(now)
         if self._start is not None and self._start.done():
@@ -90,6 +97,7 @@ class EngineLink:
             # A connected server may be busy prefilling for someone else: give it the reply timeout.
             timeout = self.config.reply_timeout_s if self.online else self.config.probe_timeout_s
             self._probe = self._worker.submit(probe, self.config.endpoint, timeout, self.context)
+        events, self._lost = events + self._lost, []
         return events
 
     def _poll_client(self) -> list[Event]:
@@ -101,10 +109,31 @@ class EngineLink:
         for event in events:
             if not isinstance(event, (DoneEvent, ErrorEvent)):
                 continue
-            self._replies.discard(event.id)
+            self._replies.pop(event.id, None)
             if isinstance(event, ErrorEvent) and isinstance(event.error, ServerUnavailable):
                 self._lose("The engine went away mid-reply. Reconnecting…")
         return events
+
+    def _overdue(self, now: float) -> list[Event]:
+        """Fail replies open past the server's own deadline: the server that took them is gone."""
+        capabilities = self.hello.get("capabilities", {})
+        limit = capabilities.get("request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_S * 1000) / 1000 + self.config.reply_timeout_s
+        overdue = [rid for rid, (_, sent) in self._replies.items() if now - sent > limit]
+        events: list[Event] = []
+        for rid in overdue:
+            reply, _ = self._replies.pop(rid)
+            self.cancel(reply)
+            events.append(ErrorEvent(rid, reply.npc, ServerUnavailable(
+                f"Reply {rid!r} did not finish within {limit:g} s (the server's deadline has passed).")))
+        return events
+
+    def _drop_replies(self, why: str) -> None:
+        """Fail every reply on its way and start a fresh client: the server that took them is gone."""
+        for rid, (reply, _) in self._replies.items():
+            self._lost.append(ErrorEvent(rid, reply.npc, ServerUnavailable(why)))
+        self._replies.clear()
+        self.client.close()  # its open streams can never finish; a new socket starts clean
+        self.client = Client(self.config.endpoint, timeout=self.config.reply_timeout_s, context=self.context)
 
     def _wants_probe(self) -> bool:
         if self.state is LinkState.ONLINE:
@@ -114,11 +143,11 @@ class EngineLink:
     def _probe_finished(self, hello: dict[str, Any] | None, now: float) -> None:
         self._probe = None
         if hello is not None:
-            self._probe_fails = 0
             self._next_probe = now + self.config.health_interval_s
             if self.state is not LinkState.ONLINE:
                 self.hello, self.state = hello, LinkState.ONLINE
-                self.message = f"Connected to the engine ({hello.get('model', 'model')})."
+                model = hello.get("model", {}).get("name", "unknown model")
+                self.message = f"Connected to the engine ({model})."
                 log.info("Engine online at %s: %s", self.config.endpoint, hello.get("model"))
             return
         self._next_probe = now + self.config.probe_interval_s
@@ -156,6 +185,8 @@ class EngineLink:
         assert self.server is not None
         code, tail = self.server.exited, self.server.log_tail()
         log.warning("The engine process exited with code %s. Its log ends:\n%s", code, tail)
+        if self._replies:
+            self._drop_replies(f"The engine process exited (code {code}) mid-reply.")
         if self.state is LinkState.STARTING:
             self._fail(f"The engine exited while starting (code {code}): {tail.splitlines()[-1] if tail else 'no log'}")
         elif self.restarts < self.config.max_restarts:
@@ -187,7 +218,7 @@ class EngineLink:
         """Start a streaming reply (never blocks); raises ``ClientError`` when it cannot be sent."""
         reply = self.client.say(npc, text, player=self.config.player, context=context,
                                 max_new_tokens=self.config.max_new_tokens)
-        self._replies.add(reply.id)
+        self._replies[reply.id] = (reply, self.clock())
         return reply
 
     def cancel(self, reply: Reply) -> None:

@@ -49,7 +49,7 @@ def serve_command(config: DemoConfig, with_memory: bool) -> list[str]:
                "--max-new-tokens", str(max(256, config.max_new_tokens))]
     if with_memory:
         command += ["--memory-db", str(config.memory_db_path)]
-    return command
+    return command + list(config.server_args)
 
 
 class ServerProcess:

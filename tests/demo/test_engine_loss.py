@@ -65,25 +65,31 @@ def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Pat
     assert [e.line for e in game.transcript] == ["Are you back?"]
 
 
-def test_demo_starts_its_own_server_restarts_it_and_stops_it(gpt2_bundle: Path, tmp_path: Path,
-                                                             make_game: Callable[..., Game]) -> None:
+def test_demo_starts_its_own_server_restarts_it_mid_reply_and_stops_it(gpt2_bundle: Path, tmp_path: Path,
+                                                                       make_game: Callable[..., Game]) -> None:
     endpoint = free_tcp_endpoint()
     game = make_game(endpoint=endpoint, autostart=True, model=gpt2_bundle, memory_db=tmp_path / "memory.sqlite",
-                     server_threads=1, max_new_tokens=16)
+                     server_threads=1, server_args=LONG_STREAMS, max_new_tokens=256, reply_timeout_s=30.0)
     run_until(game, lambda g: g.link.online, 60)
     server = game.link.server
     assert server is not None and server.process is not None and server.exited is None
     run_script(game, talk_steps("tobin", "Who goes there?"))
-    run_until(game, reply_over, 30)
-    assert len(game.transcript) == 1
+    run_until(game, streaming, 30)
 
-    server.process.kill()  # the engine crashes: the demo starts it again
-    run_until(game, lambda g: g.link.state is LinkState.STARTING, 10)
+    server.process.kill()  # the engine crashes mid-reply: the reply fails at once, the demo starts it again
+    frames: list[Frame] = []
+    run_until(game, reply_over, 5, frames)  # well before the 30 s silence timeout
+    d = game.dialogue
+    assert d is not None and d.state.value == "failed" and "went away" in d.error and d.reply
+    assert max(f.interval_s for f in frames) < STREAMING_FRAME_BOUND_S
     run_until(game, lambda g: g.link.online, 60)
     assert game.link.restarts == 1 and game.link.server is not None and game.link.server.exited is None
+    run_script(game, [Type("Again?"), Press(pygame.K_RETURN)])
+    run_until(game, reply_over, 30)
+    assert [e.line for e in game.transcript] == ["Again?"] and game.dialogue.state.value == "idle"
+
     process = game.link.server.process
     assert process is not None
-
     remembers = game.link.server.remembers
     game.close()
     assert process.poll() is not None, "closing the demo stops the server it started"
