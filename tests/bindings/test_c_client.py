@@ -1,245 +1,27 @@
 """The C client (bindings/c) built with CMake and run against a real server subprocess.
 
-The `talk` example drives every test: a streamed reply (tokens concatenated == done text, the same
-text the Python client gets for the same seeded request), cancel, server error codes, a server that
-is down or freezes mid-reply (Lazy Pirate timeouts), and the C++ wrapper. Skipped, with the reason,
-where cmake, pkg-config, libzmq or msgpack-c are missing (`.ci/run` installs them).
+The `talk` example drives these tests: a streamed reply (tokens concatenated == done text, the same
+text the Python client gets for the same seeded request), cancel, server error codes, deadlines,
+size limits, persona maps, CURVE, and the C++ wrapper. Skipped, with the reason, where cmake,
+pkg-config, libzmq or msgpack-c are missing (`.ci/run` installs them).
 """
 
 from __future__ import annotations
 
-import select
-import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import pytest
 
+from c_harness import BUILDABLE, DONE_MARKER, MIRA, Built, Talked, status_numbers, talk
 from npctalk.engine.protocol import ErrorCode
-from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint
+from server_process import ServerProcess, free_tcp_endpoint
 
-SOURCE = Path(__file__).resolve().parents[2] / "bindings" / "c"
-MIRA = ("--npc", "mira", "--persona-name", "Mira", "--persona-role", "a herbalist")
-DONE_MARKER = "\n--- done ---\n"
-
-
-def _missing_tools() -> str | None:
-    for tool in ("cmake", "pkg-config", "cc"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    for modules in (("libzmq",), ("msgpack-c", "msgpack")):
-        if not any(subprocess.run(["pkg-config", "--exists", m], check=False).returncode == 0 for m in modules):
-            return f"pkg-config finds no {' / '.join(modules)} (install libzmq3-dev and libmsgpack-dev)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing_tools() is not None, reason=f"C client not buildable: {_missing_tools()}")
-
-
-@dataclass(frozen=True)
-class Built:
-    talk: Path
-    talk_cpp: Path | None
-    api_checks: Path
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """bindings/c configured and built once: warnings as errors, ASan + UBSan (a memory error fails the run)."""
-    build = tmp_path_factory.mktemp("c-build")
-    for command in (["cmake", "-S", str(SOURCE), "-B", str(build), "-DNPCTALK_WERROR=ON", "-DNPCTALK_SANITIZE=ON"],
-                    ["cmake", "--build", str(build), "-j", "2"]):
-        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
-        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
-    # api_checks.c exercises the API directly (callbacks that re-enter, close, recover): built on the library
-    msgpack_module = next(m for m in ("msgpack-c", "msgpack")
-                          if subprocess.run(["pkg-config", "--exists", m], check=False).returncode == 0)
-    libs = subprocess.run(["pkg-config", "--libs", "libzmq", msgpack_module], capture_output=True, text=True,
-                          check=True).stdout.split()
-    command = ["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fsanitize=address,undefined", "-g",
-               f"-I{SOURCE / 'include'}", str(Path(__file__).with_name("api_checks.c")), str(build / "libnpctalk.a"),
-               *libs, "-o", str(build / "api_checks")]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr}"
-    cpp = build / "talk_cpp"
-    return Built(build / "talk", cpp if cpp.exists() else None, build / "api_checks")
-
-
-@pytest.fixture(scope="module")
-def server(gpt2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(gpt2_bundle, tmp_path_factory.mktemp("server"), *LONG_STREAMS, "--max-new-tokens", "600").start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@dataclass(frozen=True)
-class Talked:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def summary(self) -> dict[str, str]:
-        """The `done: key=value ...` line talk writes to stderr."""
-        line = next(x for x in self.stderr.splitlines() if x.startswith("done: "))
-        return dict(pair.split("=", 1) for pair in line[len("done: "):].split())
-
-
-def talk(built: Built, *args: str, timeout: float = 60.0) -> Talked:
-    start = time.monotonic()
-    done = subprocess.run([str(built.talk), *args], capture_output=True, check=False, timeout=timeout)
-    # decode strictly: the protocol promises no broken UTF-8 in any token
-    talked = Talked(done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8"), time.monotonic() - start)
-    assert "Sanitizer" not in talked.stderr and "runtime error" not in talked.stderr, talked.stderr
-    return talked
-
-
-def status_numbers(built: Built) -> dict[str, int]:
-    listed = talk(built, "--list-status")
-    assert listed.code == 0
-    return {name: int(number) for number, name in (line.split() for line in listed.stdout.splitlines())}
-
-
-@pytest.mark.parametrize("check", ["arguments", "concurrent", "reentry", "close"])
-def test_api_behaviour(built: Built, server: ServerProcess, check: str) -> None:
-    """arguments: bad input fails at once with a sentence. concurrent: four replies on one client.
-    reentry: a callback starts a reply; blocking calls and poll from callbacks are refused.
-    close: npctalk_close inside a callback is deferred and safe (ASan would catch a use after free)."""
-    done = subprocess.run([str(built.api_checks), server.endpoint, check], capture_output=True, text=True,
-                          check=False, timeout=60)
-    assert done.returncode == 0 and done.stdout.endswith("ok\n"), done.stdout + done.stderr
-
-
-def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, f"api_checks said nothing for {timeout} s"
-    return process.stdout.readline().decode().strip()
-
-
-def test_the_same_client_recovers_after_the_server_froze(built: Built, server: ServerProcess) -> None:
-    process = subprocess.Popen([str(built.api_checks), server.endpoint, "recover"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdin is not None
-    try:
-        assert _read_line(process, 20) == "streaming"
-        server.signal(signal.SIGSTOP)
-        try:
-            assert _read_line(process, 5) == "lost"  # 0.6 s client timeout
-        finally:
-            server.signal(signal.SIGCONT)
-        process.stdin.write(b"go\n")
-        process.stdin.flush()
-        code = process.wait(30)
-        rest = _read_line(process, 1) if code == 0 else process.stdout.read().decode()  # type: ignore[union-attr]
-        assert code == 0 and rest == "ok", rest + (process.stderr.read().decode() if process.stderr else "")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def test_a_reply_lost_when_the_connection_drops_fails_instead_of_hanging(built: Built, server: ServerProcess) -> None:
-    """The server freezes past the ZMTP heartbeat timeout while the game does not poll; when both
-    resume, pings are answered again on a new connection, but the reply is gone server-side."""
-    process = subprocess.Popen([str(built.api_checks), server.endpoint, "dropped"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdin is not None
-    try:
-        assert _read_line(process, 20) == "streaming"
-        server.signal(signal.SIGSTOP)
-        try:
-            time.sleep(1.2)  # past the client's ZMTP heartbeat timeout (3 x 0.2 s): the connection drops
-        finally:
-            server.signal(signal.SIGCONT)
-        process.stdin.write(b"go\n")
-        process.stdin.flush()
-        code = process.wait(10)
-        out = process.stdout.read().decode() if process.stdout else ""
-        assert code == 0 and out.endswith("ok\n"), out + (process.stderr.read().decode() if process.stderr else "")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-class HeldReplyServer:
-    """A scripted ROUTER: answers pings at once, holds every say until `release()`, then streams one
-    token and done. Stands in for a server busy with a long prefill (alive, but silent on the reply)."""
-
-    def __init__(self) -> None:
-        import zmq
-
-        self.endpoint = free_tcp_endpoint()
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(self.endpoint)
-        self.released = threading.Event()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        held: list[tuple[bytes, str]] = []
-        while not self.stopped.is_set():
-            if self.socket.poll(20):
-                identity, frame = self.socket.recv_multipart()
-                request = msgpack.unpackb(frame, raw=False)
-                if request["op"] == "say":
-                    held.append((identity, request["id"]))
-                else:
-                    self._send(identity, {"type": "ok", "id": request["id"]})
-            if self.released.is_set():
-                for identity, request_id in held:
-                    self._send(identity, {"type": "token", "id": request_id, "seq": 0, "text": "Hm."})
-                    self._send(identity, {"type": "done", "id": request_id, "seq": 1, "text": "Hm.",
-                                          "finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-                                          "timings": {"queue_ms": 0.0, "ttft_ms": 1.0, "total_ms": 1.0}})
-                held.clear()
-
-    def _send(self, identity: bytes, message: dict[str, object]) -> None:
-        self.socket.send_multipart([identity, msgpack.packb(message)])
-
-    def release(self) -> None:
-        self.released.set()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
-        self.socket.close(linger=0)
-        self.context.term()
-
-
-def test_a_reply_survives_a_game_stall_while_the_server_is_silent(built: Built) -> None:
-    fake = HeldReplyServer()
-    process = subprocess.Popen([str(built.api_checks), fake.endpoint, "stall"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdin is not None
-    try:
-        assert _read_line(process, 20) == "stalling"
-        time.sleep(1.0)  # the game does not poll for 1 s (2.5 x its 0.4 s timeout); the server says nothing
-        process.stdin.write(b"go\n")
-        process.stdin.flush()
-        time.sleep(0.2)  # the client polls again: it must ask (ping) before judging the server silent
-        fake.release()
-        code = process.wait(10)
-        out = process.stdout.read().decode() if process.stdout else ""
-        assert code == 0 and out.endswith("ok\n"), out + (process.stderr.read().decode() if process.stderr else "")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        fake.stop()
+pytestmark = BUILDABLE
 
 
 def test_status_enum_matches_the_protocol_error_codes(built: Built) -> None:
@@ -339,41 +121,6 @@ def test_too_large_is_told_by_the_server_or_before_sending(built: Built, server:
 def test_bad_usage_names_the_flag(built: Built) -> None:
     run = talk(built, "--max-new-tokens", "many", "Hi")
     assert run.code == 64 and "--max-new-tokens" in run.stderr
-
-
-def test_server_down_gives_unavailable_within_the_timeout(built: Built) -> None:
-    timeout_ms, retries = 300, 1
-    run = talk(built, "--endpoint", free_tcp_endpoint(), "--timeout-ms", str(timeout_ms), "--retries", str(retries),
-               "Anyone there?", timeout=20)
-    assert run.code == status_numbers(built)["unavailable"], run.stderr
-    assert "gave up on hello after 2 attempts" in run.stderr and "reconnecting" in run.stderr
-    limit = (retries + 1) * timeout_ms / 1000
-    assert limit <= run.seconds < limit + 2.0, f"took {run.seconds:.2f} s for a {limit:.2f} s limit"
-
-
-def test_a_server_that_freezes_mid_reply_fails_the_reply_within_the_timeout(built: Built, server: ServerProcess) -> None:
-    process = subprocess.Popen([str(built.talk), "--endpoint", server.endpoint, *MIRA, "--player", "c-freeze",
-                                "--max-new-tokens", "500", "--timeout-ms", "600", "Talk to me."],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert process.stdout is not None and process.stdout.read(1), "no token arrived"
-        server.signal(signal.SIGSTOP)
-        frozen = time.monotonic()
-        try:
-            code = process.wait(timeout=15)
-        finally:
-            server.signal(signal.SIGCONT)
-        elapsed = time.monotonic() - frozen
-        stderr = process.stderr.read().decode() if process.stderr else ""
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert "Sanitizer" not in stderr
-    assert code == status_numbers(built)["unavailable"], stderr
-    assert "error: unavailable:" in stderr and "was cut after" in stderr
-    assert elapsed < 0.6 + 2.0, f"the frozen server was noticed after {elapsed:.2f} s (timeout 0.6 s)"
-    assert server.request("ping")["type"] == "ok"  # the server itself carries on
 
 
 def test_cpp_wrapper_streams_a_reply(built: Built, server: ServerProcess) -> None:
