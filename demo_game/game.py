@@ -226,6 +226,7 @@ class Game:
                 log.info("%s: %s  [%s, %d tokens]", exchange.npc, exchange.reply, exchange.finish_reason,
                          event.result.usage.completion_tokens)
             elif isinstance(event, ErrorEvent):
+                log.warning("%s's reply failed: %s", d.npc_name, event.error)
                 d.fail(_describe(event.error))
                 self._notify(d.error)
         if self.scene is Scene.VILLAGE:

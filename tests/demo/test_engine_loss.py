@@ -129,3 +129,31 @@ def test_npcs_remember_the_player_across_demo_restarts(gpt2_bundle: Path, tmp_pa
         sock.close()
     assert memory["type"] == "ok", memory
     assert "My name is Wren." in repr(memory["turns"]), memory
+
+
+def test_reply_orphaned_by_a_quick_server_restart_fails_after_the_servers_deadline(
+        gpt2_bundle: Path, tmp_path: Path, make_game: Callable[..., Game], caplog: pytest.LogCaptureFixture) -> None:
+    """Restarted within the silence timeout, the new server answers pings but never finishes the old reply."""
+    args = (*LONG_STREAMS, "--request-timeout", "2")
+    first = ServerProcess(gpt2_bundle, tmp_path, *args).start()
+    second = ServerProcess(gpt2_bundle, tmp_path, *args, endpoint=first.endpoint)
+    try:
+        game = make_game(endpoint=first.endpoint, max_new_tokens=256, reply_timeout_s=8.0)
+        run_script(game, talk_steps("elda", "Tell me every rumour."))
+        run_until(game, streaming, 30)
+        first.signal(signal.SIGKILL)
+        second.start()
+        frames: list[Frame] = []
+        run_until(game, reply_over, 20, frames)  # 2 s deadline + 8 s timeout after the line was sent
+        d = game.dialogue
+        assert d is not None and d.state.value == "failed" and d.reply
+        assert "the server's deadline has passed" in caplog.text
+        assert game.link.online, "the new server answered all along"
+        # The first frame's interval holds the test's own wait for the second server to start.
+        assert max(f.interval_s for f in frames[1:]) < STREAMING_FRAME_BOUND_S
+        run_script(game, [Type("Still there?"), Press(pygame.K_RETURN)])
+        run_until(game, reply_over, 30)
+        assert [e.line for e in game.transcript] == ["Still there?"]
+    finally:
+        first.stop()
+        second.stop()
