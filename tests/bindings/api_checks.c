@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <msgpack.h>
+
 #include "npctalk/npctalk.h"
 
 #define CHECK(cond, ...)                                                          \
@@ -242,9 +244,73 @@ static void check_dropped(const char *endpoint) {
     npctalk_close(c);
 }
 
+/* The value of `key` in a msgpack map, or NULL. */
+static const msgpack_object *get(const msgpack_object *map, const char *key) {
+    for (uint32_t i = 0; map->type == MSGPACK_OBJECT_MAP && i < map->via.map.size; i++) {
+        const msgpack_object *k = &map->via.map.ptr[i].key;
+        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(key) && memcmp(k->via.str.ptr, key, strlen(key)) == 0)
+            return &map->via.map.ptr[i].val;
+    }
+    return NULL;
+}
+
+/* npctalk_call reaches the ops without a function of their own, and maps their errors. */
+static void check_call(const char *endpoint) {
+    npctalk_client *c = connect_or_die(endpoint, 3000);
+    void *answer = NULL;
+    size_t len = 0;
+    CHECK(npctalk_call(c, "npc.list", NULL, 0, &answer, &len) == NPCTALK_OK, "npc.list: %s", npctalk_last_error(c));
+    msgpack_unpacked reply;
+    msgpack_unpacked_init(&reply);
+    size_t offset = 0;
+    CHECK(msgpack_unpack_next(&reply, answer, len, &offset) == MSGPACK_UNPACK_SUCCESS, "npc.list answer unreadable");
+    const msgpack_object *npcs = get(&reply.data, "npcs");
+    CHECK(npcs && npcs->type == MSGPACK_OBJECT_ARRAY && npcs->via.array.size >= 3, "npc.list has no npcs list");
+    msgpack_unpacked_destroy(&reply);
+    npctalk_free(answer);
+
+    msgpack_sbuffer fields;
+    msgpack_sbuffer_init(&fields);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &fields, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 1);
+    msgpack_pack_str_with_body(&pk, "npc", 3);
+    msgpack_pack_str_with_body(&pk, "bram", 4);
+    CHECK(npctalk_call(c, "npc.get", fields.data, fields.size, &answer, &len) == NPCTALK_OK, "npc.get: %s",
+          npctalk_last_error(c));
+    msgpack_unpacked_init(&reply);
+    offset = 0;
+    CHECK(msgpack_unpack_next(&reply, answer, len, &offset) == MSGPACK_UNPACK_SUCCESS, "npc.get answer unreadable");
+    const msgpack_object *persona = get(&reply.data, "persona");
+    CHECK(persona && get(persona, "name") && get(persona, "role"), "npc.get has no persona with name and role");
+    msgpack_unpacked_destroy(&reply);
+    npctalk_free(answer);
+
+    msgpack_sbuffer_clear(&fields);
+    msgpack_pack_map(&pk, 1);
+    msgpack_pack_str_with_body(&pk, "npc", 3);
+    msgpack_pack_str_with_body(&pk, "ghost", 5);
+    CHECK(npctalk_call(c, "npc.get", fields.data, fields.size, NULL, NULL) == NPCTALK_E_UNKNOWN_NPC, "ghost found");
+    CHECK(strstr(npctalk_last_error(c), "ghost") != NULL, "error: %s", npctalk_last_error(c));
+    CHECK(npctalk_call(c, "no.such.op", NULL, 0, NULL, NULL) == NPCTALK_E_UNKNOWN_OP, "unknown op accepted");
+    CHECK(npctalk_call(c, "say", NULL, 0, NULL, NULL) == NPCTALK_E_INVALID_ARGUMENT, "say through npctalk_call");
+
+    msgpack_sbuffer_clear(&fields);
+    msgpack_pack_map(&pk, 1);
+    msgpack_pack_str_with_body(&pk, "id", 2);
+    msgpack_pack_str_with_body(&pk, "mine", 4);
+    CHECK(npctalk_call(c, "ping", fields.data, fields.size, NULL, NULL) == NPCTALK_E_INVALID_ARGUMENT, "id accepted");
+    msgpack_sbuffer_clear(&fields);
+    msgpack_pack_array(&pk, 0);
+    CHECK(npctalk_call(c, "ping", fields.data, fields.size, NULL, NULL) == NPCTALK_E_INVALID_ARGUMENT, "array accepted");
+    CHECK(npctalk_call(c, "stats", NULL, 0, NULL, NULL) == NPCTALK_OK, "stats: %s", npctalk_last_error(c));
+    msgpack_sbuffer_destroy(&fields);
+    npctalk_close(c);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: api_checks ENDPOINT arguments|concurrent|reentry|close|recover|stall|dropped\n");
+        fprintf(stderr, "usage: api_checks ENDPOINT arguments|concurrent|reentry|close|call|recover|stall|dropped\n");
         return 64;
     }
     const char *endpoint = argv[1], *check = argv[2];
@@ -255,6 +321,7 @@ int main(int argc, char **argv) {
     else if (strcmp(check, "recover") == 0) check_recover(endpoint);
     else if (strcmp(check, "stall") == 0) check_stall(endpoint);
     else if (strcmp(check, "dropped") == 0) check_dropped(endpoint);
+    else if (strcmp(check, "call") == 0) check_call(endpoint);
     else {
         fprintf(stderr, "api_checks: unknown check %s\n", check);
         return 64;

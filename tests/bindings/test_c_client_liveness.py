@@ -19,11 +19,12 @@ from server_process import ServerProcess, free_tcp_endpoint
 pytestmark = BUILDABLE
 
 
-@pytest.mark.parametrize("check", ["arguments", "concurrent", "reentry", "close"])
+@pytest.mark.parametrize("check", ["arguments", "concurrent", "reentry", "close", "call"])
 def test_api_behaviour(built: Built, server: ServerProcess, check: str) -> None:
     """arguments: bad input fails at once with a sentence. concurrent: four replies on one client.
     reentry: a callback starts a reply; blocking calls and poll from callbacks are refused.
-    close: npctalk_close inside a callback is deferred and safe (ASan would catch a use after free)."""
+    close: npctalk_close inside a callback is deferred and safe (ASan would catch a use after free).
+    call: npctalk_call reaches npc.list, npc.get, stats; unknown_npc and unknown_op map to their codes."""
     done = subprocess.run([str(built.api_checks), server.endpoint, check], capture_output=True, text=True,
                           check=False, timeout=60)
     assert done.returncode == 0 and done.stdout.endswith("ok\n"), done.stdout + done.stderr

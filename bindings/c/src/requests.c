@@ -212,6 +212,62 @@ npctalk_status npctalk_upsert_npc_msgpack(npctalk_client *c, const char *npc, co
     return run_upsert(c, &k, created);
 }
 
+/* Bytes of the map header at the start of a packed map (fixmap, map 16, map 32); 0 if not a map. */
+static size_t map_header_len(const unsigned char *data, size_t len) {
+    if (len >= 1 && (data[0] & 0xf0) == 0x80) return 1;
+    if (len >= 3 && data[0] == 0xde) return 3;
+    if (len >= 5 && data[0] == 0xdf) return 5;
+    return 0;
+}
+
+npctalk_status npctalk_call(npctalk_client *c, const char *op, const void *fields, size_t fields_len, void **answer,
+                            size_t *answer_len) {
+    if (c == NULL) return NPCTALK_E_INVALID_ARGUMENT;
+    if (answer) *answer = NULL;
+    if (answer_len) *answer_len = 0;
+    if (op == NULL || op[0] == '\0') return fail(c, NPCTALK_E_INVALID_ARGUMENT, "npctalk_call needs an op name.");
+    if (strcmp(op, "say") == 0)
+        return fail(c, NPCTALK_E_INVALID_ARGUMENT, "say streams its answer: use npctalk_say, not npctalk_call.");
+    size_t entries = 0, header = 0;
+    if (fields != NULL || fields_len > 0) {
+        /* One whole map whose keys are not the envelope's: its entries join the request map. */
+        msgpack_unpacked check;
+        msgpack_unpacked_init(&check);
+        size_t offset = 0;
+        int fine = fields != NULL && msgpack_unpack_next(&check, fields, fields_len, &offset) == MSGPACK_UNPACK_SUCCESS &&
+                   offset == fields_len && check.data.type == MSGPACK_OBJECT_MAP;
+        static const char *const envelope[] = {"v", "id", "op"};
+        const char *clash = NULL;
+        for (uint32_t i = 0; fine && i < check.data.via.map.size; i++) {
+            const msgpack_object *key = &check.data.via.map.ptr[i].key;
+            fine = key->type == MSGPACK_OBJECT_STR;
+            wire_str name = {key->via.str.ptr, key->via.str.size};
+            for (int j = 0; fine && j < 3; j++)
+                if (wire_str_eq(name, envelope[j])) clash = envelope[j];
+        }
+        if (fine) entries = check.data.via.map.size;
+        msgpack_unpacked_destroy(&check);
+        header = map_header_len(fields, fields_len);
+        if (!fine || header == 0)
+            return fail(c, NPCTALK_E_INVALID_ARGUMENT, "The fields of %s must be one msgpack map with string keys.", op);
+        if (clash)
+            return fail(c, NPCTALK_E_INVALID_ARGUMENT, "The fields of %s hold '%s', which npctalk_call sets itself.", op,
+                        clash);
+    }
+    call k;
+    msgpack_packer pk;
+    call_init(c, &k, op, entries, &pk);
+    if (entries > 0) msgpack_sbuffer_write(&k.frame, (const char *)fields + header, fields_len - header);
+    npctalk_status status = call_run(c, &k);
+    if (status != NPCTALK_OK) return status;
+    if (answer) *answer = k.reply; /* the ok frame, already checked to be one map */
+    else free(k.reply);
+    if (answer_len) *answer_len = k.reply_len;
+    return NPCTALK_OK;
+}
+
+void npctalk_free(void *memory) { free(memory); }
+
 /* --- say ------------------------------------------------------------------------------------ */
 
 static npctalk_status check_context(npctalk_client *c, const npctalk_say_options *o) {

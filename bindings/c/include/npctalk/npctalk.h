@@ -149,6 +149,14 @@ npctalk_status npctalk_upsert_npc(npctalk_client *client, const char *npc, const
 npctalk_status npctalk_upsert_npc_msgpack(npctalk_client *client, const char *npc, const void *persona,
                                           size_t persona_len, int *created);
 
+/* Any op with one answer, for the ops without a function of their own (npc.get, npc.list, stats,
+ * and whatever the server adds): `fields` is a msgpack map of the op's fields (NULL and 0: none;
+ * v, id and op are added here). On NPCTALK_OK, *answer (may be NULL) is the whole ok reply as one
+ * msgpack map, allocated with malloc: release it with npctalk_free. */
+npctalk_status npctalk_call(npctalk_client *client, const char *op, const void *fields, size_t fields_len,
+                            void **answer, size_t *answer_len);
+void npctalk_free(void *memory);
+
 /* --- replies (streams) --------------------------------------------------------------------------- */
 
 typedef uint64_t npctalk_reply_id; /* 0 is never a valid reply */
