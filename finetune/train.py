@@ -26,7 +26,7 @@ from typing import Any
 
 from .checkpoint import TrainState, find_checkpoint, load_state, restore_optimizer, save_checkpoint
 from .config import FinetuneConfig
-from .dataset import Example, load_examples
+from .dataset import PERSONAS_FOLDER, Example, load_examples
 from .errors import FinetuneError
 from .metrics import corpus_bleu
 from .output import BaseModel, load_base, prepare_output, read_run_info, write_card, write_run_info
@@ -62,6 +62,8 @@ def finetune(source: str | Path, train_file: str | Path, valid_file: str | Path,
     import torch
 
     output = Path(output)
+    if personas_dir is None and (Path(train_file).parent / PERSONAS_FOLDER).is_dir():
+        personas_dir = Path(train_file).parent / PERSONAS_FOLDER  # the validation file may live elsewhere
     train = load_examples(train_file, personas_dir)
     valid = load_examples(valid_file, personas_dir)
     device = _device(config.device)
