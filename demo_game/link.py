@@ -8,7 +8,8 @@ One enum holds the link's state; ``update()`` (once per frame) makes every trans
     STARTING ──hello ok──► ONLINE                        ▼
        │ process exits / start fails / timeout        LOST ──hello ok──► ONLINE
        ▼                                                 │ our process exited: start it again
-    FAILED (message on screen; the game keeps running)   └──► STARTING (at most max_restarts times)
+    FAILED (message on screen; the game keeps running;   └──► STARTING (at most max_restarts times)
+            a server that answers hello later is used)
 
 Nothing here blocks a frame: ``hello`` probes and the server's start run on one worker thread
 (``Client.hello`` waits by design), and the game's own ``Client`` is only ever ``poll``ed.
@@ -138,7 +139,7 @@ class EngineLink:
     def _wants_probe(self) -> bool:
         if self.state is LinkState.ONLINE:
             return not self._replies  # a streaming reply already proves the server is alive
-        return self.state in (LinkState.PROBING, LinkState.STARTING, LinkState.LOST)
+        return True  # FAILED too: a server started by hand is still found
 
     def _probe_finished(self, hello: dict[str, Any] | None, now: float) -> None:
         self._probe = None
@@ -185,12 +186,13 @@ class EngineLink:
         assert self.server is not None
         code, tail = self.server.exited, self.server.log_tail()
         log.warning("The engine process exited with code %s. Its log ends:\n%s", code, tail)
+        self.server.stop()  # forget the process, so its exit is handled once
         if self._replies:
             self._drop_replies(f"The engine process exited (code {code}) mid-reply.")
         if self.state is LinkState.STARTING:
             self._fail(f"The engine exited while starting (code {code}): {tail.splitlines()[-1] if tail else 'no log'}")
         elif self.restarts < self.config.max_restarts:
-            self.restarts += 1  # replies in flight fail on their own: the client's timeout ends them
+            self.restarts += 1
             self._start_server(now, f"The engine stopped (code {code})")
         else:
             self._fail(f"The engine stopped (code {code}) {self.restarts} times; giving up.")

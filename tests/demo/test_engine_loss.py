@@ -98,12 +98,19 @@ def test_demo_starts_its_own_server_restarts_it_mid_reply_and_stops_it(gpt2_bund
         assert (tmp_path / "memory.sqlite").exists()
 
 
-def test_missing_bundle_is_a_message_not_a_crash(tmp_path: Path, make_game: Callable[..., Game]) -> None:
+def test_missing_bundle_is_a_message_then_a_server_started_by_hand_is_used(
+        gpt2_bundle: Path, tmp_path: Path, make_game: Callable[..., Game]) -> None:
     game = make_game(autostart=True, model=tmp_path / "no-such-bundle")
     run_until(game, lambda g: g.link.state is LinkState.FAILED, 15)
     assert "No model bundle" in game.link.message and "export-onnx default" in game.link.message
     run_script(game, [Press(pygame.K_RETURN)] * 3)
-    assert game.scene.value == "village"
+    assert game.scene.value == "village", "the game keeps running"
+    by_hand = ServerProcess(gpt2_bundle, tmp_path, endpoint=game.config.endpoint).start()
+    try:
+        run_until(game, lambda g: g.link.online, 15)
+    finally:
+        by_hand.stop()
+    assert game.link.server is None or game.link.server.process is None, "the demo started nothing"
 
 
 def test_npcs_remember_the_player_across_demo_restarts(gpt2_bundle: Path, tmp_path: Path,
