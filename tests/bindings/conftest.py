@@ -23,7 +23,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def server(gpt2_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(gpt2_bundle, tmp_path_factory.mktemp("server"), *LONG_STREAMS, "--max-new-tokens", "600").start()
+    """Its memory lives in the module's temp folder: conversations of earlier runs never lengthen prompts."""
+    folder = tmp_path_factory.mktemp("server")
+    proc = ServerProcess(gpt2_bundle, folder, *LONG_STREAMS, "--max-new-tokens", "600",
+                         "--memory-db", str(folder / "memory.sqlite3")).start()
     try:
         yield proc
     finally:

@@ -178,7 +178,7 @@ def curve_endpoint(gpt2_bundle: Path, curve_keys: Path, tmp_path_factory: pytest
     log = tmp_path_factory.mktemp("curve-server") / "server.log"
     command = [sys.executable, "-m", "npctalk.engine.cli", "serve", "--model", str(gpt2_bundle), "--bind", endpoint,
                "--provider", "cpu", "--threads", "1", "--curve-secret-key", str(curve_keys / "server.key_secret"),
-               "--curve-clients", str(curve_keys / "allowed")]
+               "--curve-clients", str(curve_keys / "allowed"), "--memory-db", str(log.with_name("memory.sqlite3"))]
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
