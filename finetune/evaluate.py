@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from npctalk.engine.errors import ConfigError
 from npctalk.engine.generator import Generator, GeneratorParams
 from npctalk.engine.model import Model
@@ -117,7 +116,7 @@ def evaluate_bundle(bundle: str | Path, test_file: str | Path, options: EvalOpti
     }
     scores = dict(consistency(model)) if consistency is not None else None
     samples = tuple(Sample(e.where, e.persona.name if e.persona else "", e.prompt, e.completion, p)
-                    for e, p in list(zip(examples, predictions))[:SAMPLES_KEPT])
+                    for e, p in list(zip(examples, predictions, strict=True))[:SAMPLES_KEPT])
     return EvalReport(
         bundle=str(bundle), model=model.manifest.name, test_file=str(test_file), examples=len(examples),
         decoding={"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,

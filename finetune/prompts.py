@@ -66,14 +66,17 @@ class ExampleEncoder:
             if example.persona is not None:
                 return self.builder.build(example.persona, example.history, example.prompt, example.context, reply_tokens)
             if example.context:
-                raise DatasetError(f"{example.where}: 'context' needs a 'persona' (the engine puts it beside the persona).")
+                raise DatasetError(f"{example.where}: 'context' needs a 'persona' "
+                                   "(the engine puts it beside the persona).")
             chat = self.manifest.chat_format
             system = (chat.default_system or "") if chat else ""
             if chat and not system:
-                raise DatasetError(f"{example.where}: this chat model needs a 'persona' (its template has no default system prompt).")
+                raise DatasetError(f"{example.where}: this chat model needs a 'persona' "
+                                   "(its template has no default system prompt).")
             ids = self.formatter.prompt_ids(system, [*example.history, Turn("user", example.prompt)])
             if len(ids) + reply_tokens > self.manifest.max_context:
-                raise PromptError(f"prompt and reply take {len(ids) + reply_tokens} tokens, more than {self.manifest.max_context}.")
+                raise PromptError(f"prompt and reply take {len(ids) + reply_tokens} tokens; "
+                                  f"the model's context holds {self.manifest.max_context}.")
             return ids
         except PromptError as exc:
             raise DatasetError(f"{example.where}: {exc}") from None

@@ -56,7 +56,7 @@ def finetune(source: str | Path, train_file: str | Path, valid_file: str | Path,
     """Fine-tune ``source`` (folder, hub id or ``default``) on ``train_file``; write the best model to ``output``.
 
     ``resume``: ``"latest"`` or a checkpoint folder of an earlier run into the same ``output``.
-    Raises ``DatasetError`` (file:line) for bad data before any model is loaded, ``FinetuneError``
+    Raises ``DatasetError`` (file:line) for bad data (malformed lines before any model is loaded), ``FinetuneError``
     for an unusable output folder or checkpoint, ``ConfigError`` for bad settings.
     """
     import torch
@@ -139,9 +139,8 @@ def finetune(source: str | Path, train_file: str | Path, valid_file: str | Path,
 
 
 def _load_for_resume(output: Path, checkpoint: Path, source: str | Path) -> tuple[BaseModel, Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from npctalk.export.sources import identify
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = read_run_info(output)
     base = BaseModel(**{**info["base"], "license_text": (output / "LICENSE").read_text(encoding="utf-8")})

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from npc_data import DATA
-
 from npctalk.engine.persona import builtin_personas
 from npctalk.finetune.dataset import load_examples
 from npctalk.finetune.errors import DatasetError

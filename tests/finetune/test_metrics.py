@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from npctalk.finetune.metrics import average_length, corpus_bleu, corpus_chrf, distinct_n, words
 from npctalk.finetune.errors import MetricInputError
+from npctalk.finetune.metrics import average_length, corpus_bleu, corpus_chrf, distinct_n, words
 
 REPLIES = ["Mind the sparks, friend.", "Steel remembers every strike.", "Four coppers a shoe, sixteen for the set."]
 

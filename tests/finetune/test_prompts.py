@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.dialogue import Turn
 from npctalk.engine.model import Model
 from npctalk.engine.npcs import PromptBuilder
@@ -62,7 +61,6 @@ def test_labels_mask_the_prompt_and_keep_the_reply_and_its_end(family: str, requ
 def test_loss_counts_reply_tokens_only(family: str, request: pytest.FixtureRequest) -> None:
     import torch
     import torch.nn.functional as F
-
     from npctalk.finetune.train import completion_loss_sum
 
     encoder, model = _hf_encoder(request.getfixturevalue(f"tiny_{family}_dir"))
@@ -82,3 +80,18 @@ def test_example_too_long_for_the_context_names_its_line(tiny_llama_dir: Path) -
     encoder, _ = _hf_encoder(tiny_llama_dir, max_length=64)
     with pytest.raises(DatasetError, match=r"^train.jsonl:7: .*context holds 64"):
         encoder.encode(Example("Hello?", "Hi.", find_persona("bram"), where="train.jsonl:7"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_example_without_persona(family: str, request: pytest.FixtureRequest) -> None:
+    """DialoGPT: just the turns; a chat model: the system prompt its template injects by default."""
+    encoder, _ = _hf_encoder(request.getfixturevalue(f"tiny_{family}_dir"))
+    ids = encoder.prompt_ids(Example("Hello?", "Hi."), 8)
+    text = encoder.formatter.tokenizer.decode(ids, skip_special_tokens=False)
+    if family == "gpt2":
+        assert text == "Hello?<|endoftext|>"
+    else:
+        assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+        assert text.endswith("<|im_start|>user\nHello?<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(DatasetError, match="'context' needs a 'persona'"):
+        encoder.encode(Example("Hello?", "Hi.", context={"location": "the forge"}, where="t.jsonl:3"))

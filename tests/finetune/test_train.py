@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from npctalk.engine.errors import ConfigError
 from npctalk.finetune.checkpoint import list_checkpoints
 from npctalk.finetune.config import FinetuneConfig
@@ -21,11 +20,10 @@ QUICK = FinetuneConfig(learning_rate=3e-3, max_steps=4, eval_every=2, batch_size
 
 
 def _base_eval_loss(folder: Path, valid: Path) -> float:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from npctalk.finetune.dataset import load_examples
     from npctalk.finetune.prompts import ExampleEncoder, engine_tokenizer, training_manifest
     from npctalk.finetune.train import eval_loss
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     manifest = training_manifest(config, tok, "base", config.model_type, QUICK.max_length)
@@ -39,11 +37,10 @@ def _base_eval_loss(folder: Path, valid: Path) -> float:
 def test_finetune_lowers_eval_loss_and_the_output_exports_and_generates(
     family: str, request: pytest.FixtureRequest, tiny_data: tuple[Path, Path], tmp_path: Path,
 ) -> None:
-    from transformers import AutoModelForCausalLM
-
     from npctalk.export.api import ExportOptions, export_bundle
     from npctalk.finetune.evaluate import EvalOptions, evaluate_bundle
     from npctalk.finetune.train import finetune
+    from transformers import AutoModelForCausalLM
 
     source = request.getfixturevalue(f"tiny_{family}_dir")
     train, valid = tiny_data
@@ -88,7 +85,7 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
     resumed = finetune(tiny_gpt2_dir, train, valid, tmp_path / "cut", config, resume="latest")
     assert resumed.steps == 2 and [h["step"] for h in resumed.history] == [1, 2]
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-2"]
-    for got, want in zip(resumed.history, full.history):
+    for got, want in zip(resumed.history, full.history, strict=True):
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
     a = torch.load(tmp_path / "full/checkpoints/step-2/optimizer.pt", weights_only=True)["state"]
     b = torch.load(tmp_path / "cut/checkpoints/step-2/optimizer.pt", weights_only=True)["state"]
