@@ -1,11 +1,12 @@
 """Perplexity of a bundle on a text: how much a quantized graph lost against its fp32 original.
 
 ``perplexity(model, text)`` tokenizes ``text`` (special tokens off), then scores every token after
-the first exactly once with a sliding window, as in the usual fixed-length-model recipe::
+the first exactly once with a sliding window (W = window <= max_context, S = stride < W)::
 
-    windows   [0, W), [S, S + W), [2S, 2S + W), …   (W = window, S = stride <= W, W <= max_context)
-    scored    in each window only the tokens no earlier window scored, so every token after the
-              first has at least min(position, W - S) tokens of context
+    targets   [1, 1 + S), [1 + S, 1 + 2S), …          S tokens scored per window
+    window    the W tokens ending with the targets    [max(0, end - W), end)
+
+so every token at position t has min(t, W - S) or more tokens of context, and none is scored twice.
 
 Each window is one prefill from an empty KV cache; the graph's logits for every position
 (seq, vocab) give ``log p(token[t] | token[begin:t])``. Perplexity = exp(mean negative log
@@ -60,23 +61,19 @@ def perplexity_of_ids(model: Model, ids: list[int] | np.ndarray, *, window: int 
     window = min(DEFAULT_WINDOW, max_context) if window is None else window
     if not 2 <= window <= max_context:
         raise ConfigError(f"window must be between 2 and the model's context of {max_context} tokens, got {window}.")
-    if not 1 <= stride <= window:
-        raise ConfigError(f"stride must be between 1 and the window ({window} tokens), got {stride}.")
+    if not 1 <= stride < window:
+        raise ConfigError(f"stride must be between 1 and the window minus one ({window - 1} tokens), got {stride}.")
     if n < 2:
         raise ConfigError(f"Perplexity needs a text of at least 2 tokens; this one has {n}.")
-    total_nll, scored, windows, prev_end = 0.0, 0, 0, 0
-    for begin in range(0, n, stride):
-        end = min(begin + window, n)
-        # Targets: positions not scored by an earlier window (never position 0: it has no context).
-        first = max(prev_end, begin + 1)
+    total_nll, scored, windows = 0.0, 0, 0
+    for first in range(1, n, stride):
+        end = min(first + stride, n)
+        begin = max(0, end - window)  # begin < first: every target has context
         log_probs = _log_probs(model, tokens[begin:end])  # (end - begin - 1,) log p(token[t] | token[begin:t])
         total_nll -= float(log_probs[first - begin - 1:].sum(dtype=np.float64))
         scored += end - first
         windows += 1
-        prev_end = end
-        log.debug("window %d: tokens [%d, %d), scored %d", windows, begin, end, end - first)
-        if end == n:
-            break
+        log.debug("window %d: tokens [%d, %d), scored [%d, %d)", windows, begin, end, first, end)
     mean = total_nll / scored
     return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, tokens_scored=scored, tokens=n,
                             windows=windows, window=window, stride=stride)
