@@ -31,6 +31,8 @@ def check_supported(config: Any) -> None:
     problems = []
     if config.activation_function not in _ACTIVATIONS:
         problems.append(f"activation_function {config.activation_function!r} (supported: {sorted(_ACTIVATIONS)})")
+    if (config.n_embd // config.n_head) % 8:
+        problems.append(f"head_dim {config.n_embd // config.n_head} (GroupQueryAttention needs a multiple of 8)")
     for flag, want in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
                        ("add_cross_attention", False)):
         if getattr(config, flag, want) != want:

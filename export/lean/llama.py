@@ -37,6 +37,9 @@ def check_supported(config: Any) -> None:
         problems.append(f"rope_scaling type {rope!r} (supported: {', '.join(_ROPE_TYPES)})")
     if config.num_attention_heads % config.num_key_value_heads:
         problems.append(f"{config.num_attention_heads} heads do not split into {config.num_key_value_heads} KV groups")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 8:
+        problems.append(f"head_dim {head_dim} (GroupQueryAttention needs a multiple of 8)")
     if getattr(config, "sliding_window", None):
         problems.append("sliding-window attention")
     if problems:

@@ -213,6 +213,43 @@ def test_int8_quantizes_the_lean_graph_and_validates(lean_int8: tuple[str, Path]
     assert ops["GroupQueryAttention"] == layers and load_manifest(bundle).graph == "lean"
 
 
+def _variant(name: str):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "gpt2-exact-gelu":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, activation_function="gelu"))
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=name == "llama-untied-lm-head",
+        attention_bias=True, mlp_bias=True, initializer_range=0.2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}))
+
+
+@pytest.mark.parametrize("name, untie", [("gpt2-exact-gelu", False), ("llama3-rope-biases-untied", False),
+                                         ("llama-untied-lm-head", True)])
+def test_variants_match_pytorch(name: str, untie: bool, tmp_path: Path) -> None:
+    """Exact GELU (BiasGelu), q/k/v and MLP biases, llama3 rope scaling, a separate LM head, and a
+    tied head written as its own MatMul (the form the quantizers get): all exact in fp32."""
+    from npctalk.engine.bundle import DEFAULT_IO
+    from npctalk.export.lean import build_lean_graph
+    from npctalk.export.validate import OnnxDecoder, check_left_padding, check_parity, tolerance_for
+
+    model = _variant(name).eval()
+    path = build_lean_graph(model, "gpt2" if name.startswith("gpt2") else "llama", tmp_path, untie_lm_head=untie)
+    graph = _graph(tmp_path)
+    assert any(n.op_type == ("MatMul" if untie or "untied" in name else "Gemm") and n.name.startswith("/lm_head/")
+               for n in graph.node)
+    decoder = OnnxDecoder(path, dict(DEFAULT_IO), model.config.num_hidden_layers)
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, 300, 40)]   # past llama3's original 32 positions
+    steps = check_parity(decoder, model, ids, tolerance_for("fp32"))
+    assert max(s["logits_max_abs_diff"] for s in steps) < 1e-4 and max(s["present_max_abs_diff"] for s in steps) < 1e-4
+    padding = check_left_padding(decoder, ids, 0, tolerance_for("fp32"))
+    assert padding["max_abs_diff"] < 1e-4 and padding["present_max_abs_diff"] < 1e-4
+
+
 def test_unsupported_variants_are_refused_by_name(tiny_gpt2_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     from npctalk.export.lean import build_lean_graph
     from transformers import AutoModelForCausalLM
