@@ -126,8 +126,8 @@ class Handlers:
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         if old is not None and old != persona:
-            # What the old character said no longer fits; facts about the player stay true.
-            self.memory.clear(params.npc, keep_facts=True)
+            # Memories stay: they are saved across restarts, and a game that restyles a built-in NPC at
+            # every start must not wipe them each time. memory.clear starts an NPC over.
             self.scheduler.prefix_cache.invalidate(params.npc)  # its persona prefix KV is stale
         return protocol.ok(request.id, npc=params.npc, created=created)
 

@@ -195,12 +195,12 @@ class MemoryStore:
             return db.execute("DELETE FROM facts WHERE npc = ? AND player = ? AND id = ?",
                               (npc, player, fact_id)).rowcount
 
-    def clear(self, npc: str, player: str | None = None, *, keep_facts: bool = False) -> int:
+    def clear(self, npc: str, player: str | None = None) -> int:
         """Forget the pair (or every pair of ``npc`` when ``player`` is None); how many pairs had memories."""
         where, args = _scope(npc, player)
         with self.transaction() as db:
             count = len(self.pairs(npc, player))
-            for table in ("turns", "summaries") if keep_facts else ("turns", "facts", "summaries"):
+            for table in ("turns", "facts", "summaries"):
                 db.execute(f"DELETE FROM {table} {where}", args)
         return count
 
