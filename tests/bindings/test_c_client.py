@@ -210,5 +210,11 @@ def test_curve_keys_let_an_allowed_client_in_and_keep_others_out(built: Built, c
     assert refused.code == unavailable, refused.stderr
     plain = talk(built, "--endpoint", curve_endpoint, "--timeout-ms", "300", "--retries", "0", "No keys")
     assert plain.code == unavailable, plain.stderr
+    wrong_server = talk(built, "--endpoint", curve_endpoint, "--curve-server-key", str(curve_keys / "mallory.key"),
+                        "--curve-client-secret", str(curve_keys / "alice.key_secret"), "--timeout-ms", "300",
+                        "--retries", "0", "Who are you?")
+    assert wrong_server.code == unavailable, wrong_server.stderr
+    for run in (refused, plain, wrong_server):  # told why, and quickly: the handshake failure is reported
+        assert "refused the connection's handshake (check the CURVE keys" in run.stderr and run.seconds < 3, run.stderr
     wrong_file = over_curve("alice", "--curve-client-secret", str(curve_keys / "alice.key"), "Hi")
     assert wrong_file.code == status_numbers(built)["invalid_argument"] and "NAME.key_secret" in wrong_file.stderr

@@ -292,7 +292,7 @@ static int drain_monitor(npctalk_client *c) {
             dropped = 1;
         } else if (!c->handshake_failed) {
             c->handshake_failed = 1;
-            log_line(c, "The handshake with %s failed (event 0x%x): are the CURVE keys right?", c->endpoint, event);
+            log_line(c, "The handshake with %s failed (libzmq event 0x%x).", c->endpoint, event);
         }
     }
 }

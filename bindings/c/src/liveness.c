@@ -22,7 +22,6 @@ int64_t next_wakeup(const npctalk_client *c) {
 /* The connection is lost (`why`, a sentence without its full stop): new socket, running replies
  * fail, the blocking call is resent or given up. */
 static void connection_lost(npctalk_client *c, const char *why) {
-    const char *hint = c->handshake_failed ? " The handshake was refused: check the CURVE keys." : "";
     log_line(c, "%s: reconnecting.", why);
     close_socket(c);
     npctalk_status opened = open_socket(c);
@@ -33,7 +32,7 @@ static void connection_lost(npctalk_client *c, const char *why) {
         stream *s = lost;
         lost = s->next;
         char message[640];
-        snprintf(message, sizeof message, "%s; reply %s was cut after %zu bytes.%s", why, s->id, s->text_len, hint);
+        snprintf(message, sizeof message, "%s; reply %s was cut after %zu bytes.", why, s->id, s->text_len);
         report_error(c, s, NPCTALK_E_UNAVAILABLE, message);
     }
     call *k = c->call;
@@ -41,7 +40,7 @@ static void connection_lost(npctalk_client *c, const char *why) {
         if (opened != NPCTALK_OK || k->attempts > c->options.retries) {
             k->finished = 1;
             k->status = opened != NPCTALK_OK ? opened : NPCTALK_E_UNAVAILABLE;
-            snprintf(k->error, sizeof k->error, "%s; gave up on %s after %d attempts.%s", why, k->op, k->attempts, hint);
+            snprintf(k->error, sizeof k->error, "%s; gave up on %s after %d attempts.", why, k->op, k->attempts);
         } else {
             k->attempts++;
             if (send_frame(c, &k->frame) != NPCTALK_OK) log_line(c, "%s", c->error);
@@ -50,16 +49,22 @@ static void connection_lost(npctalk_client *c, const char *why) {
     c->last_heard_ms = c->last_sent_ms = now_ms();
 }
 
+#define CURVE_HINT "check the CURVE keys: this client's pair, the server's public key, and that the server lists this client"
+
 static void server_silent(npctalk_client *c) {
-    char why[256];
-    snprintf(why, sizeof why, "No message from the server at %s for %.1f s (timeout %.1f s)", c->endpoint,
-             (double)(now_ms() - c->last_heard_ms) / 1000.0, c->options.timeout_ms / 1000.0);
+    char why[384];
+    snprintf(why, sizeof why, "No message from the server at %s for %.1f s (timeout %.1f s)%s", c->endpoint,
+             (double)(now_ms() - c->last_heard_ms) / 1000.0, c->options.timeout_ms / 1000.0,
+             c->handshake_failed ? "; its handshake failed: " CURVE_HINT : "");
     connection_lost(c, why);
 }
 
 void connection_dropped(npctalk_client *c) {
-    char why[256];
-    snprintf(why, sizeof why, "The connection to %s dropped (the server stopped, froze or restarted)", c->endpoint);
+    char why[384];
+    if (c->handshake_failed)
+        snprintf(why, sizeof why, "The server at %s refused the connection's handshake (%s)", c->endpoint, CURVE_HINT);
+    else
+        snprintf(why, sizeof why, "The connection to %s dropped (the server stopped, froze or restarted)", c->endpoint);
     connection_lost(c, why);
 }
 
