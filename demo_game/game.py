@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pygame
-
 from npctalk.client import Busy, ClientError, DoneEvent, ErrorEvent, Reply, ServerUnavailable, TokenEvent
 from npctalk.engine.persona import builtin_personas
 

@@ -31,7 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import zmq
-
 from npctalk.client import Client, ClientError, DoneEvent, ErrorEvent, Event, Reply, ServerUnavailable
 
 DEFAULT_REQUEST_TIMEOUT_S = 60.0  # the server's deadline for a reply when its hello does not say
@@ -50,7 +49,7 @@ class LinkState(enum.Enum):
     FAILED = "failed"      # no server and none can be started
 
 
-def probe(endpoint: str, timeout_s: float, context: zmq.Context) -> dict[str, Any] | None:
+def probe(endpoint: str, timeout_s: float, context: zmq.Context[Any]) -> dict[str, Any] | None:
     """The server's ``hello`` answer, or None when nothing answers within ``timeout_s`` (blocks)."""
     client = Client(endpoint, timeout=timeout_s, retries=0, context=context)
     try:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import DemoConfig
@@ -36,7 +35,7 @@ def is_local(endpoint: str) -> bool:
 
 def serve_supports(flag: str) -> bool:
     """Whether this npctalk's ``serve`` takes ``flag`` (read from ``npctalk serve --help``)."""
-    out = subprocess.run([sys.executable, "-m", "npctalk.engine.cli", "serve", "--help"],
+    out = subprocess.run([sys.executable, "-m", "npctalk.engine.cli", "serve", "--help"], check=False,
                          capture_output=True, text=True, timeout=60)
     return flag in out.stdout
 

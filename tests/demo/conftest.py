@@ -8,21 +8,20 @@ os.environ["SDL_VIDEODRIVER"] = "dummy"  # before pygame initialises video
 os.environ["SDL_AUDIODRIVER"] = "dummy"
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("pygame")
 
-from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint  # noqa: E402
-
-from npctalk.demo.config import DemoConfig  # noqa: E402
-from npctalk.demo.game import Game  # noqa: E402
-from npctalk.demo.script import Script, Step  # noqa: E402
+from npctalk.demo.config import DemoConfig
+from npctalk.demo.game import Game
+from npctalk.demo.script import Script, Step
+from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint
 
 
 @pytest.fixture(autouse=True)

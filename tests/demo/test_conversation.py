@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pygame
 from conftest import Frame, run_script, run_until
-from server_process import ServerProcess
-
 from npctalk.demo.game import Game
-from npctalk.demo.ui import printable
 from npctalk.demo.script import Press, Screenshot, Type, WaitFor, WalkTo
+from npctalk.demo.ui import printable
+from server_process import ServerProcess
 
 STREAMING_FRAME_BOUND_S = 0.3  # 18x a 60 fps frame: generous for a loaded 2-core CI machine
 
@@ -46,7 +46,7 @@ def test_streamed_reply_grows_in_the_dialogue_box(server: ServerProcess, make_ga
     # The reply grows over several frames, each frame's text a prefix of the next.
     replies = [f.reply for f in talk[text[0]:]]
     assert len(set(replies)) >= 3, f"the reply arrived in {len(set(replies))} frames; streaming means several"
-    assert all(b.startswith(a) for a, b in zip(replies, replies[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(replies))
     final = game.dialogue.reply if game.dialogue else ""
     assert game.transcript and game.transcript[-1].reply == final and game.transcript[-1].npc == "Bram"
     # What the box draws is the reply's text (its newest lines).

@@ -10,12 +10,11 @@ import pygame
 import pytest
 import zmq
 from conftest import Frame, run_script, run_until
-from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
-from test_conversation import STREAMING_FRAME_BOUND_S, talk_steps
-
 from npctalk.demo.game import Game
 from npctalk.demo.link import LinkState, probe
 from npctalk.demo.script import Press, Type
+from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
+from test_conversation import STREAMING_FRAME_BOUND_S, talk_steps
 
 
 def streaming(game: Game) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pygame
 import pytest
-
 from npctalk.demo.config import DemoConfig
 from npctalk.demo.dialogue import MAX_INPUT_CHARS, Dialogue, IllegalTransition, ReplyState
 from npctalk.demo.frames import FrameStats, percentile
