@@ -4,6 +4,7 @@ restoring a save slot, and refusing a database it cannot use."""
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -170,3 +171,20 @@ def test_embedding_retrieval_through_the_server(gpt2_bundle: Path, tmp_path: Pat
         finally:
             proc.stop()
     assert prompt_tokens["on"] > prompt_tokens["off"]
+
+
+def test_serve_keeps_memories_under_npctalk_home_by_default(gpt2_bundle: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NPCTALK_HOME", str(tmp_path / "home"))  # the subprocess inherits it
+    proc = ServerProcess(gpt2_bundle, tmp_path, *ARGS).start()
+    try:
+        assert proc.request("memory.remember", npc="bram", player="ada", fact="The player is brave.")["type"] == "ok"
+    finally:
+        proc.stop()
+    db = tmp_path / "home" / "memory.sqlite3"
+    assert db.is_file()
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT text FROM facts").fetchall() == [("The player is brave.",)]
+    finally:
+        con.close()
