@@ -8,6 +8,7 @@
     npctalk finetune SOURCE --train ... -o DIR   fine-tune on dialogue JSONL (needs the export + finetune extras)
     npctalk evaluate BUNDLE... --data TEST -o DIR  BLEU/chrF/Dist/perplexity report (needs the finetune extra)
     npctalk evaluate --consistency [BUNDLE...]     persona consistency, memory × reranking (torch-free)
+    npctalk demo [...]                           the pygame village demo, same as npctalk-demo (needs the demo extra)
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("export-onnx", help="build a model bundle (see `export-onnx --help`)", add_help=False)
     sub.add_parser("finetune", help="fine-tune a model on dialogue JSONL (see `npctalk finetune --help`)", add_help=False)
     sub.add_parser("evaluate", help="score bundles on a test JSONL (see `npctalk evaluate --help`)", add_help=False)
+    sub.add_parser("demo", help="the pygame village demo (see `npctalk demo --help`)", add_help=False)
     return parser
 
 
@@ -214,6 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"error: export-onnx needs the export extra: pip install 'npctalk[export]' ({exc})\n")
             return 1
         return export_main(argv[1:])
+    if argv[:1] == ["demo"]:  # pygame is imported by the demo only, never by the runtime
+        try:
+            from npctalk.demo.__main__ import main as demo_main
+        except ImportError as exc:
+            sys.stderr.write(f"error: the demo is not installed: pip install 'npctalk[demo]' ({exc})\n")
+            return 1
+        return demo_main(argv[1:])
     if argv[:1] == ["evaluate"] and "--consistency" in argv:  # torch-free: no finetune extra needed
         return _consistency_main([a for a in argv[1:] if a != "--consistency"])
     if argv and argv[0] in ("finetune", "evaluate"):

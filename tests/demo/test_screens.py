@@ -102,3 +102,12 @@ def test_sigterm_ends_the_demo_and_stops_its_server(gpt2_bundle: Path, tmp_path:
             demo.wait()
     assert "Stopped the engine" in rest and "Frame times:" in rest
     assert nobody_at(endpoint), "the demo's server outlived it"
+
+
+def test_npctalk_demo_subcommand_delegates_to_the_demo() -> None:
+    out = subprocess.run([sys.executable, "-m", "npctalk.engine.cli", "demo", "--help"], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--headless" in out.stdout and "--say NPC:LINE" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "npctalk.engine.cli", "demo", "--say", "nocolon"], check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected NPC:LINE" in bad.stderr
