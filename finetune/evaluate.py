@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from npctalk.engine.errors import ConfigError
 from npctalk.engine.generator import Generator, GeneratorParams
 from npctalk.engine.model import Model

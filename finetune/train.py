@@ -139,8 +139,9 @@ def finetune(source: str | Path, train_file: str | Path, valid_file: str | Path,
 
 
 def _load_for_resume(output: Path, checkpoint: Path, source: str | Path) -> tuple[BaseModel, Any, Any]:
-    from npctalk.export.sources import identify
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from npctalk.export.sources import identify
 
     info = read_run_info(output)
     base = BaseModel(**{**info["base"], "license_text": (output / "LICENSE").read_text(encoding="utf-8")})

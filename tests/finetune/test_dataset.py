@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from npc_data import DATA
+
 from npctalk.engine.persona import builtin_personas
 from npctalk.finetune.dataset import load_examples
 from npctalk.finetune.errors import DatasetError
+
+from npc_data import DATA
 
 GOOD = json.dumps({"persona": "bram", "prompt": "Got iron?", "completion": "Not a scrap, friend."})
 

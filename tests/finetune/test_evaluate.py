@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from npctalk.engine.cli import main
 from npctalk.finetune.evaluate import EvalOptions, evaluate_bundle
 from npctalk.finetune.report import EvalReport, comparison_table

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
 from npctalk.finetune.errors import MetricInputError
 from npctalk.finetune.metrics import average_length, corpus_bleu, corpus_chrf, distinct_n, words
 
@@ -58,3 +64,11 @@ def test_distinct_n_by_hand() -> None:
         distinct_n("the cat", 1)
     with pytest.raises(MetricInputError):
         distinct_n(texts, 0)
+
+
+def test_scoring_side_is_torch_free(tmp_path: Path) -> None:
+    """Evaluation runs where only the runtime is installed: importing it must not pull torch."""
+    probe = ("import sys, json; import npctalk.finetune.cli, npctalk.finetune.evaluate, npctalk.finetune.prompts; "
+             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

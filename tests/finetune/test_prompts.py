@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from npctalk.engine.dialogue import Turn
 from npctalk.engine.model import Model
 from npctalk.engine.npcs import PromptBuilder
@@ -61,6 +62,7 @@ def test_labels_mask_the_prompt_and_keep_the_reply_and_its_end(family: str, requ
 def test_loss_counts_reply_tokens_only(family: str, request: pytest.FixtureRequest) -> None:
     import torch
     import torch.nn.functional as F
+
     from npctalk.finetune.train import completion_loss_sum
 
     encoder, model = _hf_encoder(request.getfixturevalue(f"tiny_{family}_dir"))

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from npctalk.engine.errors import ConfigError
 from npctalk.finetune.checkpoint import list_checkpoints
 from npctalk.finetune.config import FinetuneConfig
@@ -20,10 +21,11 @@ QUICK = FinetuneConfig(learning_rate=3e-3, max_steps=4, eval_every=2, batch_size
 
 
 def _base_eval_loss(folder: Path, valid: Path) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from npctalk.finetune.dataset import load_examples
     from npctalk.finetune.prompts import ExampleEncoder, engine_tokenizer, training_manifest
     from npctalk.finetune.train import eval_loss
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     manifest = training_manifest(config, tok, "base", config.model_type, QUICK.max_length)
@@ -37,10 +39,11 @@ def _base_eval_loss(folder: Path, valid: Path) -> float:
 def test_finetune_lowers_eval_loss_and_the_output_exports_and_generates(
     family: str, request: pytest.FixtureRequest, tiny_data: tuple[Path, Path], tmp_path: Path,
 ) -> None:
+    from transformers import AutoModelForCausalLM
+
     from npctalk.export.api import ExportOptions, export_bundle
     from npctalk.finetune.evaluate import EvalOptions, evaluate_bundle
     from npctalk.finetune.train import finetune
-    from transformers import AutoModelForCausalLM
 
     source = request.getfixturevalue(f"tiny_{family}_dir")
     train, valid = tiny_data
