@@ -265,15 +265,13 @@ def test_unsupported_variants_are_refused_by_name(tiny_gpt2_dir: Path, tiny_llam
     assert not (tmp_path / "model.onnx").exists()
 
 
-def _lean_llama(lean: tuple[str, str, Path]) -> Path:
-    family, dtype, bundle = lean
-    if (family, dtype) != ("llama", "fp32"):
-        pytest.skip("checked once, on the fp32 Llama lean graph")
-    return bundle
+@pytest.fixture(scope="session")
+def lean_llama(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 lean bundle of the tiny Llama, for the checks that need one graph only."""
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("lean") / "llama-fp32", "fp32")
 
 
-def test_validation_catches_a_corrupted_lean_layer(lean: tuple[str, str, Path], tiny_llama_dir: Path,
-                                                   tmp_path: Path) -> None:
+def test_validation_catches_a_corrupted_lean_layer(lean_llama: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Noise in layer 1's fused q|k|v weight: the logits and that layer's cache fail, layer 0's does not."""
     import onnx
     from npctalk.engine.errors import ValidationError
@@ -281,7 +279,7 @@ def test_validation_catches_a_corrupted_lean_layer(lean: tuple[str, str, Path], 
     from onnx import numpy_helper
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bundle = _lean_llama(lean)
+    bundle = lean_llama
     manifest = load_manifest(bundle)
     model = onnx.load(str(bundle / "model.onnx"))
     init = next(i for i in model.graph.initializer if i.name == "model.layers.1.self_attn.qkv_proj.weight")
@@ -298,11 +296,11 @@ def test_validation_catches_a_corrupted_lean_layer(lean: tuple[str, str, Path], 
     assert "present.0" not in message
 
 
-def test_left_padding_check_catches_a_lean_graph_fed_no_mask(lean: tuple[str, str, Path]) -> None:
+def test_left_padding_check_catches_a_lean_graph_fed_no_mask(lean_llama: Path) -> None:
     """With last-position logits, the padded rows' presents are compared too: both catch a dropped mask."""
     from npctalk.export.validate import TOLERANCES, OnnxDecoder, check_left_padding
 
-    bundle = _lean_llama(lean)
+    bundle = lean_llama
     manifest = load_manifest(bundle)
     decoder = OnnxDecoder(bundle / "model.onnx", manifest.io, manifest.num_layers)
     assert decoder.last_only
