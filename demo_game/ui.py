@@ -6,6 +6,7 @@ lines it showed). Text uses pygame's bundled default font; no downloaded assets.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,12 @@ def printable(text: str) -> str:
 def wrap(text: str, font: pygame.font.Font, width: int) -> list[str]:
     """Greedy word wrap to ``width`` pixels; words longer than a line are cut by characters.
     Control characters are blanked, so every returned line can be rendered."""
+    return list(_wrap(text, font, width))
+
+
+@functools.lru_cache(maxsize=64)
+def _wrap(text: str, font: pygame.font.Font, width: int) -> tuple[str, ...]:
+    """Cached: a reply is wrapped once per new token, not once per frame."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
         paragraph = printable(paragraph)
@@ -57,7 +64,13 @@ def wrap(text: str, font: pygame.font.Font, width: int) -> list[str]:
                 word = word[cut:]
             line = word
         lines.append(line)
-    return lines
+    return tuple(lines)
+
+
+@functools.lru_cache(maxsize=512)
+def text(font: pygame.font.Font, line: str, color: tuple[int, int, int]) -> pygame.Surface:
+    """A rendered line, cached: the same lines are drawn every frame."""
+    return font.render(line, True, color)
 
 
 def title(surface: pygame.Surface, fonts: Fonts, t: float) -> None:
@@ -93,10 +106,18 @@ def credits(surface: pygame.Surface, fonts: Fonts, lines: list[str], scroll: flo
     for i, line in enumerate(lines):
         y = top + i * step - int(scroll)
         if top - step < y < h:
-            surface.blit(fonts.small.render(line, True, PAPER), (24, y))
+            surface.blit(text(fonts.small, line, PAPER), (24, y))
             shown.append(line)
     surface.set_clip(clip)
     return shown
+
+
+@functools.lru_cache(maxsize=4)
+def _shade(size: tuple[int, int]) -> pygame.Surface:
+    """The dialogue box's translucent paper, made once per size."""
+    shade = pygame.Surface(size, pygame.SRCALPHA)
+    shade.fill((*PAPER, 240))
+    return shade
 
 
 def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -> tuple[bool, list[str]]:
@@ -104,15 +125,13 @@ def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -
     Returns whether the thinking indicator was drawn, and the reply lines drawn."""
     w, h = surface.get_size()
     box = pygame.Rect(20, h - 230, w - 40, 210)
-    shade = pygame.Surface(box.size, pygame.SRCALPHA)
-    shade.fill((*PAPER, 240))
-    surface.blit(shade, box.topleft)
+    surface.blit(_shade(box.size), box.topleft)
     pygame.draw.rect(surface, INK, box, 3, border_radius=6)
     surface.blit(fonts.body.render(d.npc_name, True, (120, 50, 30)), (box.left + 16, box.top + 10))
     y = box.top + 40
     if d.line:
         for line in wrap(f"You: {d.line}", fonts.small, box.width - 32)[-2:]:
-            surface.blit(fonts.small.render(line, True, (70, 70, 90)), (box.left + 16, y))
+            surface.blit(text(fonts.small, line, (70, 70, 90)), (box.left + 16, y))
             y += fonts.small.get_linesize()
     shown: list[str] = []
     if d.state is ReplyState.THINKING:
@@ -123,7 +142,7 @@ def dialogue_box(surface: pygame.Surface, fonts: Fonts, d: Dialogue, t: float) -
         room = max(1, (box.bottom - 44 - y) // fonts.body.get_linesize())
         shown = lines[-room:]  # the newest lines stay visible while it streams
         for line in shown:
-            surface.blit(fonts.body.render(line, True, INK), (box.left + 16, y + 2))
+            surface.blit(text(fonts.body, line, INK), (box.left + 16, y + 2))
             y += fonts.body.get_linesize()
         if d.state is ReplyState.STREAMING and int(t * 4) % 2:
             pygame.draw.rect(surface, INK, (box.left + 18 + fonts.body.size(shown[-1] if shown else "")[0], y - 20, 8, 16))
