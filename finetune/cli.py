@@ -74,6 +74,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sampled with --seed")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0: off (default)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="0: off (default)")
+    p.add_argument("--chat-defaults", action="store_true",
+                   help="decode as `npctalk chat`/`serve` ship (sampled, repetition-controlled), seeded with --seed; "
+                        "replaces the decoding flags above")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
@@ -99,8 +104,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalOptions, evaluate_bundle
     from .report import comparison_table
 
-    options = EvalOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed, limit=args.limit, provider=args.provider)
+    options = EvalOptions.shipped(args.seed, args.limit, args.provider) if args.chat_defaults else EvalOptions(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram=args.no_repeat_ngram, seed=args.seed,
+        limit=args.limit, provider=args.provider)
     reports = []
     for bundle in args.bundles:
         report = evaluate_bundle(bundle, args.data, options, personas_dir=args.personas)

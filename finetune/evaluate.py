@@ -28,7 +28,7 @@ import numpy as np
 from npctalk.engine.errors import ConfigError
 from npctalk.engine.generator import Generator, GeneratorParams
 from npctalk.engine.model import Model
-from npctalk.engine.sampling import SearchOptions
+from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions
 from npctalk.engine.stream import ReplyStream
 
 from .dataset import Example, load_examples
@@ -45,12 +45,16 @@ SAMPLES_KEPT = 20  # example replies shown in the report
 @dataclass(frozen=True)
 class EvalOptions:
     """Decoding for evaluation. ``temperature`` 0 is greedy (``seed`` unused); above 0 samples with
-    ``top_p``/``top_k`` and the fixed ``seed``. ``limit`` scores only the first N examples."""
+    ``top_p``/``top_k`` and the fixed ``seed``. ``repetition_penalty`` 1.0 and ``no_repeat_ngram`` 0
+    are off; ``EvalOptions.shipped()`` decodes as ``npctalk chat`` and ``serve`` do. ``limit`` scores
+    only the first N examples."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 50
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
     seed: int = 0
     limit: int | None = None
     provider: str = "auto"
@@ -60,9 +64,19 @@ class EvalOptions:
             raise ConfigError(f"limit must be a positive integer or None, got {self.limit!r}.")
         self.search_options()  # SearchOptions checks the rest
 
+    @classmethod
+    def shipped(cls, seed: int = 0, limit: int | None = None, provider: str = "auto") -> EvalOptions:
+        """The engine's chat defaults (``sampling.CHAT_DEFAULTS``: sampled, repetition-controlled), seeded."""
+        d = CHAT_DEFAULTS
+        return cls(max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+                   repetition_penalty=d.repetition_penalty, no_repeat_ngram=d.no_repeat_ngram_size, seed=seed,
+                   limit=limit, provider=provider)
+
     def search_options(self) -> SearchOptions:
         return SearchOptions(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
-                             temperature=self.temperature or 1.0, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+                             temperature=self.temperature or 1.0, top_k=self.top_k, top_p=self.top_p,
+                             repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram,
+                             seed=self.seed)
 
 
 def generate_reply(model: Model, encoder: ExampleEncoder, example: Example, options: SearchOptions) -> str:
@@ -121,6 +135,7 @@ def evaluate_bundle(bundle: str | Path, test_file: str | Path, options: EvalOpti
     return EvalReport(
         bundle=str(bundle), model=model.manifest.name, test_file=str(test_file), examples=len(examples),
         decoding={"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
+                  "repetition_penalty": options.repetition_penalty, "no_repeat_ngram": options.no_repeat_ngram,
                   "seed": options.seed, "max_new_tokens": options.max_new_tokens, "provider": model.provider},
         metrics=metrics, consistency=scores, samples=samples, seconds=time.monotonic() - started,
     )

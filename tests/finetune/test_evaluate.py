@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from npctalk.engine.cli import main
+from npctalk.engine.sampling import CHAT_DEFAULTS
 from npctalk.finetune.evaluate import EvalOptions, evaluate_bundle
 from npctalk.finetune.report import EvalReport, comparison_table
 
@@ -52,6 +54,9 @@ def test_sampled_decoding_is_fixed_by_the_seed(llama_bundle: Path, tiny_data: tu
                                                                    limit=2, provider="cpu")) for s in (3, 3)]
     assert [x.prediction for x in runs[0].samples] == [x.prediction for x in runs[1].samples]
     assert runs[0].decoding["temperature"] == 1.0 and runs[0].decoding["seed"] == 3
+    shipped = EvalOptions.shipped(seed=5, limit=2, provider="cpu")
+    assert shipped.search_options() == dataclasses.replace(CHAT_DEFAULTS, seed=5)
+    assert evaluate_bundle(llama_bundle, tiny_data[1], shipped).decoding["repetition_penalty"] == CHAT_DEFAULTS.repetition_penalty
 
 
 def test_evaluate_cli_writes_reports_and_comparison(gpt2_bundle: Path, llama_bundle: Path,
