@@ -125,3 +125,13 @@ def test_a_real_run_through_the_in_process_server(gpt2_bundle: Path, tmp_path: P
 
 def _rules(probe: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (("bram",), ("ai",)) if probe["probe"].startswith("identity") else ((), ("ai", "arr"))
+
+
+def test_cli_routes_evaluate_consistency_without_the_finetune_extra(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from npctalk.engine.cli import main
+
+    assert main(["evaluate", "--consistency", "--settings", "on/maybe"]) == 2
+    assert "memory/rerank pairs" in capsys.readouterr().err
+    assert main(["evaluate", "--consistency", str(tmp_path), "--scripts", str(tmp_path)]) == 1
+    assert "No consistency scripts" in capsys.readouterr().err
