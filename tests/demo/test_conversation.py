@@ -6,26 +6,12 @@ import itertools
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pygame
-from conftest import Frame, run_script, run_until
+from demo_helpers import STREAMING_FRAME_BOUND_S, Frame, pixel_spread, run_script, run_until, talk_steps
 from npctalk.demo.game import Game
-from npctalk.demo.script import Press, Screenshot, Type, WaitFor, WalkTo
+from npctalk.demo.script import Press, Screenshot, Type, WalkTo
 from npctalk.demo.ui import printable
 from server_process import ServerProcess
-
-STREAMING_FRAME_BOUND_S = 0.3  # 18x a 60 fps frame: generous for a loaded 2-core CI machine
-
-
-def talk_steps(npc: str, line: str) -> list:
-    return [WaitFor("online", 30), Press(pygame.K_RETURN), WalkTo(npc), Press(pygame.K_e), Type(line),
-            Press(pygame.K_RETURN)]
-
-
-def pixel_spread(path: Path) -> tuple[float, int]:
-    """Standard deviation of the pixel values and the number of distinct colours of a PNG."""
-    pixels = pygame.surfarray.array3d(pygame.image.load(str(path))).reshape(-1, 3)
-    return float(pixels.std()), len(np.unique(pixels, axis=0))
 
 
 def test_streamed_reply_grows_in_the_dialogue_box(server: ServerProcess, make_game: Callable[..., Game],

@@ -9,28 +9,11 @@ from pathlib import Path
 import pygame
 import pytest
 import zmq
-from conftest import Frame, run_script, run_until
+from demo_helpers import STREAMING_FRAME_BOUND_S, Frame, nobody_at, reply_over, run_script, run_until, streaming, talk_steps
 from npctalk.demo.game import Game
-from npctalk.demo.link import LinkState, probe
+from npctalk.demo.link import LinkState
 from npctalk.demo.script import Press, Type
 from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
-from test_conversation import STREAMING_FRAME_BOUND_S, talk_steps
-
-
-def streaming(game: Game) -> bool:
-    return game.dialogue is not None and game.dialogue.state.value == "streaming"
-
-
-def reply_over(game: Game) -> bool:
-    return game.dialogue is not None and game.dialogue.reply_id is None
-
-
-def nobody_at(endpoint: str) -> bool:
-    context = zmq.Context()
-    try:
-        return probe(endpoint, 0.5, context) is None
-    finally:
-        context.term()
 
 
 def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Path, tmp_path: Path,

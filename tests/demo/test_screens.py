@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pygame
 import pytest
-from conftest import run_script
+from demo_helpers import nobody_at, pixel_spread, run_script
 from npctalk.demo.game import Game
 from npctalk.demo.notices import credits_lines, find_notices
 from npctalk.demo.script import Frames, Press, Screenshot, WalkTo
 from server_process import free_tcp_endpoint
-from test_conversation import pixel_spread
-from test_engine_loss import nobody_at
 
 ROOT = Path(__file__).resolve().parents[2]
 
