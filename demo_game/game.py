@@ -75,7 +75,7 @@ class Game:
         self.shown_credits: list[str] = []
         self.held: set[int] = set()
         self.toast, self._toast_until = "", 0.0
-        self.frame, self.running, self._closed = 0, True, False
+        self.frame, self.running, self._closed, self._recalled = 0, True, False, False
         self._greetings = {key: p.greeting for key, p in builtin_personas().items()}
         self._start = time.perf_counter()
         self._last_frame: float | None = None
@@ -176,7 +176,11 @@ class Game:
     def _open_talk(self, npc: str, name: str) -> None:
         self.held.clear()
         if npc not in self.dialogues:
-            self.dialogues[npc] = Dialogue(npc, name, self._greetings.get(npc, ""))
+            greeting = self._greetings.get(npc, "")
+            if remembered := self.link.remembered.get(npc, 0):
+                plural = "s" if remembered != 1 else ""
+                greeting = f"({name} remembers you: {remembered} earlier exchange{plural}.) {greeting}"
+            self.dialogues[npc] = Dialogue(npc, name, greeting)
         self.dialogue, self.scene = self.dialogues[npc], Scene.TALK
         pygame.key.start_text_input()
 
@@ -207,7 +211,11 @@ class Game:
     # --- update ---------------------------------------------------------------------------------------
 
     def _update(self, dt: float) -> None:
-        for event in self.link.update():
+        events = self.link.update()
+        if self.link.online and not self._recalled:
+            self.link.recall([n.key for n in self.village.npcs])  # a server with --memory-db knows the player
+            self._recalled = True
+        for event in events:
             d = self.dialogues.get(event.npc)
             mine = d is not None and d.reply_id == event.id
             if isinstance(event, TokenEvent):

@@ -61,6 +61,18 @@ def probe(endpoint: str, timeout_s: float, context: zmq.Context[Any]) -> dict[st
         client.close()
 
 
+def recall(endpoint: str, npcs: list[str], player: str, timeout_s: float, context: zmq.Context[Any]) -> dict[str, int]:
+    """How many exchanges each NPC remembers with ``player`` (``memory.get``; blocks). Empty on failure."""
+    client = Client(endpoint, timeout=timeout_s, retries=0, context=context)
+    try:
+        return {npc: len(client.memory(npc, player).get("turns", [])) for npc in npcs}
+    except ClientError as exc:
+        log.info("Could not read the NPCs' memory: %s", exc)
+        return {}
+    finally:
+        client.close()
+
+
 class EngineLink:
     """See the module docstring. Owned by the game loop's thread; ``close()`` on exit."""
 
@@ -80,6 +92,8 @@ class EngineLink:
         self._starting_since = clock()
         self._replies: dict[str, tuple[Reply, float]] = {}  # replies on their way: (reply, sent at)
         self._lost: list[Event] = []  # failures the link decided, delivered by the next update()
+        self.remembered: dict[str, int] = {}  # NPC → exchanges it remembers with the player (from memory.get)
+        self._recall: Future[dict[str, int]] | None = None
 
     # --- once per frame -------------------------------------------------------------------------------
 
@@ -91,6 +105,8 @@ class EngineLink:
             self._server_exited(now)
         if self._start is not None and self._start.done():
             self._start_finished(self._start)
+        if self._recall is not None and self._recall.done():
+            self.remembered, self._recall = self._recall.result(), None
         if self._probe is not None and self._probe.done():
             self._probe_finished(self._probe.result(), now)
         elif self._probe is None and self._start is None and now >= self._next_probe and self._wants_probe():
@@ -221,6 +237,12 @@ class EngineLink:
                                 max_new_tokens=self.config.max_new_tokens)
         self._replies[reply.id] = (reply, self.clock())
         return reply
+
+    def recall(self, npcs: list[str]) -> None:
+        """Ask, off the frame loop, what ``npcs`` remember of the player; ``remembered`` fills in later."""
+        if "memory.get" in self.hello.get("capabilities", {}).get("ops", []) and self._recall is None:
+            self._recall = self._worker.submit(recall, self.config.endpoint, npcs, self.config.player,
+                                               self.config.reply_timeout_s, self.context)
 
     def cancel(self, reply: Reply) -> None:
         try:

@@ -118,6 +118,9 @@ def test_npcs_remember_the_player_across_demo_restarts(gpt2_bundle: Path, tmp_pa
         sock.close()
     assert memory["type"] == "ok", memory
     assert "My name is Wren." in repr(memory["turns"]), memory
+    run_until(second, lambda g: "bram" in g.link.remembered, 15)
+    run_script(second, talk_steps("bram", "")[:-2])
+    assert second.dialogue is not None and "(Bram remembers you: 1 earlier exchange.)" in second.dialogue.reply
 
 
 def test_reply_orphaned_by_a_quick_server_restart_fails_after_the_servers_deadline(
