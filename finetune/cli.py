@@ -82,6 +82,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--with-consistency", action="store_true",
+                   help="also run the persona consistency scripts (as `npctalk evaluate --consistency`) and add "
+                        "their shares to the report and the comparison table")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -101,7 +104,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvalOptions, evaluate_bundle
+    from .evaluate import EvalOptions, engine_consistency, evaluate_bundle
     from .report import comparison_table
 
     options = EvalOptions.shipped(args.seed, args.limit, args.provider) if args.chat_defaults else EvalOptions(
@@ -110,7 +113,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit, provider=args.provider)
     reports = []
     for bundle in args.bundles:
-        report = evaluate_bundle(bundle, args.data, options, personas_dir=args.personas)
+        report = evaluate_bundle(bundle, args.data, options, personas_dir=args.personas,
+                                 consistency=engine_consistency() if args.with_consistency else None)
         json_path, _ = report.write(args.output, stem=bundle.resolve().name)
         log.info("%s: BLEU %.2f, chrF %.2f, PPL %.2f → %s", bundle, report.metrics["bleu"], report.metrics["chrf"],
                  report.metrics["perplexity"], json_path)

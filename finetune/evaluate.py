@@ -79,6 +79,20 @@ class EvalOptions:
                              seed=self.seed)
 
 
+def engine_consistency(candidates: int = 4, max_new_tokens: int = 48) -> ConsistencyScorer:
+    """Issue 5's persona consistency (``engine.consistency``: scripted conversations, every memory ×
+    reranking setting) as a scorer: ``{"memory on, rerank off": share consistent, …}``."""
+
+    def score(model: Model) -> dict[str, float]:
+        from npctalk.engine.consistency import evaluate, load_scripts
+
+        report = evaluate(model.path, load_scripts(), candidates=candidates, max_new_tokens=max_new_tokens,
+                          provider=model.provider)
+        return {f"memory {s['memory']}, rerank {s['rerank']}": float(s["consistent_share"]) for s in report["settings"]}
+
+    return score
+
+
 def generate_reply(model: Model, encoder: ExampleEncoder, example: Example, options: SearchOptions) -> str:
     """The engine's reply to ``example``'s prompt, as a game would receive it."""
     params = GeneratorParams(model)

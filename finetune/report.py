@@ -67,7 +67,7 @@ class EvalReport:
                 lines.append(f"| {title} | {fmt.format(self.metrics[key])} | {meaning} |")
         lines += ["", "## Persona consistency", ""]
         if self.consistency is None:
-            lines.append("Not run (`npctalk evaluate --consistency`, issue 5).")
+            lines.append("Not run (`npctalk evaluate --with-consistency`; issue 5's `npctalk evaluate --consistency`).")
         else:
             lines += ["| Score | Value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in self.consistency.items()]
         lines += ["", "## Sample replies", ""]

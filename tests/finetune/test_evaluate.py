@@ -97,3 +97,16 @@ def test_finetune_cli_trains_and_prints_the_output(tiny_llama_dir: Path, tiny_da
     assert run["state"]["step"] == 1 and (out / "config.json").is_file() and (out / "LICENSE").is_file()
     assert main(args) == 1  # the folder now holds a run
     assert "--resume latest" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_engine_consistency_lands_in_the_report(llama_bundle: Path, tiny_data: tuple[Path, Path]) -> None:
+    """``--with-consistency`` wiring: issue 5's scripted probes, one share per memory × reranking setting."""
+    from npctalk.finetune.evaluate import engine_consistency
+
+    report = evaluate_bundle(llama_bundle, tiny_data[1], EvalOptions(max_new_tokens=4, limit=1, provider="cpu"),
+                             consistency=engine_consistency(max_new_tokens=8))
+    assert report.consistency is not None
+    assert set(report.consistency) == {f"memory {m}, rerank {r}" for m in ("on", "off") for r in ("on", "off")}
+    assert all(0.0 <= v <= 1.0 for v in report.consistency.values())
+    assert "consistency: memory on, rerank off" in comparison_table([report])
