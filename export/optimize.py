@@ -46,11 +46,12 @@ KEEP_FLOAT32 = ["logits"]
 # fp32 cut SmolLM2-135M's worst prefill logit error from 18.8 to 5.1 (bundle +80 MB).
 KEEP_FP32_NODES = re.compile(r"/mlp/(down_proj|c_proj)/")
 # int4, chosen by perplexity of SmolLM2-135M-Instruct on data/heldout (bench/results/quality-*):
-INT4_METHOD = "rtn"         # rtn: min/max per block, integer zero point; hqq: float zero point, refined (HQQ)
 INT4_BLOCK_SIZE = 32        # input channels per scale; 32 is the smallest block MatMulNBits' CPU kernel favours
 INT4_SYMMETRIC = False      # asymmetric: one uint4 zero point per block
 INT4_ACCURACY_LEVEL = 4     # CPU kernel: activations quantized to int8 per block for the dot products
-INT4_KEEP_FP32_NODES: re.Pattern[str] | None = None  # weight-only int4 needs no fp32 down projection
+# The LM head and the MLP down projections carry most of the 4-bit loss; they get 8-bit weights.
+INT4_SENSITIVE_NODES: re.Pattern[str] | None = re.compile(r"/mlp/(down_proj|c_proj)/|^/lm_head/")
+INT4_SENSITIVE_BITS: int | None = 8
 
 
 def data_files(model_path: Path) -> list[Path]:
@@ -184,10 +185,14 @@ def untie_lm_head(model: onnx.ModelProto) -> int:
     return count
 
 
-def to_int4(model_path: Path, block_size: int | None = None, symmetric: bool | None = None,
-            keep_fp32: re.Pattern[str] | None = INT4_KEEP_FP32_NODES, quantize_lm_head: bool = True,
-            accuracy_level: int | None = None, method: str | None = None) -> None:
-    """Quantize ``model_path``'s MatMul weights to 4 bits (MatMulNBits) in place; arguments override the defaults."""
+def to_int4(model_path: Path, *, block_size: int | None = None, symmetric: bool | None = None,
+            accuracy_level: int | None = None, sensitive: re.Pattern[str] | None = INT4_SENSITIVE_NODES,
+            sensitive_bits: int | None = INT4_SENSITIVE_BITS) -> None:
+    """Quantize ``model_path``'s MatMul weights to 4 bits (MatMulNBits) in place.
+
+    MatMuls whose name matches ``sensitive`` get ``sensitive_bits`` (8: MatMulNBits too) or stay
+    float (None). Keyword arguments override the module defaults (``bench/quality.py --sweep``).
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -196,30 +201,24 @@ def to_int4(model_path: Path, block_size: int | None = None, symmetric: bool | N
     rewritten = gemm_to_matmul(model)
     if rewritten:
         log.info("Rewrote %d Gemm nodes as MatMul + Add so they can be quantized", rewritten)
-    if quantize_lm_head and (untied := untie_lm_head(model)):
+    if untied := untie_lm_head(model):
         log.info("Gave %d tied MatMul(s) (the LM head) their own transposed weight so they can be quantized", untied)
-    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and keep_fp32 is not None
-                and keep_fp32.search(n.name)]
-    method = method or INT4_METHOD
-    block_size = block_size or INT4_BLOCK_SIZE
-    algo = None
-    if method == "hqq":
-        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
-
-        algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
-    elif method != "rtn":
-        raise ExportError(f"Unknown int4 method {method!r}; choose 'rtn' or 'hqq'.")
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=block_size, is_symmetric=INT4_SYMMETRIC if symmetric is None else symmetric,
-        accuracy_level=INT4_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
-        nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",), algo_config=algo,
-    )
-    quantizer.process()
-    quantized = quantizer.model.model
-    log.info("int4: %d MatMulNBits, %d MatMul kept in float",
-             sum(n.op_type == "MatMulNBits" for n in quantized.graph.node), len(excluded))
+    held = [n.name for n in model.graph.node if n.op_type == "MatMul" and sensitive is not None and sensitive.search(n.name)]
+    passes = [(4, held)] + ([(sensitive_bits, [])] if sensitive_bits and held else [])
+    for bits, excluded in passes:  # 4 bits first, sparing the sensitive ones; then those (the only MatMuls left)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=block_size or INT4_BLOCK_SIZE,
+            is_symmetric=INT4_SYMMETRIC if symmetric is None else symmetric,
+            accuracy_level=INT4_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+            nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    bits_of = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    log.info("int4: %d MatMulNBits with 4 bits, %d with 8 bits, %d sensitive MatMuls kept float",
+             bits_of.count(4), bits_of.count(8), 0 if sensitive_bits else len(held))
     new_path = _scratch(model_path)
-    save(quantized, new_path, external=external)
+    save(model, new_path, external=external)
     _install(new_path, model_path)
 
 
