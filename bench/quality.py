@@ -33,13 +33,11 @@ HELDOUT = ROOT.parent / "data" / "heldout" / "npc_heldout.txt"
 TARGET = 0.05  # relative perplexity increase allowed for quantized bundles
 
 DOWN_AND_HEAD = re.compile(r"/mlp/(down_proj|c_proj)/|^/lm_head/")
-# name → to_int4 overrides; the first is optimize.py's default.
+# name → to_int4 overrides; the int4 row above is optimize.py's default (block 32, asymmetric,
+# LM head + MLP down projections 8-bit, the rest 4-bit).
 SWEEP: dict[str, dict[str, Any]] = {
-    "block 32, asymmetric, head + down 8-bit (default)": {},
     "block 32, asymmetric, all 4-bit": {"sensitive": None},
     "block 16, asymmetric, all 4-bit": {"sensitive": None, "block_size": 16},
-    "block 128, asymmetric, all 4-bit": {"sensitive": None, "block_size": 128},
-    "block 32, symmetric, all 4-bit": {"sensitive": None, "symmetric": True},
     "block 32, symmetric, head + down 8-bit": {"symmetric": True},
     "block 32, asymmetric, head + down fp32": {"sensitive": DOWN_AND_HEAD, "sensitive_bits": None},
 }

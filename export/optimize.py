@@ -11,13 +11,15 @@
   activations uint8 scaled per call) of every weight MatMul/Gather except the MLP down
   projections: for the CPU execution provider. KV cache and logits stay float32. GPT-2's Gemm
   layers are first rewritten as MatMul + Add, which the quantizer handles and Gemm it does not.
-- ``int4``: 4-bit weight-only quantization (``MatMulNBits``, onnxruntime's
-  ``matmul_nbits_quantizer``) of every weight MatMul, the LM head included (a tied LM head reads
-  the embedding through a Transpose; it gets its own transposed copy so it can be quantized, while
-  the embedding Gather stays fp32). Blocks of ``INT4_BLOCK_SIZE`` input channels share one scale
-  and zero point; activations stay float (``INT4_ACCURACY_LEVEL`` lets the CPU kernel multiply in
-  int8). KV cache and logits stay float32. The choices below were set by perplexity on
-  ``data/heldout`` (see ``bench/quality.py``).
+- ``int4``: weight-only quantization to ``MatMulNBits`` (onnxruntime's ``matmul_nbits_quantizer``,
+  round-to-nearest per block of ``INT4_BLOCK_SIZE`` input channels, one scale and uint4 zero point
+  each): 4 bits for every weight MatMul except the LM head and the MLP down projections, which get
+  8 bits (``INT4_SENSITIVE_NODES``). A tied LM head reads the embedding through a Transpose; it gets
+  its own transposed copy so it can be quantized (the embedding Gather stays fp32). Activations,
+  KV cache and logits stay float. Chosen by perplexity on ``data/heldout`` (``bench/quality.py
+  --sweep``, SmolLM2-135M-Instruct): all-4-bit lost ~31%, the 8-bit head + down projections bring
+  it to ~10% for +14 MB; block 16 or symmetric blocks changed < 1 point. HQQ (float zero points,
+  the same grid as the GGUF's Q4_1) lost only ~8% but ran ~16x slower in the CPU kernel.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ KEEP_FLOAT32 = ["logits"]
 # fp32 cut SmolLM2-135M's worst prefill logit error from 18.8 to 5.1 (bundle +80 MB).
 KEEP_FP32_NODES = re.compile(r"/mlp/(down_proj|c_proj)/")
 # int4, chosen by perplexity of SmolLM2-135M-Instruct on data/heldout (bench/results/quality-*):
-INT4_BLOCK_SIZE = 32        # input channels per scale; 32 is the smallest block MatMulNBits' CPU kernel favours
+INT4_BLOCK_SIZE = 32        # input channels per scale (128: ~5 points worse; 16: < 1 point better, larger)
 INT4_SYMMETRIC = False      # asymmetric: one uint4 zero point per block
 INT4_ACCURACY_LEVEL = 4     # CPU kernel: activations quantized to int8 per block for the dot products
 # The LM head and the MLP down projections carry most of the 4-bit loss; they get 8-bit weights.
