@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 BUILDERS = {"gpt2": gpt2.build, "llama": llama.build}
-# A protobuf cannot exceed 2 GiB; above this many weight bytes they go to model.onnx.data.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def build_lean_graph(model: Any, architecture: str, out_dir: Path, dtype: str = "fp32",
@@ -50,9 +48,10 @@ def build_lean_graph(model: Any, architecture: str, out_dir: Path, dtype: str = 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
     weight_bytes = sum(len(t.raw_data) for t in onnx_model.graph.initializer)
-    from ..optimize import save
+    from .. import optimize
 
-    save(onnx_model, path, external=weight_bytes > EXTERNAL_DATA_BYTES)
+    # A protobuf cannot exceed 2 GiB: above optimize's threshold the weights go to model.onnx.data.
+    optimize.save(onnx_model, path, external=weight_bytes > optimize.EXTERNAL_DATA_BYTES)
     if not path.is_file():
         raise ExportError(f"Writing the lean graph to {path} produced no file.")
     log.info("Lean ONNX graph written: %s (%d nodes for %d layers, %.1f MB of weights, %s)", path,
