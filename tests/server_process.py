@@ -34,9 +34,16 @@ class ServerProcess:
     """``python -m npctalk.engine.cli serve --model BUNDLE --bind ENDPOINT *args``."""
 
     def __init__(self, bundle: Path, workdir: Path, *args: str, endpoint: str | None = None) -> None:
+        number = next(_ids)
+        # Each test server gets its own memory database (never the user's ~/.cache one) and no embedding
+        # model, unless the test asks otherwise; the path stays the same across restarts of this instance.
+        if "--memory-db" not in args:
+            args = (*args, "--memory-db", str(workdir / f"memory-{os.getpid()}-{number}.sqlite3"))
+        if "--memory-embeddings" not in args:
+            args = (*args, "--memory-embeddings", "off")
         self.bundle, self.workdir, self.args = bundle, workdir, args
         self.endpoint = endpoint or free_tcp_endpoint()
-        self.log_path = workdir / f"server-{os.getpid()}-{next(_ids)}.log"
+        self.log_path = workdir / f"server-{os.getpid()}-{number}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
