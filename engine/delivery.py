@@ -88,6 +88,10 @@ class Delivery:
                              "is gone" if result is SendResult.GONE else "has not read for too long")
                 del self._waiting[key]
 
+    def holds(self, key: RequestKey) -> bool:
+        """``key``'s terminal message still waits to be sent."""
+        return key in self._waiting
+
     @property
     def waiting(self) -> int:
         """Terminal messages waiting for a client's queue to have room."""

@@ -59,6 +59,9 @@ class Handlers:
         self.registry = registry
         self.memory = memory
         self.clock = clock
+        # Whether a say stream is still held (running, queued, or its end waiting to be sent); the server
+        # widens it to its delivery queue. ``ping`` answers with the asked-for streams that are not.
+        self.holds: Callable[[RequestKey], bool] = scheduler.has_live
         self.accepting = True  # False while the server drains for shutdown: new says get busy
         self.started_at = clock()
         self.prompts = PromptBuilder(model.manifest, model.tokenizer)
@@ -109,7 +112,11 @@ class Handlers:
         )
 
     def _ping(self, identity: bytes, request: protocol.Request) -> Reply:
-        return protocol.ok(request.id)
+        params = request.params
+        assert isinstance(params, protocol.Ping)
+        if not params.streams:
+            return protocol.ok(request.id)
+        return protocol.ok(request.id, unknown=[s for s in params.streams if not self.holds(RequestKey(identity, s))])
 
     def _npc_upsert(self, identity: bytes, request: protocol.Request) -> Reply:
         params = request.params

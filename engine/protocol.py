@@ -109,7 +109,15 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Empty:
-    """Fields of ``hello``, ``ping``, ``npc.list`` and ``stats``: none."""
+    """Fields of ``hello``, ``npc.list`` and ``stats``: none."""
+
+
+@dataclass(frozen=True)
+class Ping:
+    """``ping``: optionally the ids of this client's say streams it still waits on (answered with those the
+    server no longer holds, so a client learns at once that a restart or a reconnect lost them)."""
+
+    streams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,7 @@ class SaveImport:
     mode: str = "replace"
 
 
-Params = (Empty | NpcRef | NpcUpsert | Say | Cancel | MemoryRef | MemoryRemember | MemoryForget | MemoryClear
+Params = (Empty | Ping | NpcRef | NpcUpsert | Say | Cancel | MemoryRef | MemoryRemember | MemoryForget | MemoryClear
           | SaveExport | SaveImport)
 
 
@@ -308,6 +316,16 @@ def _parse_empty(fields: dict[str, Any]) -> Empty:
     return Empty()
 
 
+def _parse_ping(fields: dict[str, Any]) -> Ping:
+    _allow(fields, ("streams",))
+    streams = fields.get("streams", [])
+    if streams is None:
+        return Ping()
+    if not isinstance(streams, list) or len(streams) > MAX_ARRAY_LEN:
+        raise _bad(f"'streams' must be an array of at most {MAX_ARRAY_LEN} request ids, got {_describe(streams)}.")
+    return Ping(tuple(_ident({"streams": s}, "streams") for s in streams))
+
+
 def _parse_npc_ref(fields: dict[str, Any]) -> NpcRef:
     _allow(fields, ("npc",))
     return NpcRef(_ident(fields, "npc"))
@@ -401,7 +419,7 @@ def _parse_import(fields: dict[str, Any]) -> SaveImport:
 
 _SAVE_IMPORT_OP = encode({"op": Op.SAVE_IMPORT.value})[1:]  # the key and value bytes, without the map header
 _PARSERS: dict[Op, Callable[[dict[str, Any]], Params]] = {
-    Op.HELLO: _parse_empty, Op.PING: _parse_empty, Op.NPC_LIST: _parse_empty, Op.STATS: _parse_empty,
+    Op.HELLO: _parse_empty, Op.PING: _parse_ping, Op.NPC_LIST: _parse_empty, Op.STATS: _parse_empty,
     Op.NPC_GET: _parse_npc_ref, Op.NPC_UPSERT: _parse_upsert, Op.SAY: _parse_say, Op.CANCEL: _parse_cancel,
     Op.MEMORY_GET: _parse_memory_ref, Op.MEMORY_REMEMBER: _parse_remember, Op.MEMORY_FORGET: _parse_forget,
     Op.MEMORY_CLEAR: _parse_clear, Op.SAVE_EXPORT: _parse_export, Op.SAVE_IMPORT: _parse_import,

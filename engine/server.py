@@ -107,6 +107,7 @@ class Server:
         self._last_seen: dict[bytes, float] = {}   # clients with live streams → when they last sent anything
         self._gone: set[bytes] = set()             # clients whose connection is gone: nothing is sent to them
         self._delivery = Delivery(self._send_raw, give_up_s=config.client_timeout_s)
+        self.handlers.holds = lambda key: self.scheduler.has_live(key) or self._delivery.holds(key)
         self._context: zmq.Context = zmq.Context.instance()
         self._curve = CurveServer(self._context, config.curve) if config.curve else None
         try:

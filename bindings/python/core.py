@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npctalk.engine import protocol
-from npctalk.engine.protocol import MessageType, Op, ProtocolError
+from npctalk.engine.protocol import MAX_ARRAY_LEN, MessageType, Op, ProtocolError
 
 from .errors import ClientClosed, ClientError, ProtocolViolation, ServerUnavailable, error_from_reply
 from .events import DoneEvent, ErrorEvent, Event, SayResult, Timings, TokenEvent, Usage
@@ -167,6 +167,8 @@ class ClientCore:
         request_id, kind = message.get("id"), message["type"]
         if request_id in self._internal:
             self._internal.discard(request_id)
+            if kind == MessageType.OK and isinstance(message.get("unknown"), list):
+                self._forget_lost(message["unknown"])
         elif request_id in self._calls:
             call = self._calls.pop(request_id)
             if kind == MessageType.OK:
@@ -208,6 +210,16 @@ class ClientCore:
         else:
             self._fail_stream(stream, ProtocolViolation(f"Reply {stream.id!r} got a {kind} message."))
 
+    def _forget_lost(self, ids: list[Any]) -> None:
+        """The server said it no longer holds these streams: those not yet ended were lost with a restart
+        or a re-established connection (their ends would have arrived before the ping's answer)."""
+        for request_id in ids:
+            stream = self._streams.get(request_id) if isinstance(request_id, str) else None
+            if stream is not None and not stream.finished:
+                self._fail_stream(stream, ServerUnavailable(
+                    f"The server no longer has reply {stream.id!r} (it restarted or the connection was re-established) "
+                    f"after {len(stream.chunks)} chunks."), tell_server=False)
+
     def _fail_stream(self, stream: Stream, error: ClientError, *, tell_server: bool = True) -> None:
         if tell_server and (frame := self.cancel(stream)):
             self._outbox.append(frame)  # stop the server streaming into a reply we gave up on
@@ -233,7 +245,9 @@ class ClientCore:
         if now - self._last_heard > self.timeout:
             return Tick(frames, reconnect=True)
         if now - self._last_sent >= self.heartbeat:
-            frames.append(self._internal_frame(Op.PING))
+            # The streams still waited on ride along: the answer names those the server no longer holds.
+            waiting = [s.id for s in self._streams.values() if not s.finished][:MAX_ARRAY_LEN]
+            frames.append(self._internal_frame(Op.PING, **({"streams": waiting} if waiting else {})))
         return Tick(frames)
 
     def next_wakeup(self) -> float | None:

@@ -154,3 +154,30 @@ def test_kill9_mid_stream_reports_an_error_within_the_timeout_then_recovers(gpt2
         proc.stop()
         if restarted is not None:
             restarted.stop()
+
+
+def test_a_server_restarted_under_a_waiting_reply_fails_it_at_once_not_after_the_timeout(
+        gpt2_bundle: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, "--max-new-tokens", "960").start()
+    restarted = None
+    try:
+        # A timeout far longer than a restart: silence alone would keep this reply waiting for 60 s.
+        with Client(proc.endpoint, timeout=60.0, retries=1, heartbeat=0.25) as client:
+            client.upsert_npc("mira", MIRA)
+            reply = client.say("mira", "Hello!", max_new_tokens=900)
+            chunks = iter(reply)
+            next(chunks)
+            proc.signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            restarted = ServerProcess(gpt2_bundle, tmp_path, endpoint=proc.endpoint).start()
+            back = time.monotonic()
+            with pytest.raises(ServerUnavailable, match="no longer has reply"):
+                for _ in chunks:
+                    pass
+            assert time.monotonic() - back < 5.0, "the lost reply failed at the first answered heartbeat"
+            client.upsert_npc("mira", MIRA)  # the new server has no upserted NPCs; the same client goes on
+            assert client.say("mira", "Again?", max_new_tokens=4).wait().usage.completion_tokens >= 1
+    finally:
+        proc.stop()
+        if restarted is not None:
+            restarted.stop()

@@ -132,6 +132,23 @@ def test_heartbeats_while_pending_and_silence_when_idle(core: ClientCore, clock:
     assert core.take_events() == [] and not view.done and not core.tick().reconnect
 
 
+def test_pings_list_waited_streams_and_unknown_ones_fail_at_once(core: ClientCore, clock: Clock) -> None:
+    lost, kept, ended = (core.say("bram", text)[0] for text in ("a", "b", "c"))
+    core.feed(reply(protocol.token(lost.id, 0, "Mi")))
+    core.feed(reply(protocol.done(ended.id, 0, "", "stop", prompt_tokens=1, completion_tokens=1,
+                                  queue_ms=0.0, ttft_ms=None, total_ms=1.0)))
+    core.sent()
+    clock.now += 1.0
+    [ping] = [sent(f) for f in core.tick().frames]
+    assert ping["op"] is Op.PING and ping["params"] == protocol.Ping((lost.id, kept.id))  # the ended one is not asked
+    core.sent()
+    core.feed(reply(protocol.ok(ping["id"], unknown=[lost.id, ended.id, "never-mine"])))
+    assert isinstance(lost.error, errors.ServerUnavailable) and "no longer has reply" in str(lost.error)
+    assert kept.error is None and not kept.done and ended.result is not None and ended.error is None
+    assert not core.tick().reconnect  # the server is alive: only the lost reply failed
+    assert [sent(f)["op"] for f in core.tick().frames] == []  # no cancel for a stream the server does not have
+
+
 def test_lazy_pirate_resends_calls_and_fails_streams(core: ClientCore, clock: Clock) -> None:
     call = core.call(Op.STATS)
     view, _ = core.say("bram", "Hi")

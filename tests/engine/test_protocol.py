@@ -23,10 +23,20 @@ def refused(data: bytes) -> ProtocolError:
     return info.value
 
 
-@pytest.mark.parametrize("op", ["hello", "ping", "npc.list", "stats"])
+@pytest.mark.parametrize("op", ["hello", "npc.list", "stats"])
 def test_ops_without_fields(op: str) -> None:
     request = protocol.parse_request(frame(op=op))
     assert request.id == "r1" and request.op == Op(op) and isinstance(request.params, protocol.Empty)
+
+
+def test_ping_with_and_without_streams() -> None:
+    assert protocol.parse_request(frame(op="ping")).params == protocol.Ping()
+    assert protocol.parse_request(frame(op="ping", streams=["r1", "r2"])).params == protocol.Ping(("r1", "r2"))
+    for bad in ("r1", [1], [""], ["x" * 65], ["r"] * 257, {"r1": 1}):
+        with pytest.raises(ProtocolError) as caught:
+            protocol.parse_request(frame(op="ping", streams=bad))
+        assert caught.value.code is ErrorCode.BAD_REQUEST
+        assert "streams" in caught.value.message or "max_array_len" in caught.value.message  # 257: msgpack's limit
 
 
 def test_say_with_every_field_and_defaults() -> None:
