@@ -326,3 +326,32 @@ def test_default_model_lean_export_validates(tmp_path: Path, monkeypatch: pytest
     assert report["left_padding"]["max_abs_diff"] <= report["left_padding"]["limit"]
     nodes = len(_graph(bundle).node)
     assert nodes <= MAX_NODES_PER_LAYER["llama"] * 30 + MAX_SHARED_NODES
+
+
+def test_manifest_graph_field_defaults_to_optimum_and_is_checked(lean_llama: Path) -> None:
+    """Bundles written before the field existed were optimum's; an unknown builder is refused by name."""
+    from npctalk.engine.bundle import Manifest
+    from npctalk.engine.errors import BundleError
+
+    data = json.loads((lean_llama / "manifest.json").read_text())
+    assert data["graph"] == "lean"
+    del data["graph"]
+    assert Manifest.from_dict(data).graph == "optimum"
+    with pytest.raises(BundleError, match="graph 'fast' is not one of"):
+        Manifest.from_dict({**data, "graph": "fast"})
+
+
+def test_batched_multi_token_step_after_a_past_is_refused(lean_llama: Path) -> None:
+    """GroupQueryAttention's documented limit (export/lean/graph.py): batch > 1 with seq > 1 after a
+    past is an error, never a wrong answer. The engine never makes that call (batched steps feed one
+    token per row); if ONNX Runtime lifts the limit this test says so."""
+    import onnxruntime as ort
+
+    model = Model(lean_llama, provider="cpu")
+    cache = model.new_cache(batch_size=2)
+    model.forward(np.asarray([[5, 6, 7], [8, 9, 10]]), cache)            # prefill: no past, fine
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="batch_size must be 1"):
+        model.forward(np.asarray([[11, 12], [13, 14]]), cache)
+    single = model.new_cache()
+    model.forward(np.asarray([[5, 6, 7]]), single)
+    assert model.forward(np.asarray([[11, 12]]), single).shape == (1, model.manifest.vocab_size)
