@@ -74,7 +74,7 @@ def test_default_output_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"dtype": "int4"}, "dtype must be one of fp32, fp16, int8"),
+    ({"dtype": "int3"}, "dtype must be one of fp32, fp16, int8"),
     ({"device": "tpu"}, "device must be one of cpu, cuda"),
     ({"atol": -0.1}, "atol must be a number >= 0"),
     ({"atol": float("nan")}, "atol must be a number >= 0"),

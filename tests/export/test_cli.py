@@ -74,7 +74,7 @@ def test_hub_id_without_network(run_cli, monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["x", "--dtype", "int4"], "invalid choice: 'int4'"),
+    (["x", "--dtype", "int3"], "invalid choice: 'int3'"),
     (["x", "--device", "tpu"], "invalid choice: 'tpu'"),
     (["x", "--graph", "fast"], "invalid choice: 'fast'"),
     (["x", "--atol", "-1"], "--atol must be >= 0"),
