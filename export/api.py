@@ -239,8 +239,9 @@ def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOpt
         stages.next(f"converting the graph to {options.dtype}")
         optimize(model_path, options.dtype)
         return model_path
-    # The lean graph is written in fp16 directly; quantized dtypes start from fp32 and need the
-    # LM head as its own MatMul (a tied head shares the embedding through Gemm, which they skip).
+    # The lean graph is written in fp16 directly. Quantized dtypes start from fp32 with the LM head
+    # as its own (hidden, vocab) MatMul: the quantizers need a constant MatMul weight, and rewriting
+    # the tied Gemm(transB=1) would transpose the embedding its Gather still reads.
     built = options.dtype if options.dtype in ("fp32", "fp16") else "fp32"
     stages.next(f"exporting the lean ONNX graph (written from the weights; {built}, KV cache)")
     model_path = build_lean_graph(model, architecture, folder, built, untie_lm_head=built != options.dtype)
