@@ -11,7 +11,11 @@
     ├── PromptError            a dialogue could not be formatted (unknown role, empty persona, …)
     ├── ConfigError            a setting is out of range (temperature < 0, top_p > 1, …)
     └── ServeError             the server could not start or was driven wrongly
-        └── RequestStateError       a request was moved between states its state machine forbids (a bug)
+        ├── RequestStateError       a request was moved between states its state machine forbids (a bug)
+        └── StoreError              the memory database cannot be opened, read or written
+            └── SaveFormatError         a save.import blob this npctalk did not write (names the bad field)
+
+    (npctalk.finetune adds FinetuneError → DatasetError, MetricInputError under NpctalkError.)
 
 Catch ``NpctalkError`` to catch them all. Each message is a full sentence that says what was wrong
 and, where one exists, what to do about it.
@@ -66,3 +70,11 @@ class ServeError(NpctalkError):
 
 class RequestStateError(ServeError):
     """A server request was moved between states its state machine forbids; always a bug."""
+
+
+class StoreError(ServeError):
+    """The memory database cannot be opened, read or written."""
+
+
+class SaveFormatError(StoreError):
+    """A save blob that is not one this npctalk wrote: the message names the bad field."""

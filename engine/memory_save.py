@@ -26,9 +26,10 @@ from typing import Any
 
 import msgpack
 
+from .errors import SaveFormatError, StoreError
 from .facts import MAX_FACT_CHARS, SOURCES, NewFact
 from .memory import fold_summary
-from .store import MemoryStore, StoreError
+from .store import MemoryStore
 
 FORMAT = "npctalk-memory"
 VERSION = 1
@@ -37,10 +38,6 @@ MAX_ID_CHARS = 64
 MAX_LINE_CHARS = 16_000
 KINDS = ("name", "origin", "other")
 MODES = ("replace", "merge")
-
-
-class SaveFormatError(StoreError):
-    """A save blob that is not one this npctalk wrote: the message names the bad field."""
 
 
 def export_blob(store: MemoryStore, npc: str | None = None, player: str | None = None) -> tuple[bytes, int]:

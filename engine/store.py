@@ -35,7 +35,7 @@ import numpy as np
 
 from . import memory_embeddings
 from .dialogue import Turn
-from .errors import ServeError
+from .errors import StoreError
 from .facts import Fact, NewFact, extract_facts, keywords, retrieve
 from .memory import MemoryConfig, Recall, fold_summary, query_keywords
 from .memory_embeddings import SentenceEmbedder
@@ -63,10 +63,6 @@ _MIGRATIONS = {
     ALTER TABLE facts ADD COLUMN embedding BLOB
     """,  # float32 sentence embedding (memory_embeddings), filled by the first recall that needs it
 }
-
-
-class StoreError(ServeError):
-    """The memory database cannot be opened, read or written."""
 
 
 @dataclass(frozen=True)
