@@ -33,11 +33,12 @@ def free_tcp_endpoint() -> str:
 class ServerProcess:
     """``python -m npctalk.engine.cli serve --model BUNDLE --bind ENDPOINT *args``."""
 
-    def __init__(self, bundle: Path, workdir: Path, *args: str, endpoint: str | None = None) -> None:
+    def __init__(self, bundle: Path, workdir: Path, *args: str, endpoint: str | None = None,
+                 default_memory_db: bool = False) -> None:
         number = next(_ids)
         # Each test server gets its own memory database (never the user's ~/.cache one) and no embedding
         # model, unless the test asks otherwise; the path stays the same across restarts of this instance.
-        if "--memory-db" not in args:
+        if "--memory-db" not in args and not default_memory_db:
             args = (*args, "--memory-db", str(workdir / f"memory-{os.getpid()}-{number}.sqlite3"))
         if "--memory-embeddings" not in args:
             args = (*args, "--memory-embeddings", "off")

@@ -176,7 +176,7 @@ def test_embedding_retrieval_through_the_server(gpt2_bundle: Path, tmp_path: Pat
 def test_serve_keeps_memories_under_npctalk_home_by_default(gpt2_bundle: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NPCTALK_HOME", str(tmp_path / "home"))  # the subprocess inherits it
-    proc = ServerProcess(gpt2_bundle, tmp_path, *ARGS).start()
+    proc = ServerProcess(gpt2_bundle, tmp_path, *ARGS, default_memory_db=True).start()
     try:
         assert proc.request("memory.remember", npc="bram", player="ada", fact="The player is brave.")["type"] == "ok"
     finally:
