@@ -1,7 +1,8 @@
 # Two commands a newcomer needs:
-#   make chat   set up, build the default model bundle (SmolLM2-135M-Instruct), talk to an NPC
+#   make demo   set up, build the default model bundle (SmolLM2-135M-Instruct), play the pygame village
+#               (no display: a scripted headless run with a screenshot)
 #   make test   set up, run the whole test suite (what CI runs)
-#   make demo   set up, build the default model bundle, play the pygame village (headless: scripted run)
+# And: make chat   talk to an NPC in the terminal (NPC=elda picks another)
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of PyTorch, installed before anything that pulls torch (export extra only).
