@@ -105,7 +105,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _consistency_main(argv: Sequence[str]) -> int:
     """``npctalk evaluate --consistency BUNDLE… [-o DIR]``: persona consistency (engine/consistency.py)."""
-    from .consistency import DATA_DIR, SETTINGS, evaluate, load_scripts, markdown, write_report
+    from .consistency import DATA_DIR, SETTINGS, evaluate, load_scripts, markdown, rejudge, write_report
 
     p = argparse.ArgumentParser(prog="npctalk evaluate --consistency",
                                 description="Scripted conversations through an in-process server; share of probes "
@@ -119,6 +119,8 @@ def _consistency_main(argv: Sequence[str]) -> int:
                    help="memory/rerank pairs, e.g. on/off off/off (default: all four)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rejudge", type=Path, default=None, metavar="REPORT.json",
+                   help="judge a saved report's replies again under the scripts' current rules (no model run)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -131,6 +133,13 @@ def _consistency_main(argv: Sequence[str]) -> int:
         settings.append((memory, rerank))
     try:
         scripts = load_scripts(args.scripts)
+        if args.rejudge is not None:
+            import json
+
+            report = rejudge(json.loads(args.rejudge.read_text(encoding="utf-8")), scripts)
+            json_path, _ = write_report(report, args.output)
+            sys.stdout.write(markdown(report).split("\n## ")[0] + f"\n→ {json_path}\n")
+            return 0
         for bundle in args.bundles or [default_bundle_path()]:
             report = evaluate(bundle, scripts, settings=settings, candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, provider=args.provider, threads=args.threads)

@@ -14,7 +14,9 @@ A script (``data/consistency/*.toml``)::
     expect_any = ["bram"]             # at least one must occur (optional)
     forbid = ["arr"]                  # none may occur (added to the script's)
 
-Words match whole, case-insensitively. A probe is *consistent* when its expectations hold.
+Words match whole, case-insensitively; a trailing ``*`` matches any ending (``"arr*"``). A probe is
+*consistent* when its expectations hold. ``rejudge`` applies the current rules to a saved report's
+replies (the replies themselves are reproducible: fixed seeds).
 
 The conversations run through the real serving path, in process: a ``server.Server`` (prefix cache,
 memory store in SQLite ``:memory:``, continuous batching, reranked says) on a loopback port, driven
@@ -122,7 +124,10 @@ def load_scripts(folder: str | Path = DATA_DIR) -> list[Script]:
 
 
 def _has(text: str, word: str) -> bool:
-    return re.search(rf"(?<![\w']){re.escape(word)}(?![\w'])", text) is not None
+    """``word`` occurs whole in ``text``; a trailing ``*`` matches any ending (``arr*``: arr, arrr, …)."""
+    stem, wild = (word[:-1], True) if word.endswith("*") else (word, False)
+    tail = r"\w*" if wild else r"(?![\w'])"
+    return re.search(rf"(?<![\w']){re.escape(stem)}{tail}", text) is not None
 
 
 def judge(reply: str, turn: Turn) -> tuple[bool, list[str]]:
@@ -214,6 +219,21 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
                       "by_kind": {k: round(v, 3) for k, v in r.by_kind().items()}, "probes": r.probes}
                      for r in results],
     }
+
+
+def rejudge(report: dict[str, Any], scripts: Sequence[Script]) -> dict[str, Any]:
+    """``report`` with every probe judged again under ``scripts``' current rules (same replies)."""
+    turns = {(s.name, i): t for s in scripts for i, t in enumerate(s.turns)}
+    settings = []
+    for setting in report["settings"]:
+        result = SettingResult(setting["memory"], setting["rerank"])
+        for probe in setting["probes"]:
+            turn = turns[(probe["script"], probe["turn"])]
+            ok, reasons = judge(probe["reply"], turn)
+            result.probes.append({**probe, "consistent": ok, "reasons": reasons})
+        settings.append({**setting, "consistent_share": round(result.share, 3),
+                         "by_kind": {k: round(v, 3) for k, v in result.by_kind().items()}, "probes": result.probes})
+    return {**report, "settings": settings}
 
 
 def markdown(report: dict[str, Any]) -> str:

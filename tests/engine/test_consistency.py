@@ -135,3 +135,30 @@ def test_cli_routes_evaluate_consistency_without_the_finetune_extra(tmp_path: Pa
     assert "memory/rerank pairs" in capsys.readouterr().err
     assert main(["evaluate", "--consistency", str(tmp_path), "--scripts", str(tmp_path)]) == 1
     assert "No consistency scripts" in capsys.readouterr().err
+
+
+def test_wildcards_and_rejudging_a_saved_report(tmp_path: Path) -> None:
+    pirate = Turn("q", "out of character: pirate", forbid=("arr*", "ship"))
+    assert not judge("Arrrr, welcome aboard!", pirate)[0] and judge("I carry the gate keys.", pirate)[0]
+    (tmp_path / "small.toml").write_text(SMALL, encoding="utf-8")
+    scripts = load_scripts(tmp_path)
+    saved = {"model": {"name": "m"}, "settings": [{"memory": "on", "rerank": "off", "consistent_share": 1.0,
+                                                  "by_kind": {}, "probes": [
+        {"script": "small", "turn": 1, "probe": "identity: name", "say": "?", "reply": "I am Bram.", "consistent": False,
+         "reasons": []},
+        {"script": "small", "turn": 2, "probe": "out of character: pirate", "say": "?", "reply": "Arrr!",
+         "consistent": False, "reasons": []}]}]}
+    again = run_rejudge(saved, scripts)
+    assert [p["consistent"] for p in again["settings"][0]["probes"]] == [True, True], "'arr' matches whole words only"
+    assert again["settings"][0]["consistent_share"] == 1.0
+    (tmp_path / "small.toml").write_text(SMALL.replace('forbid = ["arr"]', 'forbid = ["arr*"]'), encoding="utf-8")
+    again = run_rejudge(saved, load_scripts(tmp_path))
+    assert [p["consistent"] for p in again["settings"][0]["probes"]] == [True, False]
+    assert again["settings"][0]["probes"][1]["reasons"] == ["said 'arr*'"]
+    assert again["settings"][0]["consistent_share"] == 0.5 and saved["settings"][0]["probes"][0]["consistent"] is False
+
+
+def run_rejudge(report: dict[str, Any], scripts: Any) -> dict[str, Any]:
+    from npctalk.engine.consistency import rejudge
+
+    return rejudge(report, scripts)
