@@ -102,6 +102,10 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _fraction(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict[str, Any], note: str) -> str:
     def pct(value: float | None) -> str:
         return "—" if value is None else f"{value * 100:+.1f}%"
@@ -120,7 +124,7 @@ def markdown(report: dict[str, Any], note: str) -> str:
     for r in report["rows"]:
         ok = "—" if r["vs_fp32"] is None or r["dtype"] == "fp32" else ("yes" if r["vs_fp32"] <= TARGET else "**no**")
         lines.append(f"| {r['dtype']} | {r['perplexity']:.3f} | {pct(r['vs_fp32'])} | {ok} | "
-                     f"{r['top1_agreement'] if r['top1_agreement'] is not None else '—'} | {r['model_mb']} |")
+                     f"{_fraction(r['top1_agreement'])} | {r['model_mb']} |")
     if report["int4_sweep"]:
         lines += ["", "int4 variants (from the fp32 bundle, `optimize.to_int4` overrides):", "",
                   "| variant | perplexity | vs fp32 | model MB |", "|---|---:|---:|---:|"]

@@ -17,9 +17,10 @@
   8 bits (``INT4_SENSITIVE_NODES``). A tied LM head reads the embedding through a Transpose; it gets
   its own transposed copy so it can be quantized (the embedding Gather stays fp32). Activations,
   KV cache and logits stay float. Chosen by perplexity on ``data/heldout`` (``bench/quality.py
-  --sweep``, SmolLM2-135M-Instruct): all-4-bit lost ~31%, the 8-bit head + down projections bring
-  it to ~10% for +14 MB; block 16 or symmetric blocks changed < 1 point. HQQ (float zero points,
-  the same grid as the GGUF's Q4_1) lost only ~8% but ran ~16x slower in the CPU kernel.
+  --sweep``, SmolLM2-135M-Instruct, bench/results/quality-*): all 4-bit +30.5% vs fp32; 8-bit head
+  and down projections +11.2% (229 MB), as good as keeping them fp32 (+11.0%, 385 MB); block 16
+  (-1.3 points) and symmetric blocks (+0.2) barely matter. HQQ (float zero points) scored about
+  +8% in a development run but leaves MatMulNBits' fast CPU path, so it was not kept.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ KEEP_FLOAT32 = ["logits"]
 # fp32 cut SmolLM2-135M's worst prefill logit error from 18.8 to 5.1 (bundle +80 MB).
 KEEP_FP32_NODES = re.compile(r"/mlp/(down_proj|c_proj)/")
 # int4, chosen by perplexity of SmolLM2-135M-Instruct on data/heldout (bench/results/quality-*):
-INT4_BLOCK_SIZE = 32        # input channels per scale (128: ~5 points worse; 16: < 1 point better, larger)
+INT4_BLOCK_SIZE = 32        # input channels per scale (16: 1.3 points better, +10% size)
 INT4_SYMMETRIC = False      # asymmetric: one uint4 zero point per block
 INT4_ACCURACY_LEVEL = 4     # CPU kernel: activations quantized to int8 per block for the dot products
 # The LM head and the MLP down projections carry most of the 4-bit loss; they get 8-bit weights.
