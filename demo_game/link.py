@@ -15,8 +15,9 @@ Nothing here blocks a frame: ``hello`` probes and the server's start run on one 
 (``Client.hello`` waits by design), and the game's own ``Client`` is only ever ``poll``ed.
 
 A reply never waits forever. The client fails it when the server goes silent (``reply_timeout_s``);
-when the demo's own server process exits, its replies fail at once (a restarted server would answer
-the client's pings but never finish them); and a reply still open past the server's own deadline
+when the demo's own server process exits, its replies fail at once; a server restarted by someone
+else fails them at the client's next heartbeat (its answer to ``ping`` names the replies it does not
+hold); and, as a last resort, a reply still open past the server's own deadline
 (``request_timeout_ms`` from ``hello``) plus ``reply_timeout_s`` is cancelled and failed.
 """
 
