@@ -191,3 +191,17 @@ def test_untie_lm_head_keeps_llama_logits(llama_bundle: Path, tmp_path: Path) ->
         dec = OnnxDecoder(path, manifest.io, manifest.num_layers)
         outputs.append(dec.step(ids, mask, pos, dec.empty_past(1))[0])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_int4_quantizes_the_lean_graph(family: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    from npctalk.export.api import ExportOptions, export_bundle
+    from npctalk.export.optimize import INT4_SENSITIVE_NODES
+
+    out = export_bundle(request.getfixturevalue(f"tiny_{family}_dir"), tmp_path / "lean-int4",
+                        ExportOptions(dtype="int4", graph="lean"))
+    graph = _graph(out)
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and not _constant_matmuls(graph)
+    assert any(INT4_SENSITIVE_NODES.search(n.name) for n in nbits) and any("lm_head" in n.name for n in nbits)
+    assert _report(out)["passed"] and load_manifest(out).graph == "lean"
