@@ -9,7 +9,8 @@ the first exactly once with a sliding window (W = window <= max_context, S = str
 so every token at position t has min(t, W - S) or more tokens of context, and none is scored twice.
 
 Each window is one prefill from an empty KV cache; the graph's logits for every position
-(seq, vocab) give ``log p(token[t] | token[begin:t])``. Perplexity = exp(mean negative log
+(seq, vocab) give ``log p(token[t] | token[begin:t])``. A lean graph returns the last position only:
+then the window's context is prefilled and its targets are scored one decode step each. Perplexity = exp(mean negative log
 likelihood) over the scored tokens (natural log). Torch-free: it needs only the engine's ``Model``.
 
 Cost: about ``tokens / S`` prefills of ``W`` tokens, and ``W × vocab × 4`` bytes of logits at once
@@ -69,8 +70,8 @@ def perplexity_of_ids(model: Model, ids: list[int] | np.ndarray, *, window: int 
     for first in range(1, n, stride):
         end = min(first + stride, n)
         begin = max(0, end - window)  # begin < first: every target has context
-        log_probs = _log_probs(model, tokens[begin:end])  # (end - begin - 1,) log p(token[t] | token[begin:t])
-        total_nll -= float(log_probs[first - begin - 1:].sum(dtype=np.float64))
+        log_probs = _log_probs(model, tokens[begin:end], first - begin)  # log p(token[t] | token[begin:t]), scored t
+        total_nll -= float(log_probs.sum(dtype=np.float64))
         scored += end - first
         windows += 1
         log.debug("window %d: tokens [%d, %d), scored [%d, %d)", windows, begin, end, first, end)
@@ -79,16 +80,34 @@ def perplexity_of_ids(model: Model, ids: list[int] | np.ndarray, *, window: int 
                             windows=windows, window=window, stride=stride)
 
 
-def _log_probs(model: Model, ids: np.ndarray) -> np.ndarray:
-    """For ids (seq,): log p(ids[t] | ids[:t]) for t = 1..seq-1, float64 (seq - 1,)."""
-    logits = _all_logits(model, ids)[:-1].astype(np.float64)  # (seq - 1, vocab); the last predicts past the window
+def _log_probs(model: Model, ids: np.ndarray, first: int) -> np.ndarray:
+    """For ids (seq,): log p(ids[t] | ids[:t]) for t = first..seq-1, float64 (seq - first,)."""
+    logits = _logits_predicting(model, ids, first).astype(np.float64)  # (seq - first, vocab)
     peak = logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]  # (seq - 1,)
-    return logits[np.arange(ids.size - 1), ids[1:]] - log_norm
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]  # (seq - first,)
+    return logits[np.arange(ids.size - first), ids[first:]] - log_norm
+
+
+def _logits_predicting(model: Model, ids: np.ndarray, first: int) -> np.ndarray:
+    """Logits that predict ids[first:], i.e. of positions first-1 .. seq-2: (seq - first, vocab) float32.
+
+    A graph that returns every position's logits needs one prefill; a lean graph returns only the
+    last position's, so the context ids[:first] is prefilled once and the targets are stepped one
+    token at a time over the KV cache (same numbers, ``seq - first`` forwards).
+    """
+    logits = _all_logits(model, ids)  # (seq, vocab), or (1, vocab) for a last-position graph
+    if logits.shape[0] == ids.size:
+        return logits[first - 1:-1]
+    cache = model.new_cache(batch_size=1)
+    rows = [model.forward(ids[:first].reshape(1, first), cache)[0]]  # predicts ids[first]
+    for t in range(first, ids.size - 1):
+        rows.append(model.forward(ids[t:t + 1].reshape(1, 1), cache)[0])  # predicts ids[t + 1]
+    return np.stack(rows)
 
 
 def _all_logits(model: Model, ids: np.ndarray) -> np.ndarray:
-    """One prefill of ids (seq,) from an empty cache; logits of every position (seq, vocab) float32.
+    """One prefill of ids (seq,) from an empty cache; logits of every position the graph returns:
+    (seq, vocab) float32, or (1, vocab) for a graph that returns the last position only (``--graph lean``).
 
     ``Model.forward`` keeps only the last position (all sampling needs); this feeds the same graph
     inputs and keeps them all.

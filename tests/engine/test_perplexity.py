@@ -31,10 +31,21 @@ def _hf_log_probs(hf_dir: Path, ids: list[int]) -> np.ndarray:
     return log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(scope="module")
+def lean_bundles(tiny_gpt2_dir: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same tiny models through ``--graph lean``: logits of the last position only."""
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("lean")
+    return {name: export_bundle(src, out / name, ExportOptions(dtype="fp32", graph="lean"))
+            for name, src in (("gpt2", tiny_gpt2_dir), ("llama", tiny_llama_dir))}
+
+
+@pytest.fixture(params=["gpt2", "llama", "gpt2-lean", "llama-lean"])
 def family(request: pytest.FixtureRequest) -> tuple[Model, Path]:
-    return Model(request.getfixturevalue(f"{request.param}_bundle"), provider="cpu"), \
-        request.getfixturevalue(f"tiny_{request.param}_dir")
+    name, _, graph = request.param.partition("-")
+    bundle = request.getfixturevalue("lean_bundles")[name] if graph else request.getfixturevalue(f"{name}_bundle")
+    return Model(bundle, provider="cpu"), request.getfixturevalue(f"tiny_{name}_dir")
 
 
 def test_one_window_equals_exp_mean_nll_from_transformers(family: tuple[Model, Path]) -> None:
