@@ -40,7 +40,8 @@ MAX_ID_CHARS = 64                  # request ids, NPC ids, player ids
 MAX_TEXT_CHARS = 4000              # a player's line; longer is too_large
 MAX_CONTEXT_ENTRIES = 16
 MAX_CONTEXT_CHARS = 2000           # all keys and values of ``context`` together
-MAX_DEPTH = 6                      # nesting of maps/arrays in one message; the request map is depth 1
+MAX_DEPTH = 8                      # nesting of maps/arrays in one message; the request map is depth 1
+                                   # (a Character Card V2 with a character_book in npc.upsert nests 7)
 MAX_ARRAY_LEN = 256
 MAX_MAP_LEN = 64
 MAX_SEED = 2**63 - 1

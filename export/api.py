@@ -37,14 +37,15 @@ from .validate import PROMPT, OnnxDecoder, cuda_usable, validate, write_report
 log = logging.getLogger(__name__)
 
 STAGES = 7
-DEFAULT_GRAPH = "optimum"
+DEFAULT_GRAPH = "lean"
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """What to build.
 
-    dtype: ``fp32`` | ``fp16`` | ``int8`` (int8 = dynamic quantization for the CPU provider).
+    dtype: ``fp32`` | ``fp16`` | ``int8`` | ``int4`` (int8: dynamic quantization; int4: 4-bit weight-only
+        MatMulNBits; both for the CPU provider).
     device: ``cpu`` | ``cuda``, the execution provider the bundle is validated on and meant for.
     graph: ``lean`` (npctalk's fused graph, a few nodes per layer) | ``optimum`` (optimum's traced export).
     atol: validation limit, absolute, in logit units; None = the dtype's default (``validate.TOLERANCES``).

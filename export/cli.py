@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"bundle folder to write (default: under {default_bundle_path().parent}; "
                              f"'default' goes to {default_bundle_path()})")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
-                        help="weights/activations: fp32, fp16 (KV cache fp16; best on CUDA) or int8 "
-                             "(dynamic quantization for the CPU); default fp32")
+                        help="weights/activations: fp32, fp16 (KV cache fp16; best on CUDA), int8 "
+                             "(dynamic quantization for the CPU) or int4 (4-bit weight-only MatMulNBits, "
+                             "for the CPU); default fp32")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="execution provider to validate on and target; default cpu")
     parser.add_argument("--graph", choices=GRAPHS, default=DEFAULT_GRAPH,

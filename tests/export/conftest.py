@@ -70,3 +70,21 @@ def fp16_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     """fp16 bundle of each tiny model, validated on the CPU."""
     source = request.getfixturevalue(f"tiny_{request.param}_dir")
     return _export(source, tmp_path_factory.mktemp("bundles") / f"{request.param}-fp16", "fp16")
+
+
+def _export_optimum(source: Path, out: Path) -> Path:
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    return export_bundle(source, out, ExportOptions(dtype="fp32", graph="optimum"))
+
+
+@pytest.fixture(scope="session")
+def optimum_gpt2_bundle(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 through optimum's graph (Gemm layers, every position's logits)."""
+    return _export_optimum(tiny_gpt2_dir, tmp_path_factory.mktemp("bundles") / "gpt2-optimum")
+
+
+@pytest.fixture(scope="session")
+def optimum_llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama through optimum's graph (tied LM head read through a Transpose)."""
+    return _export_optimum(tiny_llama_dir, tmp_path_factory.mktemp("bundles") / "llama-optimum")

@@ -64,20 +64,20 @@ def test_smaller_graphs_than_fp32(int8_bundle: Path, fp16_bundle: Path, gpt2_bun
     assert (int8_bundle / "model.onnx").stat().st_size < 0.8 * fp32
 
 
-def test_gemm_rewrite_keeps_gpt2_logits(gpt2_bundle: Path, tmp_path: Path) -> None:
+def test_gemm_rewrite_keeps_gpt2_logits(optimum_gpt2_bundle: Path, tmp_path: Path) -> None:
     """GPT-2's Gemm layers become MatMul + Add (quantizable) without changing a logit."""
     import numpy as np
     from npctalk.export.optimize import gemm_to_matmul
     from npctalk.export.validate import OnnxDecoder
 
-    model = onnx.load(str(gpt2_bundle / "model.onnx"))
-    assert gemm_to_matmul(model) == 4 * load_manifest(gpt2_bundle).num_layers
+    model = onnx.load(str(optimum_gpt2_bundle / "model.onnx"))
+    assert gemm_to_matmul(model) == 4 * load_manifest(optimum_gpt2_bundle).num_layers
     assert not any(n.op_type == "Gemm" for n in model.graph.node)
     onnx.save(model, str(tmp_path / "model.onnx"))
-    manifest = load_manifest(gpt2_bundle)
+    manifest = load_manifest(optimum_gpt2_bundle)
     ids, mask, pos = np.array([[3, 14, 15, 92, 65]]), np.ones((1, 5)), np.arange(5)[None]
     outputs = []
-    for path in (gpt2_bundle / "model.onnx", tmp_path / "model.onnx"):
+    for path in (optimum_gpt2_bundle / "model.onnx", tmp_path / "model.onnx"):
         dec = OnnxDecoder(path, manifest.io, manifest.num_layers)
         outputs.append(dec.step(ids, mask, pos, dec.empty_past(1))[0])
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
@@ -127,8 +127,9 @@ def test_int4_bundle_is_matmulnbits_everywhere_and_validates(int4_bundle: Path) 
     assert manifest.dtype == "int4" and manifest.kv_dtype == "fp32"
     graph = _graph(int4_bundle)
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    # Every linear layer (4 or 7 per layer) and the LM head; no float weight MatMul is left.
-    per_layer = 4 if manifest.architecture == "gpt2" else 7
+    # Every linear layer and the LM head; no float weight MatMul is left. Per layer: GPT-2 has 4
+    # (qkv, proj, fc, proj); Llama 7 in optimum's graph, 4 in the lean one (fused qkv and gate+up).
+    per_layer = 4 if manifest.architecture == "gpt2" or manifest.graph == "lean" else 7
     assert len(nbits) == per_layer * manifest.num_layers + 1, [n.name for n in nbits]
     assert any("lm_head" in n.name for n in nbits)
     assert not _constant_matmuls(graph)
@@ -171,23 +172,23 @@ def test_int4_graph_is_smaller_than_fp32(int4_bundle: Path, request: pytest.Fixt
     assert (int4_bundle / "model.onnx").stat().st_size < 0.8 * (reference / "model.onnx").stat().st_size
 
 
-def test_untie_lm_head_keeps_llama_logits(llama_bundle: Path, tmp_path: Path) -> None:
+def test_untie_lm_head_keeps_llama_logits(optimum_llama_bundle: Path, tmp_path: Path) -> None:
     """A tied LM head gets its own transposed weight without changing a logit; the embedding stays."""
     import numpy as np
     from npctalk.export.optimize import untie_lm_head
     from npctalk.export.validate import OnnxDecoder
 
-    model = onnx.load(str(llama_bundle / "model.onnx"))
+    model = onnx.load(str(optimum_llama_bundle / "model.onnx"))
     before = len(_constant_matmuls(model.graph))
     assert untie_lm_head(model) == 1
     assert not any(n.op_type == "Transpose" and n.input[0] in {i.name for i in model.graph.initializer}
                    for n in model.graph.node)
     assert len(_constant_matmuls(model.graph)) == before
     onnx.save(model, str(tmp_path / "model.onnx"))
-    manifest = load_manifest(llama_bundle)
+    manifest = load_manifest(optimum_llama_bundle)
     ids, mask, pos = np.array([[3, 14, 15, 92, 65]]), np.ones((1, 5)), np.arange(5)[None]
     outputs = []
-    for path in (llama_bundle / "model.onnx", tmp_path / "model.onnx"):
+    for path in (optimum_llama_bundle / "model.onnx", tmp_path / "model.onnx"):
         dec = OnnxDecoder(path, manifest.io, manifest.num_layers)
         outputs.append(dec.step(ids, mask, pos, dec.empty_past(1))[0])
     np.testing.assert_array_equal(outputs[0], outputs[1])

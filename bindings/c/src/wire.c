@@ -95,7 +95,7 @@ int64_t wire_int(const msgpack_object *map, const char *key, int64_t fallback) {
 
 /* Keys and text must be msgpack str (never bin) all the way down; ext types are not allowed. */
 static const char *shape_problem(const msgpack_object *o, int depth) {
-    if (depth > 6) return "nests maps/arrays more than 6 levels deep";
+    if (depth > 8) return "nests maps/arrays more than 8 levels deep"; /* PROTOCOL.md: MAX_DEPTH */
     if (o->type == MSGPACK_OBJECT_BIN) return "holds bin data where the protocol only allows str";
     if (o->type == MSGPACK_OBJECT_EXT) return "holds an ext type, which the protocol does not allow";
     if (o->type == MSGPACK_OBJECT_ARRAY) {
