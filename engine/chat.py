@@ -25,6 +25,7 @@ from typing import Any
 from .dialogue import DialogueFormatter, Turn
 from .errors import PromptError
 from .generator import Generator, GeneratorParams
+from .memory import fit_turns
 from .model import Model
 from .npcs import CONTEXT_QUESTION, LORE_QUESTION, render_context
 from .paths import default_bundle_path
@@ -118,26 +119,11 @@ class ChatSession:
 
     def _fit(self, turns: list[Turn], notes: list[int]) -> list[int]:
         """Notes + history + post-history + generation prompt as ids, oldest turns dropped until
-        prompt and reply fit."""
+        prompt and reply fit (``memory.fit_turns``, the one trimming rule the server uses too)."""
         budget = self.model.manifest.max_context - len(self._prefix) - len(notes) - self.options.max_new_tokens
         post = self._formatter.post_history_ids(self.persona.post_history_text(self.user))
-        start = 0
-        while True:
-            ids = [t for turn in turns[start:] for t in self._formatter.turn_ids(turn)]
-            ids += post + self._formatter.generation_prompt_ids()
-            if len(ids) <= budget:
-                if start:
-                    log.debug("Dropped the %d oldest turns to fit the context.", start)
-                return notes + ids
-            if start >= len(turns) - 1:
-                raise PromptError(
-                    f"The player's line is {len(ids)} tokens; at most {budget} fit beside the persona "
-                    f"and a {self.options.max_new_tokens}-token reply."
-                )
-            start += 1
-            while start < len(turns) - 1 and turns[start].role != "user":
-                start += 1  # keep the history opening with a player line
-
+        tail = self._formatter.turn_ids(turns[-1]) + post + self._formatter.generation_prompt_ids()
+        return notes + fit_turns(self._formatter.turn_ids, turns[:-1], tail, budget, "The player's line")
 
 def run_terminal_chat(
     *, bundle: Path | None, npc: str, personas_dir: Path | None, options: SearchOptions,
