@@ -174,6 +174,11 @@ class Request:
             return "length"
         return None
 
+    def emit_text(self, text: str) -> list[Event]:
+        """Text decided outside this request's own decoding (a reranked say's chosen candidate) as its
+        token event, with the same seq and text bookkeeping as streamed text; [] for no text."""
+        return self._text_events(text)
+
     def _text_events(self, text: str) -> list[Event]:
         if not text:
             return []

@@ -317,7 +317,7 @@ class Scheduler:
         parent.advance(RequestState.DECODING)
         parent.admitted_at, parent.first_token_at = best.admitted_at, now
         parent.tokens = list(best.tokens)
-        events: list[Event] = list(parent._text_events(best.text))  # the Request's own seq/text bookkeeping
+        events: list[Event] = parent.emit_text(best.text)  # the Request's own seq/text bookkeeping
         assert best.finish_reason is not None
         events.append(parent.finish(best.finish_reason, now))
         self._retire(parent)
