@@ -85,9 +85,10 @@ def export_bundle(source: str | Path, output: str | Path | None = None, options:
     Raises ``ExportError`` (or a subclass: ``UnsupportedModelError``, ``SourceUnavailableError``,
     ``ValidationError``) with a message that says what to do; ``ConfigError`` for bad options.
     """
+    cached = output is None  # npctalk's own bundle cache: a bundle built differently there is stale, not the user's
     output = Path(output).expanduser() if output is not None else default_output(source, options.dtype)
     requested = sources.identify(source)
-    if _reusable(output, requested, options):
+    if _reusable(output, requested, options, replace_stale=cached):
         return output
     _check_device(options.device)
     if options.dtype == "int8" and options.device == "cuda":
@@ -116,8 +117,12 @@ def export_bundle(source: str | Path, output: str | Path | None = None, options:
     return output
 
 
-def _reusable(output: Path, requested: SourceInfo, options: ExportOptions) -> bool:
-    """True if ``output`` already holds this bundle; raise if it holds something else (unless forced)."""
+def _reusable(output: Path, requested: SourceInfo, options: ExportOptions, *, replace_stale: bool = False) -> bool:
+    """True if ``output`` already holds this bundle; raise if it holds something else (unless forced).
+
+    ``replace_stale``: ``output`` is the default cache location, so a bundle of the same source built
+    with other options (an older graph builder, say) is rebuilt instead of refused.
+    """
     if not output.exists() or options.force:
         return False
     if not output.is_dir():
@@ -131,6 +136,10 @@ def _reusable(output: Path, requested: SourceInfo, options: ExportOptions) -> bo
         ) from None
     have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device, manifest.graph)
     want = (requested.kind, requested.id, options.dtype, options.device, options.graph)
+    if have != want and replace_stale and have[:2] == want[:2]:
+        log.info("Rebuilding the cached bundle at %s: it was built as (%s, %s, %s graph), (%s, %s, %s graph) is asked for.",
+                 output, *have[2:], *want[2:])
+        return False
     if have != want:
         raise ExportError(
             f"{output} already holds a bundle of {manifest.source.id} ({manifest.dtype}, {manifest.device}, "

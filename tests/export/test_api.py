@@ -108,3 +108,18 @@ def test_a_bundle_of_the_other_graph_builder_is_not_reused(gpt2_bundle: Path) ->
     other = "lean" if manifest.graph == "optimum" else "optimum"
     with pytest.raises(ExportError, match=f"{manifest.graph} graph\\), not .*{other} graph\\); pass --force"):
         export_bundle(manifest.source.id, gpt2_bundle, ExportOptions(graph=other))
+
+
+def test_the_default_cache_rebuilds_a_bundle_built_with_other_options(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached bundle from an older graph builder is stale, not the user's folder: no --force needed there."""
+    monkeypatch.setenv("NPCTALK_HOME", str(tmp_path / "home"))
+    out = export_bundle(tiny_gpt2_dir, options=ExportOptions(graph="optimum"))
+    assert out == default_output(tiny_gpt2_dir) and load_manifest(out).graph == "optimum"
+    assert export_bundle(tiny_gpt2_dir, options=ExportOptions(graph="lean")) == out
+    assert load_manifest(out).graph == "lean"
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no partial or old folder left
+    from npctalk.engine.errors import ExportError
+
+    with pytest.raises(ExportError, match="pass --force"):  # a folder the user named is never replaced unasked
+        export_bundle(tiny_gpt2_dir, out, ExportOptions(graph="optimum"))
