@@ -149,11 +149,8 @@ def build_hf_folder(name: str, work: Path) -> Path:
 def export(hf_folder: Path, work: Path, dtype: str, graph: str, device: str) -> Path:
     from npctalk.export.api import ExportOptions, export_bundle
 
-    fields = {"dtype": dtype, "device": device}
-    if graph != "optimum":
-        fields["graph"] = graph
     out = work / "bundles" / f"{hf_folder.name}-{graph}-{dtype}-{device}"
-    return export_bundle(hf_folder, out, ExportOptions(**fields))
+    return export_bundle(hf_folder, out, ExportOptions(dtype=dtype, device=device, graph=graph))
 
 
 def parameter_count(hf_folder: Path) -> int:
