@@ -16,93 +16,35 @@ use this module, and other bindings implement the document. Summary:
 full-sentence message, ready to send back); ``parse_reply`` does the same for the client side.
 Both decode with hard limits (frame size, string/array/map lengths, nesting depth), so a hostile
 frame costs at most ``MAX_REQUEST_BYTES`` of parsing. Stateless and thread-safe.
+
+Two files, one protocol: ``wire.py`` holds the names, limits, framing and reply messages, this module
+the typed requests and their validation, and re-exports ``wire``'s names, so callers import only
+``protocol``.
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+from . import wire
+from .wire import (  # re-exported: callers import the whole protocol from here
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS, DEFAULT_ENDPOINT, MAX_REQUEST_BYTES, MAX_SOCKET_MESSAGE_BYTES,
+    MAX_REPLY_BYTES, MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_CONTEXT_ENTRIES, MAX_CONTEXT_CHARS, MAX_DEPTH,
+    MAX_ARRAY_LEN, MAX_MAP_LEN, MAX_SEED, MAX_TEMPERATURE, MAX_DEADLINE_MS, MAX_FACT_CHARS, MAX_SAVE_BYTES,
+    MAX_FACT_ID, SAVE_MODES, Op, MessageType, ErrorCode, FINISH_REASONS, ProtocolError, encode, decode,
+    bad_request, describe, ok, token, done, error, parse_reply,
+)
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+__all__ = [
+    "CONTEXT_SCALARS", "Empty", "Ping", "NpcRef", "NpcUpsert", "Say", "Cancel", "MemoryRef", "MemoryRemember",
+    "MemoryForget", "MemoryClear", "SaveExport", "SaveImport", "Params", "Request", "parse_request",
+]
+__all__ += wire.__all__
 
-# --- limits (bytes, characters, counts) ------------------------------------------------------------
-MAX_REQUEST_BYTES = 64 * 1024      # a larger request frame is answered with too_large
-MAX_SOCKET_MESSAGE_BYTES = 1 << 20  # ZMQ_MAXMSGSIZE: libzmq drops a peer that sends more (no reply possible)
-MAX_REPLY_BYTES = 1 << 20          # what a client accepts from the server
-MAX_ID_CHARS = 64                  # request ids, NPC ids, player ids
-MAX_TEXT_CHARS = 4000              # a player's line; longer is too_large
-MAX_CONTEXT_ENTRIES = 16
-MAX_CONTEXT_CHARS = 2000           # all keys and values of ``context`` together
-MAX_DEPTH = 8                      # nesting of maps/arrays in one message; the request map is depth 1
-                                   # (a Character Card V2 with a character_book in npc.upsert nests 7)
-MAX_ARRAY_LEN = 256
-MAX_MAP_LEN = 64
-MAX_SEED = 2**63 - 1
-MAX_TEMPERATURE = 5.0
-MAX_DEADLINE_MS = 3_600_000        # a say's own deadline_ms; the server's --request-timeout still caps it
-MAX_FACT_CHARS = 300               # a fact given to memory.remember
-MAX_SAVE_BYTES = 1000 * 1024       # a save.import frame (and the blob save.export returns) may be this large
-MAX_FACT_ID = 2**63 - 1
-SAVE_MODES = ("replace", "merge")
-
-
-class Op(enum.StrEnum):
-    HELLO = "hello"
-    PING = "ping"
-    NPC_UPSERT = "npc.upsert"
-    NPC_GET = "npc.get"
-    NPC_LIST = "npc.list"
-    SAY = "say"
-    CANCEL = "cancel"
-    STATS = "stats"
-    MEMORY_GET = "memory.get"
-    MEMORY_REMEMBER = "memory.remember"
-    MEMORY_FORGET = "memory.forget"
-    MEMORY_CLEAR = "memory.clear"
-    SAVE_EXPORT = "save.export"
-    SAVE_IMPORT = "save.import"
-
-
-class MessageType(enum.StrEnum):
-    OK = "ok"
-    TOKEN = "token"
-    DONE = "done"
-    ERROR = "error"
-
-
-class ErrorCode(enum.StrEnum):
-    BAD_REQUEST = "bad_request"                  # not a valid request: shape, types, unknown fields
-    UNSUPPORTED_VERSION = "unsupported_version"  # ``v`` is not a version this server speaks
-    UNKNOWN_OP = "unknown_op"
-    UNKNOWN_NPC = "unknown_npc"
-    TOO_LARGE = "too_large"                      # frame, text or prompt over a limit
-    BUSY = "busy"                                # queue full or server shutting down: retry later
-    TIMEOUT = "timeout"                          # the request's deadline passed
-    INTERNAL = "internal"                        # a server bug; the server keeps running
-
-
-FINISH_REASONS = ("stop", "length", "cancelled")
 CONTEXT_SCALARS = (str, int, float, bool)
-
-
-class ProtocolError(Exception):
-    """A request (or reply) that breaks the protocol: ``code`` and a sentence to send back.
-
-    ``request_id`` is the offending request's id when it could be read, else None.
-    """
-
-    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.request_id = request_id
 
 
 # --- typed requests ---------------------------------------------------------------------------------
@@ -222,59 +164,7 @@ class Request:
     params: Params
 
 
-# --- decoding ---------------------------------------------------------------------------------------
-
-
-def encode(message: Mapping[str, Any]) -> bytes:
-    """One message → one frame."""
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def decode(frame: bytes, *, max_bytes: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
-    """One frame → one map, within the limits above; ``ProtocolError`` otherwise."""
-    if len(frame) > max_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"The message is {len(frame)} bytes; the limit is {max_bytes}.")
-    unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, max_buffer_size=max_bytes, max_str_len=max_bytes, max_bin_len=max_bytes,
-        max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN, max_ext_len=0,
-    )
-    try:
-        unpacker.feed(frame)
-        message = unpacker.unpack()
-        trailing = unpacker.tell() != len(frame)
-    except msgpack.OutOfData:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "The message is truncated msgpack.") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # FormatError, StackError, limits, invalid UTF-8 and non-string map keys all land here.
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"The message is not valid msgpack within the limits: {exc}.") from None
-    if not isinstance(message, dict):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"A message must be a msgpack map, got {type(message).__name__}.")
-    if trailing:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "The frame holds bytes after its msgpack map; send one map per frame.")
-    problem = _shape_problem(message)
-    if problem:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, problem)
-    return message
-
-
-def _shape_problem(value: Any) -> str | None:
-    """Nesting deeper than ``MAX_DEPTH`` or a non-string map key, found iteratively (a hostile
-    message must not exhaust the stack); None when the message is fine."""
-    todo = [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        if isinstance(item, dict):
-            if not all(isinstance(key, str) for key in item):
-                return "Every map key must be a UTF-8 string (str), not bin."
-            children: list[Any] = list(item.values())
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > MAX_DEPTH:
-            return f"The message nests maps/arrays more than {MAX_DEPTH} levels deep."
-        todo.extend((child, depth + 1) for child in children)
-    return None
+# --- parsing ----------------------------------------------------------------------------------------
 
 
 def parse_request(frame: bytes) -> Request:
@@ -290,16 +180,16 @@ def parse_request(frame: bytes) -> Request:
     request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_CHARS else None
     try:
         if request_id is None:
-            raise _bad(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters, got {_describe(raw_id)}.")
+            raise bad_request(f"'id' must be a string of 1 to {MAX_ID_CHARS} characters, got {describe(raw_id)}.")
         version = message.get("v")
         if type(version) is not int:
-            raise _bad(f"'v' must be the integer protocol version, got {_describe(version)}.")
+            raise bad_request(f"'v' must be the integer protocol version, got {describe(version)}.")
         if version not in SUPPORTED_VERSIONS:
             raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
                                 f"Protocol version {version} is not supported; this server speaks {list(SUPPORTED_VERSIONS)}.")
         op_name = message.get("op")
         if not isinstance(op_name, str):
-            raise _bad(f"'op' must be a string, got {_describe(op_name)}.")
+            raise bad_request(f"'op' must be a string, got {describe(op_name)}.")
         if op_name not in Op.__members__.values():
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"Unknown op {op_name[:40]!r}; known ops are {[o.value for o in Op]}.")
         op = Op(op_name)
@@ -323,7 +213,7 @@ def _parse_ping(fields: dict[str, Any]) -> Ping:
     if streams is None:
         return Ping()
     if not isinstance(streams, list) or len(streams) > MAX_ARRAY_LEN:
-        raise _bad(f"'streams' must be an array of at most {MAX_ARRAY_LEN} request ids, got {_describe(streams)}.")
+        raise bad_request(f"'streams' must be an array of at most {MAX_ARRAY_LEN} request ids, got {describe(streams)}.")
     return Ping(tuple(_ident({"streams": s}, "streams") for s in streams))
 
 
@@ -336,7 +226,7 @@ def _parse_upsert(fields: dict[str, Any]) -> NpcUpsert:
     _allow(fields, ("npc", "persona"))
     persona = fields.get("persona")
     if not isinstance(persona, dict):
-        raise _bad(f"'persona' must be a map of persona fields, got {_describe(persona)}.")
+        raise bad_request(f"'persona' must be a map of persona fields, got {describe(persona)}.")
     return NpcUpsert(_ident(fields, "npc"), persona)
 
 
@@ -345,7 +235,7 @@ def _parse_say(fields: dict[str, Any]) -> Say:
                     "deadline_ms"))
     text = fields.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise _bad(f"'text' must be a non-empty string, got {_describe(text)}.")
+        raise bad_request(f"'text' must be a non-empty string, got {describe(text)}.")
     if len(text) > MAX_TEXT_CHARS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"'text' is {len(text)} characters; the limit is {MAX_TEXT_CHARS}.")
     return Say(
@@ -379,7 +269,7 @@ def _parse_remember(fields: dict[str, Any]) -> MemoryRemember:
     _allow(fields, ("npc", "player", "fact"))
     fact = fields.get("fact")
     if not isinstance(fact, str) or not fact.strip():
-        raise _bad(f"'fact' must be a non-empty sentence, got {_describe(fact)}.")
+        raise bad_request(f"'fact' must be a non-empty sentence, got {describe(fact)}.")
     if len(fact) > MAX_FACT_CHARS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"'fact' is {len(fact)} characters; the limit is {MAX_FACT_CHARS}.")
     return MemoryRemember(_ident(fields, "npc"), fact, _player(fields))
@@ -390,9 +280,9 @@ def _parse_forget(fields: dict[str, Any]) -> MemoryForget:
     fact_id = _optional_int(fields, "fact_id", 1, MAX_FACT_ID)
     every = fields.get("all", False)
     if type(every) is not bool:
-        raise _bad(f"'all' must be a boolean, got {_describe(every)}.")
+        raise bad_request(f"'all' must be a boolean, got {describe(every)}.")
     if (fact_id is None) == (not every):
-        raise _bad("memory.forget takes either 'fact_id' (one fact) or 'all': true (every fact of the pair), "
+        raise bad_request("memory.forget takes either 'fact_id' (one fact) or 'all': true (every fact of the pair), "
                    "not both and not neither.")
     return MemoryForget(_ident(fields, "npc"), _player(fields), fact_id)
 
@@ -411,10 +301,10 @@ def _parse_import(fields: dict[str, Any]) -> SaveImport:
     _allow(fields, ("save", "mode"))
     save = fields.get("save")
     if not isinstance(save, bytes) or not save:
-        raise _bad(f"'save' must be the bytes (msgpack bin) that save.export returned, got {_describe(save)}.")
+        raise bad_request(f"'save' must be the bytes (msgpack bin) that save.export returned, got {describe(save)}.")
     mode = fields.get("mode", "replace")
     if mode not in SAVE_MODES:
-        raise _bad(f"'mode' must be one of {list(SAVE_MODES)}, got {_describe(mode)}.")
+        raise bad_request(f"'mode' must be one of {list(SAVE_MODES)}, got {describe(mode)}.")
     return SaveImport(save, mode)
 
 
@@ -427,32 +317,17 @@ _PARSERS: dict[Op, Callable[[dict[str, Any]], Params]] = {
 }
 
 
-# --- field checks -----------------------------------------------------------------------------------
-
-
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, message)
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, (str, bytes)) and len(value) > 40:
-        return f"a {type(value).__name__} of length {len(value)}"
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
-
-
 def _allow(fields: dict[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
         shown = [u[:40] for u in unknown[:5]]
-        raise _bad(f"Unknown field(s) {shown}; this op takes {list(allowed) or 'no fields'} besides v, id and op.")
+        raise bad_request(f"Unknown field(s) {shown}; this op takes {list(allowed) or 'no fields'} besides v, id and op.")
 
 
 def _ident(fields: dict[str, Any], name: str) -> str:
     value = fields.get(name)
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS:
-        raise _bad(f"'{name}' must be a non-empty string of at most {MAX_ID_CHARS} characters, got {_describe(value)}.")
+        raise bad_request(f"'{name}' must be a non-empty string of at most {MAX_ID_CHARS} characters, got {describe(value)}.")
     return value
 
 
@@ -461,7 +336,7 @@ def _optional_int(fields: dict[str, Any], name: str, low: int, high: int) -> int
         return None
     value = fields[name]
     if type(value) is not int or not low <= value <= high:
-        raise _bad(f"'{name}' must be an integer in [{low}, {high}], got {_describe(value)}.")
+        raise bad_request(f"'{name}' must be an integer in [{low}, {high}], got {describe(value)}.")
     return value
 
 
@@ -472,14 +347,14 @@ def _optional_float(fields: dict[str, Any], name: str, low: float, high: float, 
     number = type(value) in (int, float) and math.isfinite(value)
     if not number or not (low < value if low_open else low <= value) or value > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise _bad(f"'{name}' must be a number in {interval}, got {_describe(value)}.")
+        raise bad_request(f"'{name}' must be a number in {interval}, got {describe(value)}.")
     return float(value)
 
 
 def _context(value: Any) -> dict[str, Any]:
     """``context``: string keys; values are strings, numbers, booleans or lists of strings."""
     if not isinstance(value, dict):
-        raise _bad(f"'context' must be a map of game state, got {_describe(value)}.")
+        raise bad_request(f"'context' must be a map of game state, got {describe(value)}.")
     if len(value) > MAX_CONTEXT_ENTRIES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"'context' has {len(value)} entries; the limit is {MAX_CONTEXT_ENTRIES}.")
     size = 0
@@ -487,65 +362,8 @@ def _context(value: Any) -> dict[str, Any]:
         items = item if isinstance(item, list) else [item]
         if not all(isinstance(i, CONTEXT_SCALARS) and not (isinstance(i, float) and not math.isfinite(i)) for i in items) \
                 or (isinstance(item, list) and not all(isinstance(i, str) for i in item)):
-            raise _bad(f"context[{key[:40]!r}] must be a string, number, boolean or list of strings, got {_describe(item)}.")
+            raise bad_request(f"context[{key[:40]!r}] must be a string, number, boolean or list of strings, got {describe(item)}.")
         size += len(key) + sum(len(str(i)) for i in items)
     if size > MAX_CONTEXT_CHARS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"'context' holds {size} characters; the limit is {MAX_CONTEXT_CHARS}.")
     return dict(value)
-
-
-# --- replies ----------------------------------------------------------------------------------------
-
-
-def ok(request_id: str, **fields: Any) -> dict[str, Any]:
-    return {"type": MessageType.OK.value, "id": request_id, **fields}
-
-
-def token(request_id: str, seq: int, text: str) -> dict[str, Any]:
-    return {"type": MessageType.TOKEN.value, "id": request_id, "seq": seq, "text": text}
-
-
-def done(request_id: str, seq: int, text: str, finish_reason: str, *, prompt_tokens: int, completion_tokens: int,
-         queue_ms: float, ttft_ms: float | None, total_ms: float) -> dict[str, Any]:
-    """The terminal message of a ``say``; ``ttft_ms`` is nil when no token was generated."""
-    return {
-        "type": MessageType.DONE.value, "id": request_id, "seq": seq, "text": text, "finish_reason": finish_reason,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-        "timings": {"queue_ms": round(queue_ms, 3), "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
-                    "total_ms": round(total_ms, 3)},
-    }
-
-
-def error(request_id: str | None, code: ErrorCode, message: str, *, seq: int | None = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {"type": MessageType.ERROR.value, "id": request_id, "code": code.value, "message": message}
-    if seq is not None:
-        reply["seq"] = seq
-    return reply
-
-
-_REPLY_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    MessageType.OK: {},
-    MessageType.TOKEN: {"seq": int, "text": str},
-    MessageType.DONE: {"seq": int, "text": str, "finish_reason": str, "usage": dict, "timings": dict},
-    MessageType.ERROR: {"code": str, "message": str},
-}
-
-
-def parse_reply(frame: bytes) -> dict[str, Any]:
-    """Client side: a server frame → its map, checked for its type's required fields.
-
-    Raises ``ProtocolError`` (code ``bad_request`` from the client's point of view: the server sent
-    something this client cannot read).
-    """
-    message = decode(frame, max_bytes=MAX_REPLY_BYTES)
-    kind = message.get("type")
-    if kind not in _REPLY_FIELDS:
-        raise _bad(f"Reply type {_describe(kind)} is not one of {list(_REPLY_FIELDS)}.")
-    if not (message.get("id") is None or isinstance(message.get("id"), str)):
-        raise _bad(f"Reply 'id' must be a string or nil, got {_describe(message.get('id'))}.")
-    for name, expected in _REPLY_FIELDS[kind].items():
-        if not isinstance(message.get(name), expected) or isinstance(message.get(name), bool):
-            raise _bad(f"A {kind} reply needs '{name}' of type {expected}, got {_describe(message.get(name))}.")
-    if kind == MessageType.DONE and message["finish_reason"] not in FINISH_REASONS:
-        raise _bad(f"Unknown finish_reason {message['finish_reason']!r}.")
-    return message
