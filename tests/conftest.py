@@ -69,3 +69,18 @@ def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         from npctalk.engine.paths import default_bundle_path
 
         return export_bundle("default", default_bundle_path(), ExportOptions())
+
+
+@pytest.fixture(scope="session")
+def curve_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CURVE key pairs as `npctalk keygen` writes them: server, alice (allowed) and mallory (not);
+    ``allowed/`` holds alice's public key (the server's --curve-clients folder)."""
+    from npctalk.engine.security import generate
+
+    root = tmp_path_factory.mktemp("curve-keys")
+    generate(root, "server")
+    alice, _ = generate(root, "alice")
+    generate(root, "mallory")
+    (root / "allowed").mkdir()
+    (root / "allowed" / "alice.key").write_bytes(alice.read_bytes())
+    return root

@@ -157,20 +157,6 @@ def test_a_persona_map_from_msgpack_reaches_the_server(built: Built, server: Ser
 
 
 @pytest.fixture(scope="module")
-def curve_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """server and alice (allowed) and mallory (not allowed) key pairs, as `npctalk keygen` writes them."""
-    from npctalk.engine.security import generate
-
-    root = tmp_path_factory.mktemp("curve-keys")
-    generate(root, "server")
-    alice, _ = generate(root, "alice")
-    generate(root, "mallory")
-    (root / "allowed").mkdir()
-    (root / "allowed" / "alice.key").write_bytes(alice.read_bytes())
-    return root
-
-
-@pytest.fixture(scope="module")
 def curve_endpoint(gpt2_bundle: Path, curve_keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`npctalk serve` with CURVE, admitting only alice. Not ServerProcess: its readiness probe has no
     keys; the first C call waits for readiness itself (hello retried, Lazy Pirate)."""

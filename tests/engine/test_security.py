@@ -21,18 +21,6 @@ from server_process import free_tcp_endpoint
 MIRA = {"name": "Mira", "role": "a herbalist"}
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """server, alice (allowed) and mallory (not allowed) key pairs; allowed/ holds alice's public key."""
-    root = tmp_path_factory.mktemp("keys")
-    generate(root, "server")
-    public, _ = generate(root, "alice")
-    generate(root, "mallory")
-    (root / "allowed").mkdir()
-    (root / "allowed" / "alice.key").write_bytes(public.read_bytes())
-    return root
-
-
 def serve_in_thread(model: Model, config: ServerConfig) -> Iterator[Server]:
     server = Server(model, config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -46,8 +34,8 @@ def serve_in_thread(model: Model, config: ServerConfig) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def curve_server(gpt2_bundle: Path, keys: Path) -> Iterator[Server]:
-    config = ServerConfig(bind=free_tcp_endpoint(), curve=CurveServerConfig(keys / "server.key_secret", keys / "allowed"))
+def curve_server(gpt2_bundle: Path, curve_keys: Path) -> Iterator[Server]:
+    config = ServerConfig(bind=free_tcp_endpoint(), curve=CurveServerConfig(curve_keys / "server.key_secret", curve_keys / "allowed"))
     yield from serve_in_thread(Model(gpt2_bundle, provider="cpu", intra_op_threads=1), config)
 
 
@@ -67,8 +55,8 @@ def test_keygen_writes_a_private_secret_file_and_never_overwrites(tmp_path: Path
         load(tmp_path / "junk.key", need_secret=False)
 
 
-def test_an_allowed_client_talks_over_curve(curve_server: Server, keys: Path) -> None:
-    curve = CurveClientKeys.from_files(keys / "server.key", keys / "alice.key_secret")
+def test_an_allowed_client_talks_over_curve(curve_server: Server, curve_keys: Path) -> None:
+    curve = CurveClientKeys.from_files(curve_keys / "server.key", curve_keys / "alice.key_secret")
     with Client(curve_server.endpoint, timeout=5.0, curve=curve) as client:
         client.upsert_npc("mira", MIRA)
         result = client.say("mira", "Hello over an encrypted line", max_new_tokens=6, temperature=0).wait()
@@ -76,11 +64,11 @@ def test_an_allowed_client_talks_over_curve(curve_server: Server, keys: Path) ->
 
 
 @pytest.mark.parametrize("who", ["no keys", "unlisted key", "wrong server key"])
-def test_others_get_no_connection(curve_server: Server, keys: Path, who: str) -> None:
+def test_others_get_no_connection(curve_server: Server, curve_keys: Path, who: str) -> None:
     curve = {
         "no keys": None,
-        "unlisted key": CurveClientKeys.from_files(keys / "server.key", keys / "mallory.key_secret"),
-        "wrong server key": CurveClientKeys.from_files(keys / "mallory.key", keys / "alice.key_secret"),
+        "unlisted key": CurveClientKeys.from_files(curve_keys / "server.key", curve_keys / "mallory.key_secret"),
+        "wrong server key": CurveClientKeys.from_files(curve_keys / "mallory.key", curve_keys / "alice.key_secret"),
     }[who]
     with Client(curve_server.endpoint, timeout=0.5, retries=1, curve=curve) as client:
         with pytest.raises(ServerUnavailable):

@@ -51,11 +51,11 @@ def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _export(source: Path, out: Path, dtype: str) -> Path:
+def _export(source: Path, out: Path, dtype: str, **options: str) -> Path:
     from npctalk.export.api import ExportOptions, export_bundle
 
     logging.getLogger("npctalk").setLevel(logging.INFO)
-    return export_bundle(source, out, ExportOptions(dtype=dtype))
+    return export_bundle(source, out, ExportOptions(dtype=dtype, **options))
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
@@ -66,25 +66,26 @@ def int8_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
+def int4_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """int4 (4-bit weight-only) bundle of each tiny model."""
+    source = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return _export(source, tmp_path_factory.mktemp("bundles") / f"{request.param}-int4", "int4")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
 def fp16_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp16 bundle of each tiny model, validated on the CPU."""
     source = request.getfixturevalue(f"tiny_{request.param}_dir")
     return _export(source, tmp_path_factory.mktemp("bundles") / f"{request.param}-fp16", "fp16")
 
 
-def _export_optimum(source: Path, out: Path) -> Path:
-    from npctalk.export.api import ExportOptions, export_bundle
-
-    return export_bundle(source, out, ExportOptions(dtype="fp32", graph="optimum"))
-
-
 @pytest.fixture(scope="session")
 def optimum_gpt2_bundle(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny GPT-2 through optimum's graph (Gemm layers, every position's logits)."""
-    return _export_optimum(tiny_gpt2_dir, tmp_path_factory.mktemp("bundles") / "gpt2-optimum")
+    return _export(tiny_gpt2_dir, tmp_path_factory.mktemp("bundles") / "gpt2-optimum", "fp32", graph="optimum")
 
 
 @pytest.fixture(scope="session")
 def optimum_llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama through optimum's graph (tied LM head read through a Transpose)."""
-    return _export_optimum(tiny_llama_dir, tmp_path_factory.mktemp("bundles") / "llama-optimum")
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("bundles") / "llama-optimum", "fp32", graph="optimum")

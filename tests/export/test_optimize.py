@@ -100,19 +100,6 @@ def test_external_weights_layout(dtype: str, tiny_llama_dir: Path, tmp_path: Pat
 
 # --- int4 (MatMulNBits) -------------------------------------------------------------------------
 
-def _export_dtype(source: Path, out: Path, dtype: str) -> Path:
-    from npctalk.export.api import ExportOptions, export_bundle
-
-    return export_bundle(source, out, ExportOptions(dtype=dtype))
-
-
-@pytest.fixture(scope="session", params=["gpt2", "llama"])
-def int4_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """int4 (4-bit weight-only) bundle of each tiny model."""
-    source = request.getfixturevalue(f"tiny_{request.param}_dir")
-    return _export_dtype(source, tmp_path_factory.mktemp("bundles") / f"{request.param}-int4", "int4")
-
-
 def _constant_matmuls(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """MatMuls whose weight is an initializer, directly or through a Transpose (a tied LM head)."""
     inits = {i.name for i in graph.initializer}
