@@ -129,6 +129,14 @@ static int strings_ok(const npctalk_strings *s) {
     return 1;
 }
 
+/* Start an npc.upsert frame: its npc field and the persona key; the caller packs the persona value. */
+static void begin_upsert(npctalk_client *c, call *k, const char *npc, msgpack_packer *pk) {
+    call_init(c, k, "npc.upsert", 2, pk);
+    wire_key(pk, "npc");
+    wire_pack_str(pk, npc);
+    wire_key(pk, "persona");
+}
+
 /* Send a built npc.upsert frame and read `created` from its answer. */
 static npctalk_status run_upsert(npctalk_client *c, call *k, int *created) {
     npctalk_status status = call_run(c, k);
@@ -169,10 +177,7 @@ npctalk_status npctalk_upsert_npc(npctalk_client *c, const char *npc, const npct
     }
     call k;
     msgpack_packer pk;
-    call_init(c, &k, "npc.upsert", 2, &pk);
-    wire_key(&pk, "npc");
-    wire_pack_str(&pk, npc);
-    wire_key(&pk, "persona");
+    begin_upsert(c, &k, npc, &pk);
     msgpack_pack_map(&pk, entries);
     for (int i = 0; i < TEXTS; i++) {
         if (texts[i] == NULL) continue;
@@ -204,10 +209,7 @@ npctalk_status npctalk_upsert_npc_msgpack(npctalk_client *c, const char *npc, co
                                                    "(%zu bytes given).", npc, persona ? len : 0);
     call k;
     msgpack_packer pk;
-    call_init(c, &k, "npc.upsert", 2, &pk);
-    wire_key(&pk, "npc");
-    wire_pack_str(&pk, npc);
-    wire_key(&pk, "persona");
+    begin_upsert(c, &k, npc, &pk);
     msgpack_sbuffer_write(&k.frame, persona, len); /* already msgpack: appended as the value */
     return run_upsert(c, &k, created);
 }
