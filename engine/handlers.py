@@ -159,17 +159,17 @@ class Handlers:
         options = self._options(params)
         try:
             recall = self.memory.recall(params.npc, params.player, params.text, params.context)
+            prefix = self.prompts.persona_prefix(persona, params.player)  # its KV is shared between turns
             prompt = self.prompts.build(persona, self.memory.history(params.npc, params.player), params.text,
                                         params.context, options.max_new_tokens, player=params.player,
-                                        notes=recall.notes())
-            prefix = self.prompts.persona_prefix(persona, params.player)  # its KV is shared between turns
+                                        notes=recall.notes(), persona_prefix=prefix)
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         now = self.clock()
         manifest = self.model.manifest
         say = Request(key, prompt, options, self.model.tokenizer, self._eos, manifest.max_context, received_at=now,
                       deadline=now + self._timeout_s(params), meta=SayMeta(params.npc, params.player, params.text))
-        cached = len(prefix) if prompt[:len(prefix)] == prefix else 0
+        cached = len(prefix)  # the prompt opens with it (PromptBuilder.build)
         if persona.rerank.enabled:  # N sampled candidates decode; the best is sent once chosen (PROTOCOL.md)
             seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
             candidates = [dataclasses.replace(say, key=RequestKey(identity, f"{request.id}\x00candidate{i}"),

@@ -120,12 +120,13 @@ class PromptBuilder:
 
     def build(self, persona: Persona, history: Sequence[Turn], line: str, context: Mapping[str, Any],
               max_new_tokens: int, *, player: str = DEFAULT_USER,
-              notes: Sequence[tuple[str, str]] = ()) -> list[int]:
-        """Prompt ids: ``persona_prefix`` first, then notes (context, lorebook, then ``notes``), the
-        history, the line, post-history instructions. ``PromptError`` when even the persona, the notes
-        and the line leave no room for the reply."""
+              notes: Sequence[tuple[str, str]] = (), persona_prefix: list[int] | None = None) -> list[int]:
+        """Prompt ids: ``persona_prefix`` first (pass it when already computed), then notes (context,
+        lorebook, then ``notes``), the history, the line, post-history instructions. ``PromptError``
+        when even the persona, the notes and the line leave no room for the reply."""
         all_notes = [*self.notes(persona, history, line, context, player), *notes]
-        prefix = self.persona_prefix(persona, player) + self.formatter.notes_ids(all_notes)
+        head = self.persona_prefix(persona, player) if persona_prefix is None else persona_prefix
+        prefix = head + self.formatter.notes_ids(all_notes)
         post = self.formatter.post_history_ids(persona.post_history_text(player))
         tail = self.formatter.turn_ids(Turn("user", line.strip())) + post + self.formatter.generation_prompt_ids()
         budget = self.manifest.max_context - len(prefix) - max_new_tokens
