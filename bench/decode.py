@@ -20,6 +20,7 @@ Metrics per row: ``ttft_ms`` = start → first new token of every stream (prefil
 streams × bandwidth ÷ fp16 weight bytes (every weight read once per step; KV reads ignored).
 Bandwidth: ``--bandwidth-gbs``, else a known GPU's datasheet figure, else (CPU) a large numpy copy.
 Writes ``bench/results/decode-<device>-<host>-<date>.{json,md}``. Progress goes through logging.
+How each contender is driven and timed lives in ``bench/contenders.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .contenders import Settings, release_models, run_hf, run_llama_cpp, run_npctalk, run_optimum
 
 log = logging.getLogger("bench.decode")
 ROOT = Path(__file__).resolve().parent
@@ -69,18 +72,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-@dataclass(frozen=True)
-class Settings:
-    """One run's shape: tokens, streams, device and CPU threads (None = one per core)."""
-
-    prompt_tokens: int = 64
-    new_tokens: int = 128
-    streams: tuple[int, ...] = (1, 4, 16)
-    device: str = "cpu"
-    threads: int | None = None
-    repeats: int = 1
-
-
 @dataclass
 class Row:
     model: str
@@ -94,23 +85,6 @@ class Row:
     graph: str = ""
     weights: str = "random"   # random | real
     note: str = ""
-
-
-def prompts(vocab: int, settings: Settings, streams: int) -> np.ndarray:
-    """(streams, prompt_tokens) token ids, fixed by the seed."""
-    rng = np.random.default_rng(SEED)
-    return rng.integers(10, vocab, size=(streams, settings.prompt_tokens), dtype=np.int64)
-
-
-def timed_row(first: Callable[[], None], rest: Callable[[], None], streams: int, settings: Settings) -> tuple[float, float, float]:
-    """Run ``first`` (prefill + first token of every stream) then ``rest``; (ttft_ms, decode_tok_s, e2e_tok_s)."""
-    start = time.perf_counter()
-    first()
-    mid = time.perf_counter()
-    rest()
-    end = time.perf_counter()
-    later = streams * (settings.new_tokens - 1)
-    return (mid - start) * 1000, later / max(end - mid, 1e-9), streams * settings.new_tokens / (end - start)
 
 
 # --- building the models ------------------------------------------------------------------------
@@ -162,132 +136,6 @@ def parameter_count(hf_folder: Path) -> int:
         with safe_open(str(file), "np") as f:
             total += sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     return total
-
-
-# --- the contenders -----------------------------------------------------------------------------
-
-def run_npctalk(bundle: Path, settings: Settings, streams: int) -> tuple[float, float, float]:
-    from npctalk.engine.batch import DecodeBatch
-    from npctalk.engine.model import Model
-
-    model = _MODELS.get(bundle) or Model(bundle, provider=settings.device, intra_op_threads=settings.threads)
-    _MODELS.clear()
-    _MODELS[bundle] = model
-    ids = prompts(model.manifest.vocab_size, settings, streams)
-    warm: DecodeBatch[int] = DecodeBatch(model)  # first runs at these shapes allocate; keep them out of the timing
-    warm.add([(row, model.new_cache(1)) for row in range(streams)])
-    for _ in range(3):
-        warm.forward([1] * streams)
-    batch: DecodeBatch[int] = DecodeBatch(model)
-    state: dict[str, Any] = {}
-
-    def first() -> None:
-        joiners, tokens = [], []
-        for row in range(streams):  # admitted one by one, as the scheduler does
-            cache = model.new_cache(1)
-            logits = model.forward(ids[row:row + 1], cache)  # (1, vocab)
-            tokens.append(int(logits[0].argmax()))
-            joiners.append((row, cache))
-        batch.add(joiners)
-        state["tokens"] = tokens
-
-    def rest() -> None:
-        tokens = state["tokens"]
-        for _ in range(settings.new_tokens - 1):
-            logits = batch.forward(tokens)  # (streams, vocab)
-            tokens = logits.argmax(axis=1).tolist()
-
-    return timed_row(first, rest, streams, settings)
-
-
-_MODELS: dict[Path, Any] = {}  # the last loaded Model, reused across stream counts
-
-
-def _torch_device(settings: Settings) -> tuple[Any, Any]:
-    import torch
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    return torch, (torch.float16 if settings.device == "cuda" else torch.float32)
-
-
-def run_hf(hf_folder: Path, settings: Settings, streams: int) -> tuple[float, float, float]:
-    torch, dtype = _torch_device(settings)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_folder, torch_dtype=dtype).to(settings.device).eval()
-    ids = torch.from_numpy(prompts(model.config.vocab_size, settings, streams)).to(settings.device)
-    return _time_generate(model, ids, settings, streams, torch)
-
-
-def run_optimum(hf_folder: Path, work: Path, settings: Settings, streams: int) -> tuple[float, float, float]:
-    torch, _ = _torch_device(settings)
-    import onnxruntime as ort
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    saved = work / "optimum" / hf_folder.name
-    provider = "CUDAExecutionProvider" if settings.device == "cuda" else "CPUExecutionProvider"
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads or 0
-    if not (saved / "config.json").exists():
-        log.info("optimum: exporting %s", hf_folder.name)
-        ORTModelForCausalLM.from_pretrained(hf_folder, export=True, use_cache=True).save_pretrained(saved)
-    model = ORTModelForCausalLM.from_pretrained(saved, provider=provider, session_options=options, use_cache=True)
-    ids = torch.from_numpy(prompts(model.config.vocab_size, settings, streams))
-    if settings.device == "cuda":
-        ids = ids.to("cuda")
-    return _time_generate(model, ids, settings, streams, torch)
-
-
-def _time_generate(model: Any, ids: Any, settings: Settings, streams: int, torch: Any) -> tuple[float, float, float]:
-    """TTFT from a 1-token generate(); the rate from the full 128-token generate() minus that."""
-    mask = torch.ones_like(ids)
-    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
-
-    def generate(n: int) -> None:
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        assert out.shape[1] == ids.shape[1] + n, out.shape
-        if settings.device == "cuda":
-            torch.cuda.synchronize()
-
-    generate(2)  # warm-up
-    start = time.perf_counter()
-    generate(1)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(settings.new_tokens)
-    total = time.perf_counter() - start
-    later = streams * (settings.new_tokens - 1)
-    return ttft * 1000, later / max(total - ttft, 1e-9), streams * settings.new_tokens / total
-
-
-def run_llama_cpp(gguf: Path, settings: Settings, threads: int) -> tuple[float, float, float]:
-    """Batch 1 through llama-cpp-python's completion API, EOS banned so all tokens are generated."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False, seed=SEED)
-    ids = prompts(llm.n_vocab(), settings, 1)[0].tolist()
-    # Every end-of-generation token (EOS, <|im_end|>, ...) banned: llama.cpp stops on any of them.
-    import llama_cpp
-
-    ban = {t: -1e9 for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)}
-
-    def completion(n: int) -> tuple[float, int]:
-        llm.reset()
-        start, first, count = time.perf_counter(), 0.0, 0
-        for _ in llm.create_completion(ids, max_tokens=n, temperature=0.0, logit_bias=ban, stream=True):
-            count += 1
-            first = first or time.perf_counter() - start
-        return first, count
-
-    completion(4)  # warm-up
-    start = time.perf_counter()
-    first, count = completion(settings.new_tokens)
-    total = time.perf_counter() - start
-    if count < settings.new_tokens:
-        log.warning("llama.cpp stopped after %d of %d tokens", count, settings.new_tokens)
-    return first * 1000, (count - 1) / max(total - first, 1e-9), count / total
 
 
 # --- machine ------------------------------------------------------------------------------------
@@ -386,7 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for n in settings.streams:
                         add(name, "npctalk", dtype, n, params, lambda: run_npctalk(bundle, settings, n), graph=graph)
                 attempt(f"{name} npctalk {graph} {dtype}", ours)
-        _MODELS.clear()
+        release_models()
         if "hf" in args.peers:
             for n in settings.streams:
                 attempt(f"{name} hf-pytorch", lambda n=n: add(name, "hf-pytorch", peer_dtype, n, params,
