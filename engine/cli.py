@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("npctalk").setLevel(logging.INFO)  # a server says where it listens and when it stops
     config = ServerConfig(
         bind=args.bind,
-        scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue,
+        scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                                   prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024),
         defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
@@ -152,6 +152,8 @@ def _consistency_main(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .scheduler import DEFAULT_PREFILL_CHUNK
+
     parser = argparse.ArgumentParser(prog="npctalk", description="NPC dialogue engine for games.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
     srv.add_argument("--max-batch", type=int, default=32, help="streams decoded together")
     srv.add_argument("--max-queue", type=int, default=64, help="streams that may wait; more are answered busy")
+    srv.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                     help="prompt tokens prefilled per engine step, so a long prompt never stalls running streams "
+                     "(default %(default)s; 0: whole prompts)")
     srv.add_argument("--prefix-cache-mb", type=int, default=256,
                      help="memory for the NPCs' persona-prefix KV caches in MiB (0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")

@@ -38,7 +38,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 class RequestState(enum.Enum):
     QUEUED = "queued"            # accepted, waiting for a batch row
-    PREFILLING = "prefilling"    # prompt running through the model (inside one engine step)
+    PREFILLING = "prefilling"    # prompt running through the model, a chunk per engine step
     DECODING = "decoding"        # a row of the decode batch, one token per step
     FINISHED = "finished"        # terminal: a done message was produced
     FAILED = "failed"            # terminal: an error message was produced

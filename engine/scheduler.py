@@ -3,11 +3,13 @@
 One ``step()`` does, in order::
 
     1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
-    2. admit    queued requests are prefilled one by one (their own cache, at most ``prefill_tokens``
-                prompt tokens per step so decoding streams are never starved), sample their first
-                token, and join the batch. A request submitted with a persona prefix starts from
-                the prefix cache's KV snapshot (``prefix_cache``) and prefills only the rest; on a
-                miss the prefix is prefilled on its own first and stored
+    2. prefill  queued requests are prefilled in arrival order, each in its own single-row cache
+                (``prefill.Prefill``), at most ``prefill_chunk`` prompt tokens per step: a long
+                prompt takes several steps, and the streams already decoding get a token after
+                every chunk instead of stalling for the whole prompt. A request whose prompt is in
+                samples its first token and joins the batch. A request submitted with a persona
+                prefix starts from the prefix cache's KV snapshot (``prefix_cache``) and prefills
+                only the rest; on a miss the prefix is prefilled first and stored
     3. decode   one forward for every row of the batch (B, 1) → logits (B, vocab); each row samples
                 its next token; finished rows leave
 
@@ -20,6 +22,9 @@ requests (same prompt, different seeds) do, batched like any others, and their m
 swallowed. When the last candidate ends, the scorer picks one and the client's request sends the
 chosen text as one token message, then ``done`` (cancel and deadline act on the client's request
 and end its candidates). Scoring runs inside the step (N prefills and a few batched forwards).
+
+A request being prefilled counts as active (``stats``: ``prefilling``) and holds a batch slot;
+``cancel`` and its deadline end it between two chunks, and its partial cache is dropped.
 
 When the graph cannot mask padding (``batch.supports_padding``), every stream keeps its own
 single-row batch and is stepped alone; that is slower but exact, and logged once at start.
@@ -43,6 +48,7 @@ from .batch import DecodeBatch, supports_padding
 from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
+from .prefill import Prefill
 from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, Request, RequestKey, RequestState
@@ -51,6 +57,10 @@ from .rerank import best_index
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 5.0  # tokens/s in stats is measured over this many recent seconds
+# Prompt tokens per step. Measured on SmolLM2-135M on a 2-core CPU (bench/results/long-prompt-*):
+# a chunk of 64 costs about as much as one decode step of a busy batch, so a running stream's worst
+# gap while a 400-token prompt joins drops several-fold, and the joiner's first token comes little later.
+DEFAULT_PREFILL_CHUNK = 64
 
 Scorer = Callable[[list[str]], list[float]]  # candidate replies → one score each, higher is better
 
@@ -67,20 +77,23 @@ class Candidates:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Capacity: ``max_batch`` streams decode together, ``max_queue`` more may wait (counts);
-    ``prefill_tokens`` caps prompt tokens prefilled per step (one prompt always goes);
+    """Capacity: ``max_batch`` streams decode (or prefill) together, ``max_queue`` more may wait (counts);
+    ``prefill_chunk`` caps the prompt tokens run per step (tokens; a longer prompt continues next
+    step; 0: prompts run whole, then ``prefill_tokens`` caps a step's prompts and one always goes);
     ``prefix_cache_bytes`` bounds the persona-prefix KV cache (0: off)."""
 
     max_batch: int = 32
     max_queue: int = 64
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefill_tokens: int = 2048
     prefix_cache_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_tokens", "prefix_cache_bytes"):
+        for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_tokens", "prefix_cache_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name in ("max_batch", "prefill_tokens") else 0):
-                raise ConfigError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}.")
+            low = 1 if name in ("max_batch", "prefill_tokens") else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"SchedulerConfig.{name} must be an integer >= {low}, got {value!r}.")
 
 
 class Scheduler:
@@ -96,6 +109,7 @@ class Scheduler:
             log.warning("The model graph takes no attention_mask/position_ids, so streams cannot share a padded "
                         "batch; each active stream is stepped on its own (slower). Re-export the bundle to batch.")
         self._queue: deque[Request] = deque()
+        self._prefilling: deque[Prefill] = deque()  # admitted, prompt partly in its cache; the first one runs
         self._groups: list[DecodeBatch[Request]] = []  # one group when batched, one per stream otherwise
         self._live: dict[RequestKey, Request] = {}
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
@@ -184,6 +198,7 @@ class Scheduler:
         self._reranked.clear()
         self._candidate_of.clear()
         self._queue.clear()
+        self._prefilling.clear()
         self._groups = []
         return events
 
@@ -218,32 +233,40 @@ class Scheduler:
                 events.append(request.fail(ErrorCode.TIMEOUT, f"The request passed its deadline after {waited:.2f} s "
                                            f"({request.completion_tokens} tokens generated).", now))
             self._retire(request)
-        # Terminal requests leave the queue and their batch rows.
+        # Terminal requests leave the queue, their unfinished prefill (its cache is dropped) and their batch rows.
         self._queue = deque(r for r in self._queue if r.live)
+        self._prefilling = deque(p for p in self._prefilling if p.request.live)
         self._drop_rows({row for group in self._groups for row in group.rows if not row.live})
 
     def _admit(self, events: list[Event]) -> None:
-        budget, prefilled = self.config.prefill_tokens, 0
+        """Prefill this step's share of prompts; requests whose prompt is in join the batch."""
+        chunk = self.config.prefill_chunk
+        budget = chunk or self.config.prefill_tokens
         joiners: list[tuple[Request, KVCache]] = []
-        while self._queue and self.active_count + len(joiners) < self.config.max_batch:
-            request = self._queue[0]
-            cost = self._prefill_cost(request)
-            if prefilled and cost > budget:
-                break  # the next step prefills it; decoding streams get their token now
-            self._queue.popleft()
-            prefilled += 1
-            budget -= cost
-            request.advance(RequestState.PREFILLING)
-            request.admitted_at = self.clock()
+        while budget > 0:
+            if not self._prefilling:
+                if not self._queue or self.active_count + len(joiners) >= self.config.max_batch:
+                    break
+                ran_some = budget < self.config.prefill_tokens
+                if not chunk and ran_some and self._prefill_cost(self._queue[0]) > budget:
+                    break  # whole prompts: the next step runs it; decoding streams get their token now
+                self._start(self._queue.popleft())
+            prefill = self._prefilling[0]
+            request = prefill.request
             try:
-                cache, start = self._prefix_start(request)  # (1, kv_heads, start, head_dim), start = 0 or prefix
-                ids = np.asarray([request.prompt_ids[start:]], dtype=np.int64)  # (1, prompt - start)
-                logits = self.model.forward(ids, cache)  # (1, vocab); cache now (1, kv_heads, prompt, head_dim)
-                if self._sample(request, logits, events):
-                    joiners.append((request, cache))
+                # Whole prompts (chunk 0) run all that is left; chunks at most the step's remaining budget.
+                logits, ran = prefill.advance(self.model, budget if chunk else prefill.remaining, self.prefix_cache)
             except Exception as exc:  # any failure of one prompt fails that request, not the server
                 log.exception("Prefill of request %r failed.", request.key.id)
+                self._prefilling.popleft()
                 self._fail(request, ErrorCode.INTERNAL, f"The engine failed while reading the prompt: {exc}.", events)
+                continue
+            budget -= ran
+            if logits is None:
+                break  # the budget is spent; the rest of this prompt runs next step
+            self._prefilling.popleft()
+            if self._sample(request, logits, events):
+                joiners.append((request, prefill.cache))  # cache (1, kv_heads, prompt, head_dim)
         if not joiners:
             return
         for request, _ in joiners:
@@ -258,6 +281,14 @@ class Scheduler:
                 group.add([joiner])
                 self._groups.append(group)
 
+    def _start(self, request: Request) -> None:
+        """Queued → prefilling, from the persona prefix's snapshot when the prefix cache holds it."""
+        request.advance(RequestState.PREFILLING)
+        request.admitted_at = self.clock()
+        key = self._prefix_key(request)
+        self._prefixes.pop(request.key, None)
+        self._prefilling.append(Prefill.start(request, self.model, self.prefix_cache, key))
+
     def _prefix_key(self, request: Request) -> tuple[str, tuple[int, ...]] | None:
         hint = self._prefixes.get(request.key)
         return None if hint is None else PrefixCache.key(hint[0], request.prompt_ids[:hint[1]])
@@ -266,21 +297,6 @@ class Scheduler:
         """Prompt tokens ``request``'s prefill will run (its cached prefix not counted)."""
         key = self._prefix_key(request)
         return request.prompt_tokens - (len(key[1]) if key is not None and key in self.prefix_cache else 0)
-
-    def _prefix_start(self, request: Request) -> tuple[KVCache, int]:
-        """The cache ``request``'s prefill starts from and how many prompt ids it already holds:
-        the persona prefix's shared snapshot on a hit; on a miss the prefix is prefilled alone
-        and stored first (logits discarded: the rest of the prompt follows); else empty, 0."""
-        key = self._prefix_key(request)
-        self._prefixes.pop(request.key, None)
-        if key is None:
-            return self.model.new_cache(batch_size=1), 0
-        cache = self.prefix_cache.get(key)
-        if cache is None:
-            cache = self.model.new_cache(batch_size=1)
-            self.model.forward(np.asarray([key[1]], dtype=np.int64), cache)  # (1, prefix) → cache (1, h, prefix, d)
-            self.prefix_cache.put(key, cache)
-        return cache, len(key[1])
 
     def _settle_reranked(self, events: list[Event]) -> list[Event]:
         """Swallow candidates' messages; answer each reranked say whose candidates have all ended."""
@@ -377,7 +393,12 @@ class Scheduler:
 
     @property
     def active_count(self) -> int:
-        return sum(len(g) for g in self._groups)
+        """Streams holding a batch slot: decoding, or being prefilled to join."""
+        return sum(len(g) for g in self._groups) + len(self._prefilling)
+
+    @property
+    def prefilling_count(self) -> int:
+        return len(self._prefilling)
 
     @property
     def queued_count(self) -> int:
@@ -391,8 +412,9 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "active": self.active_count, "queued": self.queued_count, "max_batch": self.config.max_batch,
-            "max_queue": self.config.max_queue, "batched": self.batched,
+            "active": self.active_count, "prefilling": self.prefilling_count, "queued": self.queued_count,
+            "max_batch": self.config.max_batch, "max_queue": self.config.max_queue, "batched": self.batched,
+            "prefill_chunk": self.config.prefill_chunk,
             "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters,
             "prefix_cache": self.prefix_cache.stats(),
         }

@@ -233,8 +233,8 @@ def test_capacity_is_bounded(counting: CountingModel) -> None:
     assert scheduler.active_count == 2 and scheduler.queued_count == 3
 
 
-def test_prefill_budget_spreads_long_prompts_over_steps(counting: CountingModel) -> None:
-    scheduler = Scheduler(counting, SchedulerConfig(max_batch=8, prefill_tokens=10))
+def test_whole_prompt_budget_spreads_long_prompts_over_steps(counting: CountingModel) -> None:
+    scheduler = Scheduler(counting, SchedulerConfig(max_batch=8, prefill_chunk=0, prefill_tokens=10))
     for i in range(3):
         scheduler.submit(make_request(counting, str(i), [FIRST] * 8, max_new_tokens=5))
     scheduler.step()
