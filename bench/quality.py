@@ -33,13 +33,17 @@ HELDOUT = ROOT.parent / "data" / "heldout" / "npc_heldout.txt"
 TARGET = 0.05  # relative perplexity increase allowed for quantized bundles
 
 DOWN_AND_HEAD = re.compile(r"/mlp/(down_proj|c_proj)/|^/lm_head/")
-# name → to_int4 overrides; the int4 row above is optimize.py's default (block 32, asymmetric,
-# LM head + MLP down projections 8-bit, the rest 4-bit).
+# name → to_int4 overrides; the int4 row above is optimize.py's default (weights already on a Q4_1 /
+# Q8_0 grid, as from the default GGUF, stored exactly; anything else block 32, asymmetric, LM head +
+# MLP down projections 8-bit). The re-quantized variants ignore the grid (``exact_grid=False``).
 SWEEP: dict[str, dict[str, Any]] = {
-    "block 32, asymmetric, all 4-bit": {"sensitive": None},
-    "block 16, asymmetric, all 4-bit": {"sensitive": None, "block_size": 16},
-    "block 32, symmetric, head + down 8-bit": {"symmetric": True},
-    "block 32, asymmetric, head + down fp32": {"sensitive": DOWN_AND_HEAD, "sensitive_bits": None},
+    "exact grid, accuracy level 0 (float activations)": {"accuracy_level": 0},
+    "re-quantized: block 32, asymmetric, head + down 8-bit": {"exact_grid": False},
+    "re-quantized: block 32, asymmetric, all 4-bit": {"exact_grid": False, "sensitive": None},
+    "re-quantized: block 16, asymmetric, all 4-bit": {"exact_grid": False, "sensitive": None, "block_size": 16},
+    "re-quantized: block 32, symmetric, head + down 8-bit": {"exact_grid": False, "symmetric": True},
+    "re-quantized: block 32, asymmetric, head + down fp32": {"exact_grid": False, "sensitive": DOWN_AND_HEAD,
+                                                              "sensitive_bits": None},
 }
 
 
@@ -67,9 +71,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     bundles: dict[str, Path] = {}
     for dtype in args.dtypes:
-        fields: dict[str, Any] = {"dtype": dtype}
-        if args.graph != "optimum":
-            fields["graph"] = args.graph
+        fields: dict[str, Any] = {"dtype": dtype, "graph": args.graph}
         bundles[dtype] = export_bundle(args.source, work / f"{args.graph}-{dtype}", ExportOptions(**fields))
         report = json.loads((bundles[dtype] / "validation.json").read_text(encoding="utf-8"))
         rows.append({"dtype": dtype, **score(bundles[dtype], text, args), "top1_agreement": report.get("top1_agreement")})
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="default", help="model folder, hub id or 'default' (SmolLM2-135M-Instruct)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8", "int4"])
-    parser.add_argument("--graph", default="optimum", help="graph builder (optimum | lean)")
+    parser.add_argument("--graph", default="lean", help="graph builder (lean | optimum)")
     parser.add_argument("--sweep", action="store_true", help="also score int4 variants (needs fp32 in --dtypes)")
     parser.add_argument("--window", type=int, default=None, help="tokens per window (default: min(1024, context))")
     parser.add_argument("--stride", type=int, default=512, help="tokens scored per window")

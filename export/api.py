@@ -194,7 +194,7 @@ def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Sta
     loaded = sources.load_pretrained(src)
     config, tokenizer = loaded.config, loaded.tokenizer
     chat = chat_format_from_tokenizer(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    model_path = _write_graph(loaded.model, loaded.architecture, folder, options, stages)
+    model_path, weights = _write_graph(loaded.model, loaded.architecture, folder, options, stages)
     num_layers = config.num_hidden_layers
     graph = describe_graph(model_path, num_layers)
     eos = end_of_turn_ids(tokenizer, config.eos_token_id) if chat else tuple(
@@ -212,7 +212,7 @@ def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Sta
                                      str(gguf_meta.get("general.name", ""))), src.folder,
                           src.metadata_license or gguf_meta.get("general.license"))
     (folder / lic.info.file).write_text(lic.text, encoding="utf-8")
-    write_report({**report, "source": src.info.id, "device": options.device}, folder)
+    write_report({**report, "source": src.info.id, "device": options.device, **({"weights": weights} if weights else {})}, folder)
     heads = config.num_attention_heads
     manifest = Manifest(
         name=src.name,
@@ -241,14 +241,15 @@ def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Sta
     write_manifest(folder, manifest)
 
 
-def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOptions, stages: Stages) -> Path:
-    """Stages 3 and 4: the decoder graph in ``options.dtype`` at ``folder/model.onnx``."""
+def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOptions,
+                 stages: Stages) -> tuple[Path, dict[str, int]]:
+    """Stages 3 and 4: the decoder graph in ``options.dtype`` at ``folder/model.onnx``, and how its
+    weights were stored (``optimize``'s counts)."""
     if options.graph == "optimum":
         stages.next("exporting the ONNX graph with optimum (fp32, KV cache)")
         model_path = convert_to_onnx(model, folder)
         stages.next(f"converting the graph to {options.dtype}")
-        optimize(model_path, options.dtype)
-        return model_path
+        return model_path, optimize(model_path, options.dtype)
     # The lean graph is written in fp16 directly. Quantized dtypes start from fp32 with the LM head
     # as its own (hidden, vocab) MatMul: the quantizers need a constant MatMul weight, and rewriting
     # the tied Gemm(transB=1) would transpose the embedding its Gather still reads.
@@ -258,9 +259,8 @@ def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOpt
     stages.next(f"converting the graph to {options.dtype}")
     if built == options.dtype:
         log.info("%s: the lean graph was written in this precision", options.dtype)
-    else:
-        optimize(model_path, options.dtype)
-    return model_path
+        return model_path, {}
+    return model_path, optimize(model_path, options.dtype)
 
 
 def _version() -> str:

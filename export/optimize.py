@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from npctalk.engine.errors import ExportError
 
+from .block_grid import OFFSETS_SUFFIX, import_grid_weights
 from .progress import heartbeat
 
 if TYPE_CHECKING:
@@ -116,6 +117,10 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     nodes, count = [], 0
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -123,16 +128,22 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
-        weight = inits[node.input[1]]
+        weight, weight_name = inits[node.input[1]], node.input[1]
         if attrs.get("transB", 0):
-            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name))
+            transposed = numpy_helper.to_array(weight).T.copy()
+            if readers[weight_name] > 1:  # a tied LM head: the embedding's Gather still reads it as it is
+                weight_name = f"{weight_name}.untied_T"
+                model.graph.initializer.append(numpy_helper.from_array(transposed, weight_name))
+            else:
+                weight.CopyFrom(numpy_helper.from_array(transposed, weight_name))
         base = node.name.removesuffix("/Gemm") if node.name.endswith("/Gemm") else node.name
+        inputs = [node.input[0], weight_name]
         if len(node.input) > 2 and node.input[2]:
             product = f"{base}/MatMul_output_0"
-            nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=f"{base}/MatMul"))
+            nodes.append(helper.make_node("MatMul", inputs, [product], name=f"{base}/MatMul"))
             nodes.append(helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{base}/Add"))
         else:
-            nodes.append(helper.make_node("MatMul", node.input[:2], list(node.output), name=f"{base}/MatMul"))
+            nodes.append(helper.make_node("MatMul", inputs, list(node.output), name=f"{base}/MatMul"))
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -190,11 +201,13 @@ def untie_lm_head(model: onnx.ModelProto) -> int:
 
 def to_int4(model_path: Path, *, block_size: int | None = None, symmetric: bool | None = None,
             accuracy_level: int | None = None, sensitive: re.Pattern[str] | None = INT4_SENSITIVE_NODES,
-            sensitive_bits: int | None = INT4_SENSITIVE_BITS) -> None:
-    """Quantize ``model_path``'s MatMul weights to 4 bits (MatMulNBits) in place.
+            sensitive_bits: int | None = INT4_SENSITIVE_BITS, exact_grid: bool = True) -> dict[str, int]:
+    """Quantize ``model_path``'s MatMul weights to 4 bits (MatMulNBits) in place; returns counts per kind.
 
-    MatMuls whose name matches ``sensitive`` get ``sensitive_bits`` (8: MatMulNBits too) or stay
-    float (None). Keyword arguments override the module defaults (``bench/quality.py --sweep``).
+    Weights already on a Q4_1 / Q8_0 block grid (a GGUF source) are stored exactly
+    (``block_grid``) unless ``exact_grid`` is False. The rest are quantized: MatMuls whose name
+    matches ``sensitive`` get ``sensitive_bits`` (8: MatMulNBits too) or stay float (None).
+    Keyword arguments override the module defaults (``bench/quality.py --sweep``).
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -206,37 +219,49 @@ def to_int4(model_path: Path, *, block_size: int | None = None, symmetric: bool 
         log.info("Rewrote %d Gemm nodes as MatMul + Add so they can be quantized", rewritten)
     if untied := untie_lm_head(model):
         log.info("Gave %d tied MatMul(s) (the LM head) their own transposed weight so they can be quantized", untied)
+    level = INT4_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    counts = import_grid_weights(model, level) if exact_grid else {"exact_4bit": 0, "exact_8bit": 0, "exact_gather": 0}
+    if any(counts.values()):
+        log.info("int4: weights taken exactly from their block grid: %d MatMuls 4-bit (Q4_1), %d MatMuls and "
+                 "%d embedding Gathers 8-bit (Q8_0)", counts["exact_4bit"], counts["exact_8bit"], counts["exact_gather"])
     held = [n.name for n in model.graph.node if n.op_type == "MatMul" and sensitive is not None and sensitive.search(n.name)]
-    passes = [(4, held)] + ([(sensitive_bits, [])] if sensitive_bits and held else [])
+    offsets = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(OFFSETS_SUFFIX)]
+    passes = [(4, held + offsets)] + ([(sensitive_bits, offsets)] if sensitive_bits and held else [])
     for bits, excluded in passes:  # 4 bits first, sparing the sensitive ones; then those (the only MatMuls left)
         quantizer = MatMulNBitsQuantizer(
             model, bits=bits, block_size=block_size or INT4_BLOCK_SIZE,
             is_symmetric=INT4_SYMMETRIC if symmetric is None else symmetric,
-            accuracy_level=INT4_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
-            nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",),
+            accuracy_level=level, nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",),
         )
         quantizer.process()
         model = quantizer.model.model
     bits_of = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    counts["quantized_4bit"] = bits_of.count(4) - counts["exact_4bit"]
+    counts["quantized_8bit"] = bits_of.count(8) - counts["exact_8bit"]
+    counts["float"] = 0 if sensitive_bits else len(held)
     log.info("int4: %d MatMulNBits with 4 bits, %d with 8 bits, %d sensitive MatMuls kept float",
-             bits_of.count(4), bits_of.count(8), 0 if sensitive_bits else len(held))
+             bits_of.count(4), bits_of.count(8), counts["float"])
     new_path = _scratch(model_path)
     save(model, new_path, external=external)
     _install(new_path, model_path)
+    return counts
 
 
-def optimize(model_path: Path, dtype: str) -> None:
-    """Turn the fp32 graph at ``model_path`` into ``dtype`` (``fp32``/``fp16``/``int8``/``int4``), in place."""
+def optimize(model_path: Path, dtype: str) -> dict[str, int]:
+    """Turn the fp32 graph at ``model_path`` into ``dtype`` (``fp32``/``fp16``/``int8``/``int4``), in place.
+
+    Returns how the weights were stored (int4: ``to_int4``'s counts; other dtypes: empty).
+    """
     if dtype == "fp32":
         log.info("fp32: keeping the exported graph as is")
-        return
+        return {}
     convert = {"fp16": to_fp16, "int8": to_int8, "int4": to_int4}.get(dtype)
     if convert is None:
         raise ExportError(f"Unknown dtype {dtype!r}; choose fp32, fp16, int8 or int4.")
     before = _size(model_path)
     try:
         with heartbeat(f"converting to {dtype}"):
-            convert(model_path)
+            counts = convert(model_path) or {}
     except OSError:
         raise
     except Exception as exc:  # onnx / onnxruntime tools raise assorted types
@@ -244,3 +269,4 @@ def optimize(model_path: Path, dtype: str) -> None:
     finally:
         shutil.rmtree(model_path.parent / f".{SCRATCH}", ignore_errors=True)
     log.info("%s graph: %.1f MB (fp32 was %.1f MB)", dtype, _size(model_path) / 1e6, before / 1e6)
+    return counts
