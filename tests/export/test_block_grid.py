@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from npctalk.engine.bundle import load_manifest
-from npctalk.export.block_grid import BLOCK, import_grid_weights, recover, recover_q4_1, recover_q8_0
+from npctalk.export.block_grid import BLOCK, import_grid_weights, recover, recover_q4_1
 
 ORT_OPSETS = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
 
