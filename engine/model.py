@@ -86,14 +86,17 @@ class Model:
     """A bundle ready to run. ``provider`` is ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA if it starts).
 
     ``intra_op_threads`` caps ONNX Runtime's worker threads (None: one per core); a game that
-    shares the CPU with its own frame loop should set it to a few cores.
+    shares the CPU with its own frame loop should set it to a few cores. ``spin``: whether idle
+    worker threads busy-wait for the next operator (ONNX Runtime's default, on) or sleep (off: less
+    CPU taken from the game between operators, at some latency; bench/threads.py measures both).
     """
 
-    def __init__(self, bundle_path: str | Path, *, provider: Provider = "auto", intra_op_threads: int | None = None) -> None:
+    def __init__(self, bundle_path: str | Path, *, provider: Provider = "auto", intra_op_threads: int | None = None,
+                 spin: bool = True) -> None:
         self.path = Path(bundle_path)
         self.manifest = load_manifest(self.path)
         self.tokenizer = Tokenizer.from_file(self.path / self.manifest.tokenizer_file)
-        self.session = _create_session(self.path / self.manifest.model_file, provider, intra_op_threads)
+        self.session = _create_session(self.path / self.manifest.model_file, provider, intra_op_threads, spin)
         self.provider = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         self.io = GraphIO.resolve(self.manifest, self.session)
         self._outputs = [self.io.logits, *self.io.present_keys, *self.io.present_values]
@@ -135,7 +138,7 @@ class Model:
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
 
 
-def _create_session(model_file: Path, provider: str, intra_op_threads: int | None) -> ort.InferenceSession:
+def _create_session(model_file: Path, provider: str, intra_op_threads: int | None, spin: bool = True) -> ort.InferenceSession:
     if provider not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}.")
     if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
@@ -145,6 +148,7 @@ def _create_session(model_file: Path, provider: str, intra_op_threads: int | Non
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads or 0  # 0: ONNX Runtime picks one per physical core
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     available = ort.get_available_providers()
     if provider == "cuda" and CUDA not in available:
         raise ConfigError(f"provider='cuda' was requested but this onnxruntime build has no CUDA support "

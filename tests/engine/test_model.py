@@ -104,6 +104,18 @@ def test_providers(gpt2_bundle: Path) -> None:
         Model(gpt2_bundle, provider="cpu", intra_op_threads=0)
 
 
+def test_spinning_can_be_turned_off_without_changing_a_logit(gpt2_bundle: Path) -> None:
+    """Spinning is a session setting only: the same logits either way, and the session really has it."""
+    ids = np.array([[3, 14, 15, 92, 65]])
+    logits = []
+    for spin in (True, False):
+        model = Model(gpt2_bundle, provider="cpu", intra_op_threads=2, spin=spin)
+        entry = model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        assert entry == ("1" if spin else "0")
+        logits.append(model.forward(ids, model.new_cache(1)))
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
 def test_missing_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         Model(tmp_path / "nothing")
