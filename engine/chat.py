@@ -27,6 +27,7 @@ from .errors import PromptError
 from .generator import Generator, GeneratorParams
 from .memory import fit_turns
 from .model import Model
+from .grounding import Grounding
 from .npcs import CONTEXT_QUESTION, LORE_QUESTION, render_context
 from .paths import default_bundle_path
 from .persona import DEFAULT_USER, Persona, find_persona
@@ -94,7 +95,9 @@ class ChatSession:
         self._generator.rewind_to(len(self._prefix))
         self._generator.append_tokens(body)
         if self.rerank.enabled:
-            reply, reason = self._reranked(len(self._prefix) + len(body))
+            grounding = Grounding.build(self.persona, text, player_lines=[t.text for t in self.history if t.role == "user"],
+                                        context=[note for _, note in notes], player=self.user)
+            reply, reason = self._reranked(len(self._prefix) + len(body), grounding)
             if reply:
                 yield reply
         else:
@@ -104,7 +107,7 @@ class ChatSession:
         self.finish_reason = reason
         self.history = [*turns, Turn("assistant", reply.strip())]
 
-    def _reranked(self, prompt_length: int) -> tuple[str, str | None]:
+    def _reranked(self, prompt_length: int, grounding: Grounding) -> tuple[str, str | None]:
         """Sample ``rerank.candidates`` replies after the prompt; return the best and its finish reason."""
         replies: list[tuple[str, str | None]] = []
         for index in range(self.rerank.candidates):
@@ -113,7 +116,7 @@ class ChatSession:
             stream = ReplyStream(self._generator, self.model.tokenizer)
             replies.append((stream.read(), stream.finish_reason))
         texts = [r for r, _ in replies]
-        scores = score_candidates(self.model, self._formatter, texts, self.persona, self.rerank)
+        scores = score_candidates(self.model, self._formatter, texts, self.persona, self.rerank, grounding)
         self.candidates = list(zip(texts, scores))
         return replies[best_index(scores)]
 

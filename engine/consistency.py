@@ -5,7 +5,11 @@ A script (``data/consistency/*.toml``)::
     title = "Bram: name, job and home after ten unrelated turns"
     npc = "bram"                      # an NPC the server knows (built-in, or a card in the personas)
     player = "Mira"
+    heldout = false                   # true: never used to tune the engine; reported as its own split
     forbid = ["ai", "language model"] # forbidden in every probe of this script
+    [persona]                         # optional script-local persona (persona.py fields), registered
+    name = "Maren"                    # under ``npc`` before the script runs
+    role = "the herbalist of Thornwick"
     [[turn]]
     say = "Lovely weather today."     # a plain turn
     [[turn]]
@@ -37,20 +41,26 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import platform
 import re
 import threading
+import time
 import tomllib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, PromptError
+from .rerank import RerankConfig
 
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "consistency"
+RERANK_METHOD = RerankConfig().method  # the rerank-on settings score candidates the default way
 SETTINGS = (("on", "off"), ("off", "off"), ("on", "on"), ("off", "on"))  # (memory, rerank)
 
 
@@ -71,6 +81,8 @@ class Script:
     player: str
     turns: tuple[Turn, ...]
     name: str = ""
+    heldout: bool = False
+    persona: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     @property
     def probes(self) -> int:
@@ -94,6 +106,17 @@ def load_script(path: str | Path) -> Script:
         if not isinstance(data.get(name), str) or not data[name].strip():
             raise PromptError(f"{path}: field '{name}' is required and must be a non-empty string.")
     shared = _strings(data.get("forbid", []), f"{path}: field 'forbid'")
+    heldout = data.get("heldout", False)
+    if not isinstance(heldout, bool):
+        raise PromptError(f"{path}: field 'heldout' must be true or false, got {heldout!r}.")
+    persona = data.get("persona")
+    if persona is not None:
+        from .persona import Persona
+
+        Persona.from_dict(persona, source=f"{path}: field 'persona'")  # PromptError naming the bad field
+    unknown = sorted(set(data) - {"title", "npc", "player", "forbid", "heldout", "persona", "turn"})
+    if unknown:
+        raise PromptError(f"{path}: unknown field(s) {unknown}.")
     raw = data.get("turn")
     if not isinstance(raw, list) or not raw:
         raise PromptError(f"{path}: field 'turn' must be a non-empty array of tables ([[turn]]).")
@@ -113,7 +136,8 @@ def load_script(path: str | Path) -> Script:
         if (expect or forbid) and not probe:
             raise PromptError(f"{where}: 'expect_any'/'forbid' need a 'probe' name.")
         turns.append(Turn(item["say"].strip(), probe.strip(), expect, (shared + forbid) if probe else ()))
-    return Script(data["title"].strip(), data["npc"].strip(), data["player"].strip(), tuple(turns), path.stem)
+    return Script(data["title"].strip(), data["npc"].strip(), data["player"].strip(), tuple(turns), path.stem,
+                  heldout, dict(persona) if persona is not None else None)
 
 
 def load_scripts(folder: str | Path = DATA_DIR) -> list[Script]:
@@ -160,32 +184,66 @@ def _seed(*parts: str) -> int:
     return zlib.crc32("\x00".join(parts).encode())
 
 
+def run_script(client: Any, script: Script, memory: str, rerank: str, candidates: int, max_new_tokens: int,
+               run_id: str) -> list[dict[str, Any]]:
+    """Say one script's turns through ``client`` under one setting; its judged probes."""
+    npc = script.npc
+    if script.persona is not None:  # a script-local persona: registered (again) before the script runs
+        client.upsert_npc(npc, script.persona)
+    if rerank == "on":
+        npc = f"{script.npc}~rerank"
+        persona = {**client.get_npc(script.npc), "rerank": {"candidates": candidates, "method": RERANK_METHOD}}
+        client.upsert_npc(npc, persona)
+    probes = []
+    for index, turn in enumerate(script.turns):
+        player = f"{script.player}~{run_id}~{memory}{rerank}" + ("" if memory == "on" else f"~{index}")
+        reply = client.say(npc, turn.say, player=player, max_new_tokens=max_new_tokens,
+                           seed=_seed(script.name, str(index))).wait()
+        if turn.probe:
+            ok, reasons = judge(reply.text, turn)
+            probes.append({"script": script.name, "turn": index, "probe": turn.probe, "say": turn.say,
+                           "reply": reply.text, "consistent": ok, "reasons": reasons, "heldout": script.heldout})
+    log.info("%s (memory %s, rerank %s): done", script.name, memory, rerank)
+    return probes
+
+
 def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str, candidates: int,
-                max_new_tokens: int, run_id: str) -> SettingResult:
-    """Say every script's turns through ``client``; judge the probes."""
+                max_new_tokens: int, run_id: str, *, connect: Callable[[], Any] | None = None) -> SettingResult:
+    """Say every script's turns; judge the probes. With ``connect`` (a factory of clients), the scripts
+    run concurrently, one client each, so the server batches them (replies stay seeded per turn)."""
     result = SettingResult(memory, rerank)
-    for script in scripts:
-        npc = script.npc
-        if rerank == "on":
-            npc = f"{script.npc}~rerank"
-            persona = {**client.get_npc(script.npc), "rerank": {"candidates": candidates, "method": "both"}}
-            client.upsert_npc(npc, persona)
-        for index, turn in enumerate(script.turns):
-            player = f"{script.player}~{run_id}~{memory}{rerank}" + ("" if memory == "on" else f"~{index}")
-            reply = client.say(npc, turn.say, player=player, max_new_tokens=max_new_tokens,
-                               seed=_seed(script.name, str(index))).wait()
-            if turn.probe:
-                ok, reasons = judge(reply.text, turn)
-                result.probes.append({"script": script.name, "turn": index, "probe": turn.probe, "say": turn.say,
-                                      "reply": reply.text, "consistent": ok, "reasons": reasons})
-        log.info("%s (memory %s, rerank %s): done", script.name, memory, rerank)
+    if connect is None:
+        for script in scripts:
+            result.probes += run_script(client, script, memory, rerank, candidates, max_new_tokens, run_id)
+        return result
+
+    def one(script: Script) -> list[dict[str, Any]]:
+        with connect() as own:
+            return run_script(own, script, memory, rerank, candidates, max_new_tokens, run_id)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(scripts))) as pool:
+        for probes in pool.map(one, scripts):
+            result.probes += probes
     return result
+
+
+def _split(probes: Sequence[dict[str, Any]], heldout: bool) -> float | None:
+    chosen = [p["consistent"] for p in probes if bool(p.get("heldout", False)) == heldout]
+    return round(sum(chosen) / len(chosen), 3) if chosen else None
+
+
+def summarize(result: SettingResult) -> dict[str, Any]:
+    """One setting of the report: overall share, the tuning and held-out splits, per probe kind."""
+    return {"memory": result.memory, "rerank": result.rerank, "consistent_share": round(result.share, 3),
+            "tuning_share": _split(result.probes, False), "heldout_share": _split(result.probes, True),
+            "by_kind": {k: round(v, 3) for k, v in result.by_kind().items()}, "probes": result.probes}
 
 
 def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequence[tuple[str, str]] = SETTINGS,
              candidates: int = 4, max_new_tokens: int = 48, provider: str = "auto",
-             threads: int | None = None) -> dict[str, Any]:
-    """Run every setting on one bundle through an in-process server; the report as a dict."""
+             threads: int | None = None, concurrent: bool = True) -> dict[str, Any]:
+    """Run every setting on one bundle through an in-process server; the report as a dict.
+    ``concurrent``: the scripts of a setting talk to the server at once (batched decoding)."""
     from npctalk.client import Client
 
     from .memory import MemoryConfig
@@ -202,10 +260,15 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
     thread.start()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%H%M%S")
     results = []
+    started = time.perf_counter()
     try:
-        with Client(server.endpoint, timeout=300.0) as client:
+        def connect() -> Any:
+            return Client(server.endpoint, timeout=600.0)
+
+        with connect() as client:
             for memory, rerank in settings:
-                results.append(run_setting(client, scripts, memory, rerank, candidates, max_new_tokens, run_id))
+                results.append(run_setting(client, scripts, memory, rerank, candidates, max_new_tokens, run_id,
+                                           connect=connect if concurrent else None))
     finally:
         server.request_stop()
         thread.join(60)
@@ -213,12 +276,19 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": m.name, "architecture": m.architecture, "dtype": m.dtype, "provider": model.provider},
-        "scripts": [s.name for s in scripts], "probes_per_setting": sum(s.probes for s in scripts),
-        "candidates": candidates, "max_new_tokens": max_new_tokens, "sampling": "server defaults, fixed seed per turn",
-        "settings": [{"memory": r.memory, "rerank": r.rerank, "consistent_share": round(r.share, 3),
-                      "by_kind": {k: round(v, 3) for k, v in r.by_kind().items()}, "probes": r.probes}
-                     for r in results],
+        "machine": machine(), "wall_s": round(time.perf_counter() - started, 1),
+        "scripts": [s.name for s in scripts], "heldout_scripts": [s.name for s in scripts if s.heldout],
+        "probes_per_setting": sum(s.probes for s in scripts),
+        "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens, "sampling": "server defaults, fixed seed per turn",
+        "settings": [summarize(r) for r in results],
     }
+
+
+def machine() -> dict[str, Any]:
+    """Where the run happened: host CPU count and the load average at the end (other jobs share CPUs)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in load]}
 
 
 def rejudge(report: dict[str, Any], scripts: Sequence[Script]) -> dict[str, Any]:
@@ -230,25 +300,37 @@ def rejudge(report: dict[str, Any], scripts: Sequence[Script]) -> dict[str, Any]
         for probe in setting["probes"]:
             turn = turns[(probe["script"], probe["turn"])]
             ok, reasons = judge(probe["reply"], turn)
-            result.probes.append({**probe, "consistent": ok, "reasons": reasons})
-        settings.append({**setting, "consistent_share": round(result.share, 3),
-                         "by_kind": {k: round(v, 3) for k, v in result.by_kind().items()}, "probes": result.probes})
+            result.probes.append({**probe, "consistent": ok, "reasons": reasons,
+                                  "heldout": next(s.heldout for s in scripts if s.name == probe["script"])})
+        settings.append({**setting, **summarize(result)})
     return {**report, "settings": settings}
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown page: the share table, then every probe's reply."""
+    """The report as a markdown page: the share table (all, tuning, held-out, per kind), then every reply."""
     m = report["model"]
     kinds = sorted({k for s in report["settings"] for k in s["by_kind"]})
+    held = report.get("heldout_scripts", [])
+    where = report.get("machine")
     lines = [f"# Persona consistency: {m['name']} ({m['architecture']}, {m['dtype']}, {m['provider']})", "",
              f"{report['date']} · {report['probes_per_setting']} probes per setting from {len(report['scripts'])} "
              f"scripts ({', '.join(report['scripts'])}) · {report['sampling']} · reranking: "
-             f"{report['candidates']} candidates, likelihood + overlap · up to {report['max_new_tokens']} new tokens", "",
-             "| memory | rerank | consistent | " + " | ".join(kinds) + " |",
-             "|---|---|---:|" + "---:|" * len(kinds)]
+             f"{report['candidates']} candidates ({report.get('rerank_method', 'both')}) · up to {report['max_new_tokens']} new tokens", ""]
+    if held:
+        lines += [f"Held out (never used to tune the engine): {', '.join(held)}.", ""]
+    if where:
+        lines += [f"Machine: {where['platform']}, {where['cpus']} CPUs, load average (1/5/15 min) at the end "
+                  f"{' / '.join(map(str, where['load_average_1_5_15']))}; wall {report.get('wall_s', '?')} s.", ""]
+    lines += ["| memory | rerank | consistent | tuning | held out | " + " | ".join(kinds) + " |",
+              "|---|---|---:|---:|---:|" + "---:|" * len(kinds)]
     for s in report["settings"]:
         cells = " | ".join(f"{s['by_kind'].get(k, float('nan')):.0%}" for k in kinds)
-        lines.append(f"| {s['memory']} | {s['rerank']} | **{s['consistent_share']:.0%}** | {cells} |")
+        lines.append(f"| {s['memory']} | {s['rerank']} | **{s['consistent_share']:.0%}** | "
+                     f"{_pct(s.get('tuning_share'))} | {_pct(s.get('heldout_share'))} | {cells} |")
     for s in report["settings"]:
         lines += ["", f"## memory {s['memory']}, rerank {s['rerank']}", "", "| script | probe | reply | ok |",
                   "|---|---|---|---|"]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, protocol
 from .errors import ConfigError, PromptError
 from .generator import LanguageModel
+from .grounding import Grounding
 from .memory_ops import MemoryOps
 from .npcs import NpcRegistry, PromptBuilder, persona_to_dict
 from .persona import Persona
@@ -175,8 +176,14 @@ class Handlers:
             candidates = [dataclasses.replace(say, key=RequestKey(identity, f"{request.id}\x00candidate{i}"),
                                               options=o, meta=None)
                           for i, o in enumerate(candidate_options(options, persona.rerank, seed))]
+            history = self.memory.history(params.npc, params.player)
+            grounding = Grounding.build(  # what the candidates are checked against (engine/grounding.py)
+                persona, params.text, player_lines=[t.text for t in history if t.role == "user"],
+                memory=[note for _, note in recall.notes()], player=params.player,
+                context=[note for _, note in self.prompts.notes(persona, history, params.text, params.context,
+                                                                 params.player)])
             scorer = functools.partial(score_candidates, self.model, self.prompts.formatter, persona=persona,
-                                       config=persona.rerank)
+                                       config=persona.rerank, grounding=grounding)
             submitted = self.scheduler.submit_reranked(say, candidates, scorer, (params.npc, cached))
         else:
             submitted = self.scheduler.submit(say, (params.npc, cached))

@@ -11,8 +11,14 @@ returned. Two scores, both torch-free through the engine's ``LanguageModel``:
 * ``overlap`` — the share of the persona's content words (name, role, traits, facts) the reply
   uses, minus a penalty for words that break character ("AI", "language model", …).
 
-``method="both"`` adds them (overlap weighted by ``overlap_weight``). Ties keep the earliest
-candidate, so scoring is deterministic given the candidates.
+* ``grounding`` (``grounding.grounding_score``) — text checks against what the NPC was given this
+  turn (persona, recalled memory, lore, context, the player's lines): +1 for stating a word of the
+  fact the player asks about, −1 per invented proper name or false "I am X", −2 for breaking
+  character. Needs the turn's ``Grounding``; without one it scores 0.
+
+``method="both"`` adds likelihood and overlap (overlap weighted by ``overlap_weight``);
+``"grounded"`` (the default) adds the grounding score too, weighted by ``grounding_weight``. Ties
+keep the earliest candidate, so scoring is deterministic given the candidates.
 """
 
 from __future__ import annotations
@@ -30,18 +36,19 @@ from .batch import DecodeBatch
 from .dialogue import Turn
 from .errors import ConfigError, PromptError
 from .generator import LanguageModel
+from .grounding import Grounding, grounding_score
 from .sampling import SearchOptions
 
 if TYPE_CHECKING:
     from .dialogue import DialogueFormatter
     from .persona import Persona
 
-Method = Literal["likelihood", "overlap", "both"]
-METHODS: tuple[str, ...] = ("likelihood", "overlap", "both")
+Method = Literal["likelihood", "overlap", "both", "grounded"]
+METHODS: tuple[str, ...] = ("likelihood", "overlap", "both", "grounded")
 MAX_CANDIDATES = 16
 GREEDY_FALLBACK_TEMPERATURE = 0.7  # candidates of a greedy say are sampled at this temperature
 MAX_SEED = 2**63 - 1
-OUT_OF_CHARACTER = ("ai", "assistant", "language model", "chatbot", "openai", "pirate", "arr", "matey")
+OUT_OF_CHARACTER = ("ai", "assistant", "language model", "chatbot", "openai")
 _STOPWORDS = frozenset(
     "a an the and or but of to in on at by for with from as is are was were be been am i you he she it we they "
     "my your his her its our their me him them this that these those who what when where why how not no so "
@@ -53,20 +60,23 @@ _WORD = re.compile(r"[a-z0-9']+")
 @dataclass(frozen=True)
 class RerankConfig:
     """Per-NPC reranking. ``candidates`` replies are sampled (1 = off, the default); ``method``
-    picks the score; ``overlap_weight`` scales the overlap score when ``method == "both"``."""
+    picks the score; ``overlap_weight`` scales the overlap score (``both``, ``grounded``),
+    ``grounding_weight`` the grounding score (``grounded``)."""
 
     candidates: int = 1
-    method: Method = "both"
+    method: Method = "grounded"
     overlap_weight: float = 1.0
+    grounding_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or not 1 <= self.candidates <= MAX_CANDIDATES:
             raise ConfigError(f"rerank.candidates must be an integer in [1, {MAX_CANDIDATES}], got {self.candidates!r}.")
         if self.method not in METHODS:
             raise ConfigError(f"rerank.method must be one of {list(METHODS)}, got {self.method!r}.")
-        if not isinstance(self.overlap_weight, (int, float)) or isinstance(self.overlap_weight, bool) \
-                or not 0 <= self.overlap_weight <= 100:
-            raise ConfigError(f"rerank.overlap_weight must be a number in [0, 100], got {self.overlap_weight!r}.")
+        for name in ("overlap_weight", "grounding_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
+                raise ConfigError(f"rerank.{name} must be a number in [0, 100], got {value!r}.")
 
     @property
     def enabled(self) -> bool:
@@ -77,16 +87,17 @@ class RerankConfig:
         """From a TOML table / JSON map; ``PromptError`` naming the bad field."""
         if not isinstance(data, dict):
             raise PromptError(f"{source}: field 'rerank' must be a table, got {type(data).__name__}.")
-        unknown = sorted(set(data) - {"candidates", "method", "overlap_weight"})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise PromptError(f"{source}: unknown field(s) {unknown} in 'rerank'; known: candidates, method, overlap_weight.")
+            raise PromptError(f"{source}: unknown field(s) {unknown} in 'rerank'; known: {', '.join(known)}.")
         try:
             return cls(**data)
         except ConfigError as exc:
             raise PromptError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"candidates": self.candidates, "method": self.method, "overlap_weight": self.overlap_weight}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def content_words(text: str) -> set[str]:
@@ -147,14 +158,17 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def score_candidates(model: LanguageModel, formatter: DialogueFormatter, replies: Sequence[str], persona: Persona,
-                     config: RerankConfig) -> list[float]:
-    """One score per reply (higher is better) under ``config.method``."""
+                     config: RerankConfig, grounding: Grounding | None = None) -> list[float]:
+    """One score per reply (higher is better) under ``config.method``; ``grounding`` is this turn's
+    (``Grounding.build``), used by ``grounded``."""
     scores = [0.0] * len(replies)
-    if config.method in ("likelihood", "both"):
+    if config.method in ("likelihood", "both", "grounded"):
         scores = likelihood_scores(model, formatter, replies, persona)
-    if config.method in ("overlap", "both"):
-        weight = config.overlap_weight if config.method == "both" else 1.0
+    if config.method in ("overlap", "both", "grounded"):
+        weight = 1.0 if config.method == "overlap" else config.overlap_weight
         scores = [s + weight * overlap_score(r, persona) for s, r in zip(scores, replies)]
+    if config.method == "grounded" and grounding is not None:
+        scores = [s + config.grounding_weight * grounding_score(r, grounding) for s, r in zip(scores, replies)]
     return scores
 
 

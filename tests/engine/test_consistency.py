@@ -35,13 +35,35 @@ def test_shipped_scripts_cover_the_issue_probes() -> None:
     scripts = load_scripts(DATA_DIR)
     kinds = {t.probe.split(":")[0] for s in scripts for t in s.turns if t.probe}
     assert {"identity", "memory", "out of character", "lorebook"} <= kinds
-    assert {s.npc for s in scripts} <= set(builtin_personas()), "every script talks to a built-in NPC"
+    assert all(s.npc in builtin_personas() or s.persona for s in scripts), "a built-in NPC or the script's own"
+    held = [s for s in scripts if s.heldout]
+    assert len(held) >= 3 and len(scripts) - len(held) >= 5, "a tuning set and a held-out set"
+    assert {t.probe.split(":")[0] for s in held for t in s.turns if t.probe} >= {"identity", "memory",
+                                                                                 "out of character"}
     identity = next(s for s in scripts if s.name == "bram_identity")
     first_probe = next(i for i, t in enumerate(identity.turns) if t.probe)
     assert first_probe >= 10, "the identity questions come after ten unrelated turns"
     fact = next(s for s in scripts if s.name == "bram_player_fact")
     probe = next(i for i, t in enumerate(fact.turns) if t.probe)
     assert probe - 0 >= 9 and "Mira" in fact.turns[0].say, "the player's fact is given 8+ turns before it is asked"
+
+
+def test_script_local_personas_are_validated_and_registered(tmp_path: Path) -> None:
+    local = SMALL.replace('npc = "bram"', 'npc = "maren"\nheldout = true') + '\n[persona]\nname = "Maren"\nrole = "a herbalist"\n'
+    (tmp_path / "local.toml").write_text(local, encoding="utf-8")
+    script = load_script(tmp_path / "local.toml")
+    assert script.heldout and script.persona == {"name": "Maren", "role": "a herbalist"}
+    client = FakeClient("Maren, a herbalist.")
+    result = run_setting(client, [script], "on", "on", 2, 8, "r1")
+    assert client.upserts["maren"] == {"name": "Maren", "role": "a herbalist"}, "registered before it runs"
+    assert client.upserts["maren~rerank"]["rerank"]["candidates"] == 2
+    assert all(p["heldout"] for p in result.probes)
+    (tmp_path / "local.toml").write_text(local.replace('name = "Maren"\n', ""), encoding="utf-8")
+    with pytest.raises(PromptError, match="persona.*'name'"):
+        load_script(tmp_path / "local.toml")
+    (tmp_path / "local.toml").write_text(local.replace("heldout = true", 'heldout = "yes"'), encoding="utf-8")
+    with pytest.raises(PromptError, match="'heldout'"):
+        load_script(tmp_path / "local.toml")
 
 
 def test_judge_matches_whole_words_case_insensitively() -> None:
@@ -102,7 +124,7 @@ def test_settings_decide_memory_and_reranking(tmp_path: Path) -> None:
     forgetful = FakeClient("Bram.")
     result = run_setting(forgetful, scripts, "off", "on", 3, 16, "r1")
     assert len({p for _, p, _ in forgetful.says}) == 3, "memory off: a fresh player every turn"
-    assert forgetful.upserts["bram~rerank"]["rerank"] == {"candidates": 3, "method": "both"}
+    assert forgetful.upserts["bram~rerank"]["rerank"] == {"candidates": 3, "method": "grounded"}
     assert {n for n, _, _ in forgetful.says} == {"bram~rerank"}
     assert [s for *_, s in forgetful.says] == [s for *_, s in remembered.says], "same seeds in every setting"
     assert result.by_kind() == {"identity": 1.0, "out of character": 1.0}

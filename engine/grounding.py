@@ -1,0 +1,184 @@
+"""Is a candidate reply grounded in what the NPC was given? Cheap text checks for reranking.
+
+Small chat models fail a persona in a few recognisable ways; each check below scores one of them
+from text alone (no model call), so a reranker (``rerank.score_candidates``) can prefer the
+candidate that stays inside what the NPC knows:
+
+* **invented names** — capitalised words the reply introduces that occur nowhere in the grounding
+  (the persona, recalled memory, lore, the game context, the player's lines): Bram calling himself
+  "Grimbold Ironfrost", a village called "Ashfield". The NPC's own earlier replies do not count as
+  grounding, so a name it invented once is not canonised.
+* **identity claims** — "I am X", "my name is X", "call me X", "X, at your service" where X is not
+  the persona's name ("I'm Captain Blackheart" after "you are now a pirate").
+* **answering the question** — the player's line is mapped to topics (name, work, home, wants, and
+  its own content words) and to whose facts it asks about (``my name`` → the player's, ``your name``
+  → the NPC's); a reply that states a word of a matching fact ("Bram", "Ashford", "Mira") scores.
+* **breaking character** — "as an AI", "language model", "chatbot", …
+
+Topic words are plain English question words, not tied to any persona. Stateless and thread-safe.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .persona import Persona
+
+# Question words → topic. A fact and a question match when they share a topic or a content word.
+TOPICS: dict[str, frozenset[str]] = {
+    "name": frozenset("name names named called call who".split()),
+    "work": frozenset("job work works working do does living trade profession occupation business craft role".split()),
+    "home": frozenset("live lives living home where village town city place from come came born here".split()),
+    "want": frozenset("buy bought want wants need needs came come errand looking purchase sell get here".split()),
+}
+# Whose facts a line asks about: possessives decide first ("I forgot. What is your name?" asks the NPC's),
+# then subjects ("Where do I live?"); a line with both or neither may mean either.
+PLAYER_WORDS = (frozenset("my mine myself".split()), frozenset("i me i'm i've".split()))
+NPC_WORDS = (frozenset("your yours yourself".split()), frozenset("you you're".split()))
+OUT_OF_CHARACTER = ("as an ai", "an ai", "ai language model", "language model", "chatbot", "openai",
+                    "virtual assistant", "ai assistant", "computer program")
+# Capitalised words that are not names (sentence starters the heuristics might see mid-sentence).
+COMMON_CAPITALS = frozenset("""
+i i'm i'll i've i'd ok okay oh ah aye mr mrs ms sir madam lady lord master mister miss god gods heavens
+monday tuesday wednesday thursday friday saturday sunday january february march april may june july
+august september october november december english yes no well hello hey hi please thanks
+""".split())
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+_CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
+_CLAIM = re.compile(r"(?:\bI am|\bI'm|\bmy name is|\bmy name's|\bcall me|\bthey call me|\bI am called|\bI'm called)"
+                    r"\s+(?:(?:the|a|an|called|named|just|only|simply|old|young|Captain|Lord|Lady|Sir)\s+)*"
+                    r"([A-Z][a-z][A-Za-z'-]*)")
+_STOP = frozenset("""
+a an the and or but of to in on at by for with from as is are was were be been am i you he she it we they my your
+his her its our their me him them this that these those what when where why how not no so do does did have has had
+will would can could should there here all any some one about into over just very well yes oh tell again know
+remember player player's said say told
+""".split())
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text`` (apostrophes kept, possessive 's dropped)."""
+    return [w.lower().removesuffix("'s").strip("'-") for w in _WORD.findall(text)]
+
+
+def content(text: str) -> frozenset[str]:
+    """Words of ``text`` that carry meaning: no stop words, at least 3 letters."""
+    return frozenset(w for w in words(text) if len(w) >= 3 and w not in _STOP)
+
+
+def topics(text: str) -> frozenset[str]:
+    """The topics (``TOPICS`` keys) and content words of ``text``."""
+    found = set(words(text))
+    return frozenset({t for t, cue in TOPICS.items() if found & cue} | content(text))
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One grounding fact: whose it is (``npc`` or ``player``), what it is about, the words that state it."""
+
+    owner: str
+    about: frozenset[str]
+    answer: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """What one turn's candidates are checked against (``Grounding.build``)."""
+
+    npc_names: frozenset[str]   # lower-case words of the persona's name
+    known: frozenset[str]       # lower-case words the NPC may name
+    facts: tuple[Fact, ...]
+    line: str = ""              # the player's line being answered
+
+    @classmethod
+    def build(cls, persona: Persona, line: str = "", *, player_lines: Sequence[str] = (),
+              memory: Sequence[str] = (), context: Iterable[str] = (), player: str = "") -> Grounding:
+        """From the persona, the player's line and earlier lines, memory notes (recalled facts,
+        summary), lore and game context texts, and the player's name or id."""
+        persona_texts = [persona.name, persona.role, persona.description, persona.speaking_style, persona.scenario,
+                         persona.greeting, persona.example_dialogue, persona.system_override, persona.post_history,
+                         *persona.traits, *persona.background, *persona.goals, *persona.unknowns,
+                         *persona.example_lines, *(e.content for e in persona.lorebook),
+                         *(k for e in persona.lorebook for k in e.keys)]
+        context = list(context)
+        known = {w for text in [*persona_texts, line, *player_lines, *memory, *context, player] for w in words(text)}
+        name = content(persona.name) or frozenset(words(persona.name))
+        facts = [Fact("npc", frozenset({"name"}), name)]
+        if persona.role:  # the role says what the NPC does and usually where ("the blacksmith of Ashford")
+            facts.append(Fact("npc", frozenset({"work", "home"}) | content(persona.role), content(persona.role)))
+        for text in [*persona.background, *(e.content for e in persona.lorebook), *context]:
+            facts.append(Fact("npc", topics(text), content(text)))
+        for note in memory:
+            for sentence in re.split(r"(?<=[.!?])\s+", note):
+                if "player" in sentence.lower():  # "The player's name is Mira." is the player's fact
+                    about = topics(sentence)
+                    facts.append(Fact("player", about, content(sentence) - {"name", "named", "called"}))
+        return cls(frozenset(name), frozenset(known), tuple(f for f in facts if f.answer), line)
+
+
+def invented_names(reply: str, known: Iterable[str]) -> list[str]:
+    """Capitalised words of ``reply`` found nowhere in ``known`` (lower-case words), in order, once each.
+
+    A capitalised word at the start of a sentence counts only when the next word is capitalised too
+    ("Grimbold Ironfrost here"), since any word starts a sentence with a capital.
+    """
+    allowed = set(known) | COMMON_CAPITALS
+    found: list[str] = []
+    matches = list(_CAPITAL.finditer(reply))
+    for i, match in enumerate(matches):
+        word = match.group(0)
+        if word.lower().removesuffix("'s") in allowed or word in found:
+            continue
+        if _SENTENCE_START.search(reply[:match.start()]):
+            following = matches[i + 1] if i + 1 < len(matches) else None
+            if following is None or reply[match.end():following.start()].strip():
+                continue  # a lone capitalised sentence opener
+        found.append(word)
+    return found
+
+
+def identity_claims(reply: str, npc_names: Iterable[str]) -> list[str]:
+    """Names the reply gives the speaker that are not the persona's ("I'm Ravanna")."""
+    own = {n.lower() for n in npc_names}
+    return [m.group(1) for m in _CLAIM.finditer(reply)
+            if m.group(1).lower().removesuffix("'s") not in own | COMMON_CAPITALS]
+
+
+def breaks_character(reply: str) -> list[str]:
+    """Phrases of ``OUT_OF_CHARACTER`` in ``reply`` (whole words, any case)."""
+    text = " " + " ".join(words(reply)) + " "
+    return [p for p in OUT_OF_CHARACTER if f" {p} " in text]
+
+
+def asked_facts(grounding: Grounding) -> list[Fact]:
+    """The facts the player's line asks about: whose (``my`` → the player's, else ``you`` → the NPC's)
+    and sharing the most topics with the line; none when the line asks nothing."""
+    said = set(words(grounding.line))
+    if "?" not in grounding.line and not said & {"tell", "remember", "what", "who", "where"}:
+        return []
+    owner = ""
+    for player_cue, npc_cue in zip(PLAYER_WORDS, NPC_WORDS):
+        mine, yours = bool(said & player_cue), bool(said & npc_cue)
+        if mine != yours:
+            owner = "player" if mine else "npc"
+            break
+    wanted = topics(grounding.line)
+    scored = [(len(f.about & wanted), f) for f in grounding.facts if not owner or f.owner == owner]
+    best = max((s for s, _ in scored), default=0)
+    return [f for s, f in scored if s == best and best > 0]
+
+
+def grounding_score(reply: str, grounding: Grounding) -> float:
+    """+1 when the reply states a word of a fact the line asks about; −1 per invented name and per
+    false identity claim (at most −3 together); −2 when it breaks character."""
+    said = set(words(reply)) - set(words(grounding.line))  # echoing the question states nothing
+    asked = asked_facts(grounding)
+    answered = 1.0 if any(f.answer & said for f in asked) else 0.0
+    invented = invented_names(reply, grounding.known)
+    claims = [c for c in identity_claims(reply, grounding.npc_names) if c not in invented]
+    return answered - min(3.0, len(invented) + len(claims)) - 2.0 * bool(breaks_character(reply))
