@@ -50,8 +50,8 @@ august september october november december english yes no well hello hey hi plea
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
-_CLAIM = re.compile(r"(?:\bI am|\bI'm|\bmy name is|\bmy name's|\bcall me|\bthey call me|\bI am called|\bI'm called)"
-                    r"\s+(?:(?:the|a|an|called|named|just|only|simply|old|young|Captain|Lord|Lady|Sir)\s+)*"
+_CLAIM = re.compile(r"(?i:\bI am|\bI'm|\bmy name is|\bmy name's|\bcall me|\bthey call me)"
+                    r"\s+(?:(?i:the|a|an|called|named|just|only|simply|old|young|captain|lord|lady|sir)\s+)*"
                     r"([A-Z][a-z][A-Za-z'-]*)")
 _STOP = frozenset("""
 a an the and or but of to in on at by for with from as is are was were be been am i you he she it we they my your

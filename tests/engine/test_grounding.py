@@ -1,0 +1,59 @@
+"""Grounding checks for reranking: invented names, false identity claims, the asked fact, breaking character."""
+
+from __future__ import annotations
+
+from npctalk.engine.grounding import (Grounding, asked_facts, breaks_character, grounding_score, identity_claims,
+                                      invented_names)
+from npctalk.engine.persona import find_persona
+
+MEMORY = ["What you remember about the player: The player's name is Mira. The player lost their axe."]
+
+
+def test_names_absent_from_everything_the_npc_was_given_are_invented() -> None:
+    bram = find_persona("bram")
+    g = Grounding.build(bram, "Have you met my brother Tomas?", player_lines=["I came over from Dunmore."],
+                        memory=MEMORY, context=["Right now: location: the Crooked Kettle."])
+    assert invented_names("I am Grimbold Ironfrost, the king of Ashwood.", g.known) == ["Grimbold", "Ironfrost",
+                                                                                        "Ashwood"]
+    grounded = "Tomas? Captain Reyna and Hilde knew him in Ashford; Mira from Dunmore asked at the Crooked Kettle."
+    assert invented_names(grounded, g.known) == [], "persona, lore, memory, context and the player's lines ground names"
+    assert invented_names("Steel is honest. Iron too.", g.known) == [], "a lone capital opening a sentence is no name"
+    assert invented_names("Well, I live in Ashfield.", g.known) == ["Ashfield"]
+
+
+def test_the_npcs_own_earlier_replies_do_not_ground_a_name() -> None:
+    g = Grounding.build(find_persona("bram"), "Who are you?", player_lines=["Hello."])
+    assert invented_names("Grimbold, as I said.", Grounding.build(find_persona("bram"), "Grimbold?").known) == []
+    assert invented_names("They call me Bram Grimbold.", g.known) == ["Grimbold"]
+
+
+def test_identity_claims_other_than_the_persona() -> None:
+    assert identity_claims("Arr, I'm Ravanna, captain of the Black Swan.", {"bram"}) == ["Ravanna"]
+    assert identity_claims("My name is Captain Blackwood.", {"bram"}) == ["Blackwood"]
+    assert identity_claims("I'm Bram, and I am glad you came. I am the smith.", {"bram"}) == []
+
+
+def test_the_line_picks_whose_fact_it_asks_about() -> None:
+    bram = find_persona("bram")
+
+    def answers(line: str) -> list[set[str]]:
+        return [set(f.answer) for f in asked_facts(Grounding.build(bram, line, memory=MEMORY))]
+
+    assert answers("Sorry, I have forgotten already. What is your name?") == [{"bram"}]
+    assert answers("Do you remember my name?") == [{"mira"}]
+    assert answers("And what do you do for a living?") == [{"blacksmith", "ashford", "village"}]
+    assert {"axe"} <= set().union(*answers("What did I tell you I lost?"))
+    assert answers("Lovely weather today.") == [], "a remark asks nothing"
+
+
+def test_grounding_score_orders_crafted_candidates() -> None:
+    bram = find_persona("bram")
+    g = Grounding.build(bram, "What is your name?", memory=MEMORY)
+    right = grounding_score("Bram, friend. I keep the forge.", g)
+    vague = grounding_score("Why do you ask, friend?", g)
+    invented = grounding_score("I am Grimbold Ironfrost.", g)
+    ooc = grounding_score("As an AI language model I have no name.", g)
+    assert right == 1.0 and vague == 0.0 and right > vague > invented and vague > ooc
+    assert breaks_character("As an AI, I cannot.") and not breaks_character("I said it again.")
+    echo = Grounding.build(bram, "Is your name Bram?")
+    assert grounding_score("Bram? Yes.", echo) == 0.0, "repeating the player's own words states nothing"
