@@ -13,7 +13,8 @@ zero timeout between steps), so I/O never stalls decoding, and libzmq's own I/O 
 and answers ZMTP heartbeats even while a forward runs. A second Python thread would only fight the
 decode loop for the GIL, and would need locks around the scheduler; here nothing is shared, a
 ``cancel`` read between two steps takes effect in the next one, and ordering is trivially right.
-The price is that a ``ping`` waits for the current step (milliseconds; prefill per step is capped).
+The price is that a ``ping`` waits for the current step: one decode step plus at most
+``SchedulerConfig.prefill_chunk`` prompt tokens, however long a joining prompt is.
 
 Backpressure and vanished clients: ``ROUTER_MANDATORY`` makes a send to a gone peer fail with
 EHOSTUNREACH and a send to a peer whose queue holds ``send_hwm`` messages fail with EAGAIN; either
