@@ -82,6 +82,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sweep: list[dict[str, Any]] = []
     if args.sweep and "fp32" in bundles:
         for label, overrides in SWEEP.items():
+            if args.sweep_match and not re.search(args.sweep_match, label):
+                continue
             variant = work / "sweep"
             shutil.rmtree(variant, ignore_errors=True)
             shutil.copytree(bundles["fp32"], variant)
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8", "int4"])
     parser.add_argument("--graph", default="lean", help="graph builder (lean | optimum)")
     parser.add_argument("--sweep", action="store_true", help="also score int4 variants (needs fp32 in --dtypes)")
+    parser.add_argument("--sweep-match", default=None, help="only the sweep variants whose label matches this regex")
     parser.add_argument("--window", type=int, default=None, help="tokens per window (default: min(1024, context))")
     parser.add_argument("--stride", type=int, default=512, help="tokens scored per window")
     parser.add_argument("--threads", type=int, default=None)

@@ -11,7 +11,9 @@
   activations uint8 scaled per call) of every weight MatMul/Gather except the MLP down
   projections: for the CPU execution provider. KV cache and logits stay float32. GPT-2's Gemm
   layers are first rewritten as MatMul + Add, which the quantizer handles and Gemm it does not.
-- ``int4``: weight-only quantization to ``MatMulNBits`` (onnxruntime's ``matmul_nbits_quantizer``,
+- ``int4``: weights that are already 4-/8-bit block-quantized (a GGUF source such as the default
+  model: Q4_1 linear layers, Q8_0 embedding) are stored exactly as they are (``block_grid.py``). Any
+  other weight gets weight-only quantization to ``MatMulNBits`` (onnxruntime's ``matmul_nbits_quantizer``,
   round-to-nearest per block of ``INT4_BLOCK_SIZE`` input channels, one scale and uint4 zero point
   each): 4 bits for every weight MatMul except the LM head and the MLP down projections, which get
   8 bits (``INT4_SENSITIVE_NODES``). A tied LM head reads the embedding through a Transpose; it gets
