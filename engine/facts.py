@@ -5,7 +5,8 @@ the third person that can go into any NPC's prompt as it stands::
 
     "My name is Mira."            → The player's name is Mira.          (kind "name": one per pair)
     "Call me Mira" / "I'm Mira"   → The player's name is Mira.
-    "I'm from Eastwatch."         → The player is from Eastwatch.       (kind "origin")
+    "I'm from Eastwatch."         → The player is from Eastwatch.       (kind "origin"; also "I came from …")
+    "I came here to buy a plough" → The player came to buy a plough.    (buy, sell, find, fetch, order, …)
     "I bought the iron sword."    → The player bought the iron sword.
     "I have two goats"            → The player has two goats.
     "I'm a carpenter."            → The player is a carpenter.
@@ -80,7 +81,12 @@ _NAME_PATTERNS = (
     re.compile(r"(?i:\bmy name(?:'s| is)|\bcall me|\bthey call me|\bi(?:'m| am) called|\bname's)\s+" + _NAME),
     re.compile(r"(?i:\bi(?:'m| am))\s+" + _NAME + r"(?=\s*(?:[.,!?;]|$|\s+(?i:and|from|of|the)\b))"),
 )
-_ORIGIN = re.compile(r"(?i:\bi(?:'m| am)(?:\s+[A-Z][\w'-]*){0,3} from|\bi come from|\bi grew up in)\s+" + _PHRASE)
+_PLACE = r"([^.,!?;:\n]{1,%d}?)(?=\s+(?:and|but|so|because|to|for|with|on|in order)\s|[.,!?;:\n]|$)" % MAX_PHRASE_CHARS
+_ORIGIN = re.compile(r"(?i:\bi(?:'m| am)(?:\s+[A-Z][\w'-]*){0,3} from|\bi (?:come|came|have come|'ve come|travelled|"
+                     r"traveled) (?:all the way |here |over )?from|\bi grew up in)\s+" + _PLACE)
+_PURPOSES = ("buy", "sell", "find", "fetch", "get", "order", "trade", "see", "hire", "deliver", "collect", "repair")
+_PURPOSE = re.compile(r"(?i:\bi(?:'m| am|'ve| have)? (?:come|came|here|travelled|traveled|walked|rode)\b[^.!?;\n]{0,40}?"
+                      r"\bto (" + "|".join(_PURPOSES) + r"))\s+" + _PHRASE)
 _HOME = re.compile(r"(?i:\bi live in|\bi(?:'m| am) living in)\s+" + _PHRASE)
 _ROLE = re.compile(r"(?i:\bi(?:'m| am) (an?))\s+" + _PHRASE)
 _VERBS = {"bought": "bought", "found": "found", "sold": "sold", "lost": "lost", "stole": "stole", "killed": "killed",
@@ -100,6 +106,8 @@ def extract_facts(line: str) -> list[NewFact]:
         facts.append(NewFact(f"The player's name is {name}.", "name"))
     for match in _ORIGIN.finditer(line):
         facts.append(NewFact(f"The player is from {_third_person(match.group(1))}.", "origin"))
+    for match in _PURPOSE.finditer(line):
+        facts.append(NewFact(f"The player came to {match.group(1).lower()} {_third_person(match.group(2))}."))
     for match in _HOME.finditer(line):
         facts.append(NewFact(f"The player lives in {_third_person(match.group(1))}.", "origin"))
     for match in _ROLE.finditer(line):
