@@ -187,10 +187,10 @@ def measure(bundle: Path, chunks: list[int], persona_tokens: int, trials: int, t
 def markdown(report: dict[str, Any]) -> str:
     m, model = report["machine"], report["model"]
     rows = ["| prefill chunk | A gap before p50 ms | A gap p50 ms | p99 | max | ping p50 ms | p99 | max | "
-            "B TTFT p50 ms | max gap vs whole |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "B TTFT p50 ms | max gap: whole ÷ this |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     whole = next((s for s in report["settings"] if s["prefill_chunk"] == 0), None)
     for s in report["settings"]:
-        ratio = f"{whole['gap_ms_max'] / s['gap_ms_max']:.1f}× smaller" if whole and s is not whole else "—"
+        ratio = f"{whole['gap_ms_max'] / s['gap_ms_max']:.1f}×" if whole and s is not whole else "—"
         rows.append(f"| {s['prefill_chunk'] or 'whole (0)'} | {s['gap_before_ms_p50']} | {s['gap_ms_p50']} | "
                     f"{s['gap_ms_p99']} | {s['gap_ms_max']} | {s['ping_ms_p50']} | {s['ping_ms_p99']} | "
                     f"{s['ping_ms_max']} | {s['ttft_ms_p50']} | {ratio} |")
@@ -203,7 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"interleaved across the servers, all started in the same run. A gap: time between two of A's tokens, "
             f"over the gaps overlapping B's prefill (B sent → B's first token); ping: round trip of pings sent every "
             f"{PING_EVERY_S * 1000:.0f} ms on another socket over the same window. `whole (0)` is "
-            f"`--prefill-chunk 0`, the peer.\n\n" + "\n".join(rows) + "\n")
+            f"`--prefill-chunk 0`, the peer.\n\n" + "\n".join(rows) + "\n"
+            + (f"\n{report['note']}\n" if report.get("note") else ""))
 
 
 def main() -> int:
@@ -215,11 +216,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="server ONNX Runtime threads")
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     args = parser.parse_args()
 
     load_start = [round(x, 2) for x in os.getloadavg()]
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "server_threads": args.threads or "one per core", "trials": args.trials, "load_start": load_start}
+              "server_threads": args.threads or "one per core", "trials": args.trials, "load_start": load_start,
+              "note": args.note}
     report |= measure(args.model, args.chunks, args.persona_tokens, args.trials, args.threads, args.provider)
     report["load_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -57,9 +57,9 @@ from .rerank import best_index
 log = logging.getLogger(__name__)
 
 THROUGHPUT_WINDOW_S = 5.0  # tokens/s in stats is measured over this many recent seconds
-# Prompt tokens per step. Measured on SmolLM2-135M on a 2-core CPU (bench/results/long-prompt-*):
-# a chunk of 64 costs about as much as one decode step of a busy batch, so a running stream's worst
-# gap while a 400-token prompt joins drops several-fold, and the joiner's first token comes little later.
+# Prompt tokens per step. SmolLM2-135M on the 2-core CPU VM (bench/results/concurrency-long-prompt-*):
+# while a ~435-token prompt joins, a running stream's worst gap is 0.55 s at 64 instead of 2.7 s whole
+# (32: 0.44 s, 16: 0.27 s), and the joiner's first token comes 15% later (32: +45%, 16: +88%).
 DEFAULT_PREFILL_CHUNK = 64
 
 Scorer = Callable[[list[str]], list[float]]  # candidate replies → one score each, higher is better
