@@ -63,9 +63,10 @@ def _persona_prompts(model: Model) -> tuple[int, list[list[int]]]:
 
 
 def _replies(model: object, prompts: Sequence[list[int]], config: SchedulerConfig,
-             prefix: tuple[str, int] | None) -> tuple[list[list[int]], Scheduler]:
+             prefix: tuple[str, int] | None, batched: bool = True) -> tuple[list[list[int]], Scheduler]:
     """Every prompt submitted at once; each request's reply tokens, and the scheduler."""
     scheduler = Scheduler(model, config)  # type: ignore[arg-type]
+    scheduler.batched = batched
     requests = [Request(RequestKey(b"c", str(i)), list(p), GREEDY, model.tokenizer,  # type: ignore[attr-defined]
                         frozenset(model.manifest.eos_token_ids), model.manifest.max_context)  # type: ignore[attr-defined]
                 for i, p in enumerate(prompts)]
@@ -75,11 +76,13 @@ def _replies(model: object, prompts: Sequence[list[int]], config: SchedulerConfi
     return [r.tokens[r.prompt_tokens:] for r in requests], scheduler
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("cache_mb", [0, 64])
-def test_chunked_prefill_gives_the_same_greedy_tokens(model: Model, cache_mb: int) -> None:
+def test_chunked_prefill_gives_the_same_greedy_tokens(model: Model, cache_mb: int, batched: bool) -> None:
     """Reference: whole prompts, no prefix cache, each prompt alone. Chunked: both prompts submitted
-    together (the second joins while the first decodes), chunks that do and do not divide them; with
-    the cache, the first prompt stores the persona prefix (a miss) and the second starts from it (a hit)."""
+    together (the second joins while the first decodes, in one padded batch or stepped alone), chunks
+    that do and do not divide them; with the cache, the first prompt stores the persona prefix (a miss)
+    and the second starts from it (a hit)."""
     prefix_len, prompts = _persona_prompts(model)
     reference = [_replies(model, [p], SchedulerConfig(prefill_chunk=0, prefix_cache_bytes=0), None)[0][0] for p in prompts]
     assert all(reference), "the reference replies are not empty"
@@ -87,7 +90,7 @@ def test_chunked_prefill_gives_the_same_greedy_tokens(model: Model, cache_mb: in
     for chunk in (1, 3, 7, length - 1, length, length + 1):
         recording = Recording(model)
         config = SchedulerConfig(prefill_chunk=chunk, prefix_cache_bytes=cache_mb << 20)
-        got, scheduler = _replies(recording, prompts, config, ("bram", prefix_len))
+        got, scheduler = _replies(recording, prompts, config, ("bram", prefix_len), batched)
         assert got == reference, f"chunk {chunk}, prefix cache {cache_mb} MiB"
         assert max(seq for _, seq in recording.shapes) <= chunk, "no forward ran more than one chunk"
         cache = scheduler.stats()["prefix_cache"]
