@@ -5,10 +5,20 @@ Arrays live in host memory as numpy, in the bundle's ``kv_dtype``::
     keys[layer], values[layer]   (batch, kv_heads, length, head_dim)
     mask                         (batch, length) int64, 1 for a real token, 0 for padding
 
-Each decode step replaces the arrays with the graph's ``present.*`` outputs (ONNX Runtime allocates
-them anyway, so appending costs no copy of ours). ``rewind(n)`` keeps the first ``n`` positions:
-that is how a persona's prefix is computed once and reused every turn. Not thread-safe: one cache
-per generator.
+Two ways a step extends the cache (``Model.forward`` picks):
+
+- **in place** (lean graphs on the CPU): the cache owns buffers with spare room along the length
+  axis (``reserve``), bound as both ``past.*`` and ``present.*``; GroupQueryAttention writes the new
+  positions into them and nothing else moves. Room grows in chunks, so a step copies the cache
+  only when a chunk fills up, instead of every token.
+- **plain**: the arrays are replaced by the graph's ``present.*`` outputs (ONNX Runtime allocates
+  them and copies the whole past into them each step).
+
+Positions a caller has seen are never written again: in-place writes go only after ``length``, and
+any other change (``update``, ``rewind``, assigning ``keys``/``values``) gives up the owned buffers,
+so the next in-place step copies into fresh ones. That keeps shared snapshots (the prefix cache)
+safe. ``rewind(n)`` keeps the first ``n`` positions: that is how a persona's prefix is computed once
+and reused every turn. Not thread-safe: one cache per generator.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, dtype: type) -> None:
         empty = np.zeros((batch_size, kv_heads, 0, head_dim), dtype=dtype)  # (batch, kv_heads, 0, head_dim)
-        self.keys: list[np.ndarray] = [empty] * num_layers
-        self.values: list[np.ndarray] = [empty] * num_layers
+        self._keys: list[np.ndarray] = [empty] * num_layers     # (batch, kv_heads, capacity, head_dim)
+        self._values: list[np.ndarray] = [empty] * num_layers
+        self._owned = False  # the buffers were allocated by ``reserve`` and nobody else has seen past ``length``
         self.mask = np.zeros((batch_size, 0), dtype=np.int64)  # (batch, length)
 
     @classmethod
@@ -39,9 +50,31 @@ class KVCache:
                    KV_DTYPES[manifest.kv_dtype])
 
     @property
+    def keys(self) -> list[np.ndarray]:
+        """Per layer (batch, kv_heads, length, head_dim): views, valid until the cache changes shape."""
+        return [k if k.shape[2] == self.length else k[:, :, :self.length] for k in self._keys]
+
+    @keys.setter
+    def keys(self, arrays: Sequence[np.ndarray]) -> None:
+        self._keys, self._owned = list(arrays), False
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return [v if v.shape[2] == self.length else v[:, :, :self.length] for v in self._values]
+
+    @values.setter
+    def values(self, arrays: Sequence[np.ndarray]) -> None:
+        self._values, self._owned = list(arrays), False
+
+    @property
     def length(self) -> int:
         """Positions cached (padding included), the graph's ``past_sequence_length``."""
         return self.mask.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the owned buffers hold room for (``length`` when the cache owns none)."""
+        return self._keys[0].shape[2] if self._owned and self._keys else self.length
 
     @property
     def batch_size(self) -> int:
@@ -49,7 +82,7 @@ class KVCache:
 
     @property
     def num_layers(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     def update(self, keys: Sequence[np.ndarray], values: Sequence[np.ndarray], mask: np.ndarray) -> None:
         """Take the graph's ``present.*`` arrays (batch, kv_heads, length + seq, head_dim) and their mask."""
@@ -57,7 +90,35 @@ class KVCache:
             raise GenerationError(f"Expected present keys/values for {self.num_layers} layers, got {len(keys)}/{len(values)}.")
         if any(k.shape[2] != mask.shape[1] for k in keys):
             raise GenerationError(f"present.* lengths {[k.shape[2] for k in keys]} do not match the mask's {mask.shape[1]}.")
-        self.keys, self.values, self.mask = list(keys), list(values), mask
+        self._keys, self._values, self.mask, self._owned = list(keys), list(values), mask, False
+
+    def reserve(self, needed: int, capacity: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Own buffers with room for ``needed`` positions; return them (key and value buffers per layer).
+
+        Keeps the current buffers when they are owned and big enough; otherwise allocates
+        ``capacity`` (>= ``needed``) positions and copies the cached ones in (the only copy).
+        """
+        if not (self._owned and self.capacity >= needed):
+            if capacity < needed:
+                raise GenerationError(f"Cannot reserve {needed} KV positions in a buffer of {capacity}.")
+            length = self.length
+
+            def grown(old: np.ndarray) -> np.ndarray:
+                buffer = np.zeros((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
+                buffer[:, :, :length] = old[:, :, :length]
+                return buffer
+
+            self._keys = [grown(k) for k in self._keys]
+            self._values = [grown(v) for v in self._values]
+            self._owned = True
+        return self._keys, self._values
+
+    def advance(self, mask: np.ndarray) -> None:
+        """After an in-place step wrote positions ``length..mask.shape[1]`` into the owned buffers."""
+        if not self._owned or mask.shape[1] > self.capacity or mask.shape[0] != self.batch_size:
+            raise GenerationError(f"An in-place step to {mask.shape[1]} positions needs owned buffers of that size "
+                                  f"(capacity {self.capacity}, owned {self._owned}).")
+        self.mask = mask
 
     def rewind(self, n: int) -> None:
         """Keep only the first ``n`` positions (0 <= n <= length)."""
@@ -66,6 +127,7 @@ class KVCache:
         if n == self.length:
             return
         # Copies so ONNX Runtime receives contiguous arrays and the dropped tail can be freed.
-        self.keys = [np.ascontiguousarray(k[:, :, :n]) for k in self.keys]
-        self.values = [np.ascontiguousarray(v[:, :, :n]) for v in self.values]
+        self._keys = [np.ascontiguousarray(k[:, :, :n]) for k in self._keys]
+        self._values = [np.ascontiguousarray(v[:, :, :n]) for v in self._values]
         self.mask = np.ascontiguousarray(self.mask[:, :n])
+        self._owned = False

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 Provider = Literal["auto", "cpu", "cuda"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+KV_GROWTH = 256  # positions an in-place KV buffer grows by when full: one copy per 256 tokens, not per token
 ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -85,6 +86,9 @@ class GraphIO:
 class Model:
     """A bundle ready to run. ``provider`` is ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA if it starts).
 
+    ``inplace_kv``: extend the KV cache in place (lean graphs on the CPU; see ``kv_cache``), its
+    buffers growing ``kv_growth`` positions at a time; False: the plain path (the graph's
+    ``present.*`` outputs replace the cache every step). Both give the same numbers.
     ``intra_op_threads`` caps ONNX Runtime's worker threads (None: one per core); a game that
     shares the CPU with its own frame loop should set it to a few cores. ``spin``: whether idle
     worker threads busy-wait for the next operator (ONNX Runtime's default, on) or sleep (off: less
@@ -92,7 +96,7 @@ class Model:
     """
 
     def __init__(self, bundle_path: str | Path, *, provider: Provider = "auto", intra_op_threads: int | None = None,
-                 spin: bool = True) -> None:
+                 spin: bool = True, inplace_kv: bool = True, kv_growth: int = KV_GROWTH) -> None:
         self.path = Path(bundle_path)
         self.manifest = load_manifest(self.path)
         self.tokenizer = Tokenizer.from_file(self.path / self.manifest.tokenizer_file)
@@ -100,6 +104,13 @@ class Model:
         self.provider = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         self.io = GraphIO.resolve(self.manifest, self.session)
         self._outputs = [self.io.logits, *self.io.present_keys, *self.io.present_values]
+        if not isinstance(kv_growth, int) or isinstance(kv_growth, bool) or kv_growth < 1:
+            raise ConfigError(f"kv_growth must be a positive number of positions, got {kv_growth!r}.")
+        # In-place KV needs GroupQueryAttention's shared past/present buffers (every lean graph) and
+        # host memory buffers (the CPU provider; on CUDA they would have to live on the device).
+        self.inplace_kv = bool(inplace_kv) and self.manifest.graph == "lean" and self.provider == "cpu" \
+            and self.io.attention_mask is not None and self.io.position_ids is not None
+        self.kv_growth = kv_growth
         log.info("Loaded %s (%s, %d layers, context %d) on %s", self.manifest.name, self.manifest.dtype,
                  self.manifest.num_layers, self.manifest.max_context, self.provider)
 
@@ -130,12 +141,33 @@ class Model:
             # Position = number of real tokens before it, so left padding (batching) keeps positions right.
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:]  # (batch, seq)
             feed[self.io.position_ids] = positions.astype(self.io.id_dtype)
-        feed.update(zip(self.io.past_keys, cache.keys))  # each (batch, kv_heads, past, head_dim)
-        feed.update(zip(self.io.past_values, cache.values))
-        logits, *presents = self.session.run(self._outputs, feed)  # logits (batch, seq, vocab)
-        layers = self.manifest.num_layers
-        cache.update(presents[:layers], presents[layers:], mask)  # each (batch, kv_heads, past + seq, head_dim)
+        if self.inplace_kv:
+            logits = self._forward_in_place(feed, cache, total, mask)
+        else:
+            feed.update(zip(self.io.past_keys, cache.keys))  # each (batch, kv_heads, past, head_dim)
+            feed.update(zip(self.io.past_values, cache.values))
+            logits, *presents = self.session.run(self._outputs, feed)  # logits (batch, seq, vocab)
+            layers = self.manifest.num_layers
+            cache.update(presents[:layers], presents[layers:], mask)  # each (batch, kv_heads, past + seq, head_dim)
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
+
+    def _forward_in_place(self, feed: dict[str, np.ndarray], cache: KVCache, total: int, mask: np.ndarray) -> np.ndarray:
+        """One step with each layer's cache buffer bound as both past and present: GroupQueryAttention
+        writes the new positions into it (shared-buffer mode), so no cache is copied."""
+        keys, values = cache.reserve(total, min(self.manifest.max_context, total + self.kv_growth))
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(self.io.logits)
+        for names, buffers in ((zip(self.io.past_keys, self.io.present_keys), keys),
+                               (zip(self.io.past_values, self.io.present_values), values)):
+            for (past, present), buffer in zip(names, buffers):  # buffer (batch, kv_heads, capacity, head_dim)
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the numpy memory, no copy
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        cache.advance(mask)
+        return binding.get_outputs()[0].numpy()  # logits (batch, 1, vocab)
 
 
 def _create_session(model_file: Path, provider: str, intra_op_threads: int | None, spin: bool = True) -> ort.InferenceSession:

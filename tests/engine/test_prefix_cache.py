@@ -123,7 +123,7 @@ def test_cached_prefix_gives_the_no_cache_output_and_prefills_only_new_tokens(mo
         _run(plain, [(request, None)])
 
     recording = RecordingModel(model)
-    cached = Scheduler(recording, SchedulerConfig())  # type: ignore[arg-type]
+    cached = Scheduler(recording, SchedulerConfig(prefill_chunk=0))  # type: ignore[arg-type]  # whole-prompt shapes
     cached.batched = batched
     got = [_say(recording, str(i), p) for i, p in enumerate(prompts)]
     _run(cached, [(got[0], ("bram", len(prefix)))])  # cold: the prefix is prefilled alone and stored
