@@ -1,0 +1,107 @@
+"""In-place KV cache vs the plain path: decode step time as the context grows, same bundle, same run.
+
+    python -m bench.kv [--bundle PATH] [--contexts 64 512 1024 2048] [--steps 32] [--repeats 3]
+
+For each context length the cache is filled with a prefill of that many tokens, then ``--steps``
+single-token decode steps are timed, with ``Model(inplace_kv=True)`` (GroupQueryAttention writes into
+the cache's own buffers) and ``inplace_kv=False`` (ONNX Runtime returns a grown copy of every layer's
+cache each step), interleaved, best of ``--repeats``. Writes
+``bench/results/kv-<model>-<dtype>-<host>-<date>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench.kv")
+ROOT = Path(__file__).resolve().parent
+
+
+def step_ms(model: Any, context: int, steps: int) -> float:
+    """Mean milliseconds per decode step after a ``context``-token prefill (greedy, batch 1)."""
+    ids = np.random.default_rng(0).integers(100, model.manifest.vocab_size, (1, context))
+    cache = model.new_cache()
+    token = int(model.forward(ids, cache)[0].argmax())
+    token = int(model.forward(np.array([[token]]), cache)[0].argmax())     # first decode step: warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = int(model.forward(np.array([[token]]), cache)[0].argmax())
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from npctalk.engine.model import Model
+
+    models = {mode: Model(args.bundle, provider="cpu", intra_op_threads=args.threads, inplace_kv=mode == "in place")
+              for mode in ("in place", "plain")}
+    manifest = models["plain"].manifest
+    kv_bytes = 2 * manifest.num_layers * manifest.num_kv_heads * manifest.head_dim * 4   # per position, fp32
+    rows = []
+    for context in args.contexts:
+        best = {mode: float("inf") for mode in models}
+        for _ in range(args.repeats):
+            for mode, model in models.items():
+                best[mode] = min(best[mode], step_ms(model, context, args.steps))
+        rows.append({"context": context, "inplace_ms": round(best["in place"], 2), "plain_ms": round(best["plain"], 2),
+                     "speedup": round(best["plain"] / best["in place"], 2),
+                     "plain_copies_mb_per_step": round(kv_bytes * context / 1e6, 1)})
+        log.info("context %d: %s", context, rows[-1])
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"host": platform.node(), "cores": os.cpu_count(), "load_before": os.getloadavg()[0]},
+            "model": manifest.name, "dtype": manifest.dtype, "threads": args.threads or "one per core",
+            "steps": args.steps, "repeats": args.repeats, "rows": rows}
+
+
+def markdown(report: dict[str, Any], note: str) -> str:
+    m = report["machine"]
+    lines = [f"# In-place KV vs plain: {report['model']} ({report['dtype']})", "",
+             f"{report['date']} · {m['host']} · {m['cores']} cores · load average before the run {m['load_before']:.2f} · "
+             f"threads: {report['threads']}", "",
+             f"Mean decode step over {report['steps']} steps after a prefill of the given length, batch 1, best of "
+             f"{report['repeats']} interleaved runs. The plain path copies the whole cache once per step (last column).", ""]
+    if note:
+        lines += [f"**Note:** {note}", ""]
+    lines += ["| context | in place ms/step | plain ms/step | plain ÷ in place | cache copied per plain step (MB) |",
+              "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['context']} | {r['inplace_ms']} | {r['plain_ms']} | {r['speedup']}× | {r['plain_copies_mb_per_step']} |"
+              for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from npctalk.engine.paths import default_bundle_path
+
+    parser = argparse.ArgumentParser(prog="python -m bench.kv", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=None, help="a lean-graph bundle (default: the default bundle)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024, 2048])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.bundle = args.bundle or default_bundle_path()
+    if not (args.bundle / "manifest.json").exists():
+        parser.error(f"no bundle at {args.bundle}; build it with `npctalk export-onnx default` or pass --bundle")
+    report = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"kv-{report['model'].lower()}-{report['dtype']}-{platform.node()}-{report['date'][:10]}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.out / f"{stem}.md").write_text(markdown(report, args.note), encoding="utf-8")
+    log.info("wrote %s.{json,md}", args.out / stem)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
