@@ -43,7 +43,9 @@ class ChatSession:
 
     def __init__(self, model: Model, persona: Persona, options: SearchOptions = CHAT_DEFAULTS, *,
                  user: str = DEFAULT_USER, rerank: RerankConfig | None = None) -> None:
-        """``user`` is the player's name (``{{user}}`` in the persona); ``rerank`` overrides the persona's."""
+        """``user`` is the player's name (``{{user}}`` in the persona); ``rerank`` overrides the persona's;
+        the persona's ``sampling`` fields override ``options``."""
+        options = persona.sampling.apply(options)
         self.model = model
         self.persona = persona
         self.options = options

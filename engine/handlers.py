@@ -128,7 +128,8 @@ class Handlers:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
         try:
             # The persona must leave room for a line and a reply, or every say to this NPC would fail.
-            self.prompts.build(persona, [], "Hello.", {}, self._options(protocol.Say(params.npc, "Hello.")).max_new_tokens)
+            self.prompts.build(persona, [], "Hello.", {}, self._options(protocol.Say(params.npc, "Hello."), persona)
+                               .max_new_tokens)
             old = self.registry.get(params.npc)
             created = self.registry.upsert(params.npc, persona)
         except PromptError as exc:
@@ -157,7 +158,7 @@ class Handlers:
         key = RequestKey(identity, request.id)
         if self.scheduler.has_live(key):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"Request id {request.id!r} is still streaming; use a new id.")
-        options = self._options(params)
+        options = self._options(params, persona)
         try:
             recall = self.memory.recall(params.npc, params.player, params.text, params.context)
             prefix = self.prompts.persona_prefix(persona, params.player)  # its KV is shared between turns
@@ -218,7 +219,8 @@ class Handlers:
         limit = self.config.request_timeout_s
         return limit if params.deadline_ms is None else min(limit, params.deadline_ms / 1000)
 
-    def _options(self, params: protocol.Say) -> SearchOptions:
+    def _options(self, params: protocol.Say, persona: Persona) -> SearchOptions:
+        """The say's search options: server defaults, then the persona's ``sampling``, then the say's fields."""
         limit = self.config.max_new_tokens
         if params.max_new_tokens is not None and params.max_new_tokens > limit:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"'max_new_tokens' is {params.max_new_tokens}; this server "
@@ -230,7 +232,7 @@ class Handlers:
             if getattr(params, name) is not None:
                 changes[name] = getattr(params, name)
         try:
-            return dataclasses.replace(self.config.defaults, **changes)
+            return dataclasses.replace(persona.sampling.apply(self.config.defaults), **changes)
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
 

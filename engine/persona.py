@@ -21,6 +21,8 @@ A persona file (``personas/bram.toml``)::
     content = "Captain Reyna commands the Ashford watch."
     [rerank]                                                  # see rerank.RerankConfig; off by default
     candidates = 4
+    [sampling]                                                # per-NPC sampling defaults (PersonaSampling)
+    temperature = 0.6
 
 ``name`` is required, and ``role`` or ``description``. Validation errors name the bad field.
 ``{{char}}`` and ``{{user}}`` (also ``<BOT>``/``<USER>``) are replaced when the persona is rendered:
@@ -32,6 +34,7 @@ context, memory go after it), so its tokens form a prefix whose KV cache can be 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Sequence
@@ -39,8 +42,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import PromptError
+from .errors import ConfigError, PromptError
 from .rerank import RerankConfig
+from .sampling import SearchOptions
 
 _LIST_FIELDS = ("traits", "background", "goals", "unknowns", "example_lines", "alternate_greetings", "tags")
 _TEXT_FIELDS = ("name", "role", "description", "speaking_style", "greeting", "scenario", "system_override",
@@ -53,6 +57,51 @@ _LORE_FIELDS = ("keys", "content", "enabled", "insertion_order", "case_sensitive
 _CHAR = re.compile(r"\{\{char\}\}|<BOT>", re.IGNORECASE)
 _USER = re.compile(r"\{\{user\}\}|<USER>", re.IGNORECASE)
 _EXAMPLE_LINE = re.compile(r"^\s*(\{\{char\}\}|<BOT>|\{\{user\}\}|<USER>)\s*:\s*(.+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class PersonaSampling:
+    """Per-NPC sampling defaults. A set field replaces the server's default (``ServerConfig.defaults``)
+    or a ``ChatSession``'s options; a ``say``'s own temperature/top_p/top_k/seed still win. ``None``
+    keeps the default. Ranges are ``SearchOptions``'s."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.apply(SearchOptions(do_sample=True))  # ConfigError naming the bad value
+
+    def apply(self, options: SearchOptions) -> SearchOptions:
+        """``options`` with every set field replaced (a temperature also turns sampling on, or off at 0)."""
+        changes: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        if self.temperature is not None:
+            changes["do_sample"] = self.temperature > 0
+        return dataclasses.replace(options, **changes) if changes else options
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "persona") -> PersonaSampling:
+        """From a TOML table / JSON map; ``PromptError`` naming the bad field."""
+        if not isinstance(data, dict):
+            raise PromptError(f"{source}: field 'sampling' must be a table, got {type(data).__name__}.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise PromptError(f"{source}: unknown field(s) {unknown} in 'sampling'; known: {', '.join(known)}.")
+        for name, value in data.items():
+            integer = name in ("top_k", "no_repeat_ngram_size")
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise PromptError(f"{source}: sampling.{name} must be {'an integer' if integer else 'a number'}, "
+                                  f"got {value!r}.")
+        try:
+            return cls(**{k: (v if k in ("top_k", "no_repeat_ngram_size") else float(v)) for k, v in data.items()})
+        except ConfigError as exc:
+            raise PromptError(f"{source}: sampling: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def substitute(text: str, char: str, user: str) -> str:
@@ -141,6 +190,7 @@ class Persona:
     creator_notes: str = ""
     lorebook: tuple[LoreEntry, ...] = ()
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    sampling: PersonaSampling = field(default_factory=PersonaSampling)
     extensions: dict[str, Any] = field(default_factory=dict, hash=False)
     card_extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -179,6 +229,8 @@ class Persona:
                                        for i, e in enumerate(data["lorebook"]))
         if "rerank" in data:
             values["rerank"] = RerankConfig.from_dict(data["rerank"], source=source)
+        if "sampling" in data:
+            values["sampling"] = PersonaSampling.from_dict(data["sampling"], source=source)
         for name in ("extensions", "card_extra"):
             if name in data:
                 if not isinstance(data[name], dict):
@@ -199,6 +251,8 @@ class Persona:
                 value = [entry.to_dict() for entry in value]
             elif f.name == "rerank":
                 value = value.to_dict() if value != RerankConfig() else None
+            elif f.name == "sampling":
+                value = value.to_dict() or None
             elif isinstance(value, tuple):
                 value = list(value)
             if value:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from npctalk.engine.errors import PromptError
+from npctalk.engine.model import Model
 from npctalk.engine.persona import Persona, builtin_personas, find_persona
 
 
@@ -118,6 +121,11 @@ def test_lore_scans_only_recent_turns() -> None:
         ({"name": "A", "role": "b", "rerank": {"method": "magic"}}, "rerank.method"),
         ({"name": "A", "role": "b", "rerank": {"beam": 2}}, "'beam'"),
         ({"name": "A", "role": "b", "extensions": []}, "'extensions'"),
+        ({"name": "A", "role": "b", "sampling": {"temperature": "hot"}}, "sampling.temperature"),
+        ({"name": "A", "role": "b", "sampling": {"top_k": 1.5}}, "sampling.top_k"),
+        ({"name": "A", "role": "b", "sampling": {"top_p": 2.0}}, "top_p"),
+        ({"name": "A", "role": "b", "sampling": {"beam": 2}}, "'beam'"),
+        ({"name": "A", "role": "b", "rerank": {"grounding_weight": -1}}, "rerank.grounding_weight"),
     ],
 )
 def test_bad_new_fields_are_named(data: dict, message: str) -> None:
@@ -130,3 +138,27 @@ def test_substitute_handles_both_spellings() -> None:
 
     assert substitute("{{char}} greets {{User}}; <BOT> to <USER>.", "Wren", "Mira") == "Wren greets Mira; Wren to Mira."
     assert substitute("Mira's {{user}}", "X", "\\1") == "Mira's \\1", "names are inserted literally"
+
+
+def test_persona_sampling_sits_between_server_defaults_and_the_say(gpt2_model: Model) -> None:
+    from npctalk.engine.handlers import Handlers
+    from npctalk.engine.npcs import NpcRegistry
+    from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+    from npctalk.engine.server import ServerConfig
+    from npctalk.engine.store import MemoryStore
+
+    calm = Persona.from_dict({"name": "Calm", "role": "a monk", "sampling": {"temperature": 0.3, "repetition_penalty": 1.0,
+                                                                          "no_repeat_ngram_size": 0}})
+    assert Persona.from_dict(calm.to_dict()) == calm, "round-trips through npc.upsert's map"
+    scheduler = Scheduler(gpt2_model, SchedulerConfig(max_batch=4, max_queue=4))
+    handlers = Handlers(gpt2_model, scheduler, ServerConfig(), NpcRegistry({"calm": calm, "plain": Persona("P", "a cook")}),
+                        MemoryStore())
+    for rid, npc, extra in (("a", "calm", {}), ("b", "calm", {"temperature": 0.9}), ("c", "plain", {})):
+        frame = [msgpack.packb({"v": 1, "id": rid, "op": "say", "npc": npc, "text": "Hi", **extra}, use_bin_type=True)]
+        assert handlers.handle(b"c", frame) is None
+    options = {key.id: request.options for key, request in scheduler._live.items()}
+    defaults = ServerConfig().defaults
+    assert (options["a"].temperature, options["a"].repetition_penalty, options["a"].no_repeat_ngram_size) == (0.3, 1.0, 0)
+    assert options["a"].top_p == defaults.top_p, "unset fields keep the server's default"
+    assert options["b"].temperature == 0.9 and options["b"].repetition_penalty == 1.0, "the say's own field wins"
+    assert options["c"] == dataclasses.replace(defaults, max_new_tokens=options["c"].max_new_tokens)
