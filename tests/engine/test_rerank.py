@@ -14,6 +14,7 @@ from npctalk.client import Client
 from npctalk.engine.chat import ChatSession
 from npctalk.engine.dialogue import DialogueFormatter, Turn
 from npctalk.engine.errors import ConfigError
+from npctalk.engine.grounding import Grounding, grounding_score
 from npctalk.engine.model import Model
 from npctalk.engine.persona import find_persona
 from npctalk.engine.rerank import (RerankConfig, best_index, likelihood_scores, overlap_score, persona_statement,
@@ -67,6 +68,15 @@ def test_batched_reverse_scores_equal_scoring_each_reply_alone(model: Model) -> 
     both = score_candidates(model, formatter, replies, bram, RerankConfig(candidates=3, method="both",
                                                                           overlap_weight=2.0))
     assert both == pytest.approx([s + 2.0 * overlap_score(r, bram) for s, r in zip(scores, replies)])
+    grounding = Grounding.build(bram, "What is your name?")
+    named = ["Bram, friend.", "I am Grimbold Ironfrost.", "As an AI, I have no name."]
+    plain = score_candidates(model, formatter, named, bram, RerankConfig(candidates=3, method="both"))
+    grounded = score_candidates(model, formatter, named, bram, RerankConfig(candidates=3, grounding_weight=3.0),
+                                grounding)
+    assert grounded == pytest.approx([p + 3.0 * grounding_score(r, grounding) for p, r in zip(plain, named)])
+    assert best_index(grounded) == 0, "the grounded answer wins over an invented name and breaking character"
+    assert score_candidates(model, formatter, named, bram, RerankConfig(candidates=3)) == pytest.approx(plain), \
+        "without a grounding the grounded method is likelihood + overlap"
 
 
 def test_chat_session_returns_the_best_sampled_candidate(model: Model) -> None:
