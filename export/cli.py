@@ -23,7 +23,7 @@ from npctalk.engine.bundle import DEVICES, DTYPES, GRAPHS
 from npctalk.engine.errors import NpctalkError
 from npctalk.engine.paths import default_bundle_path
 
-from .api import DEFAULT_GRAPH, ExportOptions, export_bundle
+from .api import AUTO, DEFAULT_GRAPH, ExportOptions, export_bundle
 
 log = logging.getLogger("npctalk.export")
 _NOISY = ("transformers", "optimum", "torch", "onnxruntime", "huggingface_hub")
@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help=f"bundle folder to write (default: under {default_bundle_path().parent}; "
                              f"'default' goes to {default_bundle_path()})")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+    parser.add_argument("--dtype", choices=(AUTO, *DTYPES), default=AUTO,
                         help="weights/activations: fp32, fp16 (KV cache fp16; best on CUDA), int8 "
                              "(dynamic quantization for the CPU) or int4 (4-bit weight-only MatMulNBits, "
-                             "for the CPU); default fp32")
+                             "for the CPU; a GGUF's own 4-bit blocks are kept exactly); default auto: "
+                             "int4 for 'default' (its GGUF is 4-bit), fp16 with --device cuda, else fp32")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
                         help="execution provider to validate on and target; default cpu")
     parser.add_argument("--graph", choices=GRAPHS, default=DEFAULT_GRAPH,

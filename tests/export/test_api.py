@@ -9,7 +9,7 @@ import pytest
 from npctalk.engine import paths
 from npctalk.engine.bundle import Manifest, load_manifest
 from npctalk.engine.errors import ConfigError
-from npctalk.export.api import ExportOptions, default_output, export_bundle
+from npctalk.export.api import ExportOptions, auto_dtype, default_output, export_bundle
 
 
 def test_bundle_has_the_contract_files_and_a_loadable_manifest(bundle: Path) -> None:
@@ -71,10 +71,26 @@ def test_default_output_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert default_output("default", "int8") == paths.bundles_dir() / "smollm2-135m-instruct-int8"
     assert default_output("microsoft/DialoGPT-small") == paths.bundles_dir() / "dialogpt-small"
     assert default_output(tmp_path / "My Model", "fp16") == paths.bundles_dir() / "my-model-fp16"
+    # No suffix for the source's own (auto) precision: int4 for the GGUF default, fp32 for the rest.
+    assert default_output("default", "int4") == paths.default_bundle_path()
+    assert default_output("default", "fp32") == paths.bundles_dir() / "smollm2-135m-instruct-fp32"
+    assert default_output("microsoft/DialoGPT-small", "fp32") == paths.bundles_dir() / "dialogpt-small"
+    assert default_output("microsoft/DialoGPT-small", "fp16", "cuda") == paths.bundles_dir() / "dialogpt-small"
+
+
+def test_auto_dtype_is_the_precision_the_source_ships_in(tmp_path: Path) -> None:
+    assert auto_dtype("default") == "int4" and auto_dtype("default", "cuda") == "fp16"
+    assert auto_dtype(tmp_path) == "fp32" and auto_dtype("microsoft/DialoGPT-medium") == "fp32"
+    assert ExportOptions().dtype == "auto"
+
+
+def test_auto_dtype_export_of_a_folder_is_fp32(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    out = export_bundle(tiny_gpt2_dir, tmp_path / "auto", ExportOptions())
+    assert load_manifest(out).dtype == "fp32"
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"dtype": "int3"}, "dtype must be one of fp32, fp16, int8"),
+    ({"dtype": "int3"}, "dtype must be one of auto, fp32, fp16, int8"),
     ({"device": "tpu"}, "device must be one of cpu, cuda"),
     ({"atol": -0.1}, "atol must be a number >= 0"),
     ({"atol": float("nan")}, "atol must be a number >= 0"),
