@@ -25,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 from .kv_cache import KVCache
 
@@ -39,9 +41,19 @@ def cache_bytes(cache: KVCache) -> int:
 
 
 def share(cache: KVCache) -> KVCache:
-    """A new ``KVCache`` object over the same (never mutated) arrays."""
+    """A new ``KVCache`` object over the same arrays; it does not own them, so it never writes into
+    them (its first in-place step copies into buffers of its own)."""
     clone = copy.copy(cache)
     clone.keys, clone.values = list(cache.keys), list(cache.values)
+    return clone
+
+
+def compact(cache: KVCache) -> KVCache:
+    """A snapshot holding exactly ``cache``'s positions: views into a bigger (in-place) buffer are
+    copied out, so the LRU's byte count is what it keeps alive; whole arrays are shared as they are."""
+    clone = copy.copy(cache)
+    clone.keys = [np.ascontiguousarray(k) for k in cache.keys]
+    clone.values = [np.ascontiguousarray(v) for v in cache.values]
     return clone
 
 
@@ -96,7 +108,7 @@ class PrefixCache:
             _, (_, old_size) = self._entries.popitem(last=False)
             self.bytes -= old_size
             self.counters["evictions"] += 1
-        self._entries[key] = (share(cache), size)
+        self._entries[key] = (compact(cache), size)
         self.bytes += size
         return True
 

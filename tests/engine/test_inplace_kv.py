@@ -140,3 +140,24 @@ def test_reserve_and_advance_refuse_what_would_corrupt() -> None:
 def test_kv_growth_must_be_positive(gpt2_bundle: Path) -> None:
     with pytest.raises(ConfigError, match="kv_growth"):
         Model(gpt2_bundle, provider="cpu", kv_growth=0)
+
+
+def test_the_prefix_cache_keeps_exactly_the_prefix_not_the_buffer(pair: tuple[Model, Model]) -> None:
+    """A snapshot of an in-place cache is copied out of its (bigger) buffer: the LRU's byte count is
+    what it keeps alive, and the live cache's buffer can be freed."""
+    from npctalk.engine.prefix_cache import PrefixCache, cache_bytes
+
+    inplace, _ = pair
+    ids = inplace.tokenizer.encode(PROMPT)
+    cache = inplace.new_cache()
+    inplace.forward(np.array([ids]), cache)
+    assert cache.capacity > cache.length
+    store = PrefixCache(10_000_000)
+    key = PrefixCache.key("bram", ids)
+    assert store.put(key, cache)
+    got = store.get(key)
+    assert got is not None and store.bytes == cache_bytes(got)
+    for array, live in zip([*got.keys, *got.values], [*cache.keys, *cache.values]):
+        assert array.base is None and array.flags.c_contiguous    # its own memory, exactly (1, heads, n, dim)
+        assert not np.shares_memory(array, live)
+        np.testing.assert_array_equal(array, live)
