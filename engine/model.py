@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 Provider = Literal["auto", "cpu", "cuda"]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 KV_GROWTH = 256  # positions an in-place KV buffer grows by when full: one copy per 256 tokens, not per token
+KV_HEADROOM_BYTES = 64 * 2**20  # ... but a batch's spare room stays under this (64 rows of SmolLM2: 22 positions)
 ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -154,7 +155,11 @@ class Model:
     def _forward_in_place(self, feed: dict[str, np.ndarray], cache: KVCache, total: int, mask: np.ndarray) -> np.ndarray:
         """One step with each layer's cache buffer bound as both past and present: GroupQueryAttention
         writes the new positions into it (shared-buffer mode), so no cache is copied."""
-        keys, values = cache.reserve(total, min(self.manifest.max_context, total + self.kv_growth))
+        # Headroom: kv_growth positions, fewer for a big batch so the spare room stays under
+        # KV_HEADROOM_BYTES (still one copy per >= 16 steps instead of one per step).
+        per_position = 2 * sum(k.itemsize * k.shape[1] * k.shape[3] for k in cache.keys) * max(1, cache.batch_size)
+        growth = min(self.kv_growth, max(16, KV_HEADROOM_BYTES // max(1, per_position)))
+        keys, values = cache.reserve(total, min(self.manifest.max_context, total + growth))
         binding = self.session.io_binding()
         for name, array in feed.items():
             binding.bind_cpu_input(name, array)

@@ -161,3 +161,17 @@ def test_the_prefix_cache_keeps_exactly_the_prefix_not_the_buffer(pair: tuple[Mo
         assert array.base is None and array.flags.c_contiguous    # its own memory, exactly (1, heads, n, dim)
         assert not np.shares_memory(array, live)
         np.testing.assert_array_equal(array, live)
+
+
+def test_a_big_batch_grows_by_fewer_positions(llama_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spare room is bounded in bytes: many rows get less headroom each (never under 16 positions)."""
+    import npctalk.engine.model as model_module
+
+    model = Model(llama_bundle, provider="cpu", intra_op_threads=1)
+    m = model.manifest
+    per_row_position = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4
+    monkeypatch.setattr(model_module, "KV_HEADROOM_BYTES", per_row_position * 40)   # room for 40 row-positions
+    for rows, room in ((1, 40), (2, 20), (8, 16)):
+        cache = model.new_cache(rows)
+        model.forward(np.full((rows, 3), 7), cache)
+        assert cache.capacity - cache.length == room, rows
