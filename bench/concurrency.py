@@ -11,7 +11,9 @@ personas) and timestamps every token as it arrives. Writes
 Metrics: aggregate tok/s = completion tokens of all N replies / wall time from the first send to
 the last done; TTFT = client-side send → first token message (p50/p99 over replies); inter-token gap
 = time between consecutive token messages of one reply (p99 over all gaps). ``protocol_us_per_token``
-is the cost of encoding and parsing one token message (what the protocol adds per token).
+is the cost of encoding and parsing one token message; ``overhead_vs_engine`` compares one stream's
+median gap through the socket with the same bundle's median decode step in-process (the engine
+alone, measured right after the server stops): what server loop, protocol and sockets add per token.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ async def one_reply(client: AsyncClient, index: int, max_new_tokens: int) -> dic
         arrivals.append(time.perf_counter())
     result = await reply.wait()
     return {"sent": sent, "arrivals": arrivals, "tokens": result.usage.completion_tokens,
+            "prompt_tokens": result.usage.prompt_tokens,
             "server_ttft_ms": result.timings.ttft_ms, "finish_reason": result.finish_reason}
 
 
@@ -63,6 +66,7 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
         wall = time.perf_counter() - start
         stats = await client.stats()
     tokens = sum(r["tokens"] for r in replies)
+    prompt_tokens = statistics.median(r["prompt_tokens"] for r in replies)
     ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in replies if r["arrivals"]]
     gaps = [(b - a) * 1000 for r in replies for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     return {
@@ -72,6 +76,7 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
         "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3),
         "server_ttft_ms_p50": round(statistics.median(r["server_ttft_ms"] for r in replies), 2),
         "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": stats["batched"],
+        "prompt_tokens_p50": prompt_tokens,
     }
 
 
@@ -81,6 +86,24 @@ def protocol_cost_us(repeats: int = 20000) -> float:
     for i in range(repeats):
         protocol.parse_reply(protocol.encode(protocol.token("a1b2c3-17", i, " the")))
     return (time.perf_counter() - start) / repeats * 1e6
+
+
+def engine_step_ms(bundle: Path, prompt_tokens: int, new_tokens: int, threads: int | None) -> float:
+    """Median decode step of the same bundle in this process, no server (the engine alone), after a
+    prompt of ``prompt_tokens``: what a token costs without the protocol, loop and sockets."""
+    import numpy as np
+    from npctalk.engine.model import Model
+
+    model = Model(bundle, provider="cpu", intra_op_threads=threads)
+    ids = np.random.default_rng(0).integers(100, model.manifest.vocab_size, (1, max(1, prompt_tokens)))
+    cache = model.new_cache()
+    token = int(model.forward(ids, cache)[0].argmax())
+    steps = []
+    for _ in range(new_tokens - 1):
+        start = time.perf_counter()
+        token = int(model.forward(np.array([[token]]), cache)[0].argmax())
+        steps.append((time.perf_counter() - start) * 1000)
+    return statistics.median(steps)
 
 
 def free_endpoint() -> str:
@@ -126,11 +149,19 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
+    # Protocol overhead per token: one stream's median gap through the socket minus the same bundle's
+    # median decode step in-process (after a prompt as long as the server's), measured right after.
+    single = next((level for level in levels if level["streams"] == 1), None)
+    overhead = None
+    if single is not None and hello["model"]["provider"] == "cpu":
+        step = engine_step_ms(args.model, int(single["prompt_tokens_p50"]), args.max_new_tokens, args.threads)
+        overhead = {"socket_gap_ms_p50": single["gap_ms_p50"], "engine_step_ms_p50": round(step, 3),
+                    "overhead_ms_per_token": round(single["gap_ms_p50"] - step, 3)}
 
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
               "server_threads": args.threads or "one per core",
-              "protocol_us_per_token": round(protocol_cost_us(), 2), "levels": levels}
+              "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -143,7 +174,11 @@ def main() -> int:
             f"{report['date']} · {m['host']} · {m['cpu']} · {m['cores']} cores · Python {m['python']}\n\n"
             f"Greedy, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
             f"threads: {report['server_threads']}. "
-            f"Protocol cost per token (encode + parse): {report['protocol_us_per_token']} µs.\n\n" + "\n".join(rows) + "\n")
+            f"Protocol cost per token (encode + parse): {report['protocol_us_per_token']} µs."
+            + (f" Overhead per token through the server (1 stream, median gap {overhead['socket_gap_ms_p50']} ms) over "
+               f"the engine alone in-process (median step {overhead['engine_step_ms_p50']} ms): "
+               f"**{overhead['overhead_ms_per_token']} ms**." if overhead else "")
+            + "\n\n" + "\n".join(rows) + "\n")
     (args.out / f"{stem}.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     return 0
