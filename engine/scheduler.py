@@ -3,7 +3,8 @@
 One ``step()`` does, in order::
 
     1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
-    2. prefill  queued requests are prefilled in arrival order, each in its own single-row cache
+    2. prefill  queued requests are prefilled in arrival order (a short one may overtake a long
+                prefill in progress: ``_overtake``), each in its own single-row cache
                 (``prefill.Prefill``), at most ``prefill_chunk`` prompt tokens per step: a long
                 prompt takes several steps, and the streams already decoding get a token after
                 every chunk instead of stalling for the whole prompt. A request whose prompt is in
@@ -243,6 +244,8 @@ class Scheduler:
         chunk = self.config.prefill_chunk
         budget = chunk or self.config.prefill_tokens
         joiners: list[tuple[Request, KVCache]] = []
+        if chunk:
+            self._overtake(chunk)
         while budget > 0:
             if not self._prefilling:
                 if not self._queue or self.active_count + len(joiners) >= self.config.max_batch:
@@ -280,6 +283,24 @@ class Scheduler:
                 group: DecodeBatch[Request] = DecodeBatch(self.model)
                 group.add([joiner])
                 self._groups.append(group)
+
+    def _overtake(self, budget: int) -> None:
+        """Let one queued prompt that fits in half a step's budget run before a long prefill in progress.
+
+        A player's line to an NPC whose persona prefix is cached costs a few dozen tokens; without
+        this it would wait for every chunk of another NPC's cold 400-token persona first. At most one
+        per step and at most half the budget, so the long prefill keeps at least half its pace.
+        """
+        if not self._prefilling or not self._queue or self.active_count >= self.config.max_batch:
+            return
+        if self._prefilling[0].remaining <= budget:
+            return  # the prefill in progress finishes this step anyway
+        for index, request in enumerate(self._queue):
+            if self._prefill_cost(request) <= budget // 2:
+                del self._queue[index]
+                self._start(request)            # appended last ...
+                self._prefilling.rotate(1)      # ... and moved to the front: it runs first this step
+                return
 
     def _start(self, request: Request) -> None:
         """Queued → prefilling, from the persona prefix's snapshot when the prefix cache holds it."""

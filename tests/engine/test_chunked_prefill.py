@@ -167,6 +167,40 @@ def test_short_prompts_share_one_chunk_budget(counting: CountingModel) -> None:
     check_streams(run(scheduler), requests)
 
 
+def test_a_short_prompt_overtakes_a_long_prefill_in_progress(counting: CountingModel) -> None:
+    """A short line (at most half a chunk) starts its reply in the next step instead of after every
+    chunk of a long prompt; the long one still advances in that step and finishes."""
+    recording = Recording(counting)
+    scheduler = Scheduler(recording, SchedulerConfig(prefill_chunk=8))  # type: ignore[arg-type]
+    long = make_request(counting, "long", [FIRST + i % 60 for i in range(50)], max_new_tokens=3)
+    scheduler.submit(long)
+    scheduler.step()
+    short = make_request(counting, "short", [FIRST + 5] * 4, max_new_tokens=3)
+    too_long = make_request(counting, "five", [FIRST + 6] * 5, max_new_tokens=3)   # > half the chunk: waits
+    scheduler.submit(too_long)
+    scheduler.submit(short)
+    recording.shapes.clear()
+    events = scheduler.step()
+    assert short.first_token_at is not None and long.state is RequestState.PREFILLING
+    assert too_long.state is RequestState.QUEUED
+    assert recording.shapes[:2] == [(1, 4), (1, 4)]           # the short prompt, then half a chunk of the long one
+    events += run(scheduler)
+    check_streams(events, [long, short, too_long])
+    assert long.first_token_at is not None and too_long.first_token_at > long.first_token_at
+
+
+def test_no_overtaking_past_a_full_batch_or_a_prefill_about_to_finish(counting: CountingModel) -> None:
+    scheduler = Scheduler(counting, SchedulerConfig(max_batch=1, prefill_chunk=8))
+    long = make_request(counting, "long", [FIRST] * 30, max_new_tokens=2)
+    short = make_request(counting, "short", [FIRST] * 2, max_new_tokens=2)
+    scheduler.submit(long)
+    scheduler.step()
+    scheduler.submit(short)
+    scheduler.step()
+    assert short.state is RequestState.QUEUED                # the only slot is the long prefill's
+    check_streams(run(scheduler), [long, short])
+
+
 def test_a_prefilling_request_holds_a_batch_slot(counting: CountingModel) -> None:
     scheduler = Scheduler(counting, SchedulerConfig(max_batch=2, max_queue=2, prefill_chunk=4))
     running = make_request(counting, "running", [FIRST], max_new_tokens=30)
@@ -221,7 +255,7 @@ def test_deadline_ends_a_request_between_chunks(counting: CountingModel) -> None
 def test_a_failing_chunk_fails_only_its_request(counting: CountingModel) -> None:
     scheduler = Scheduler(counting, SchedulerConfig(prefill_chunk=4))
     long = make_request(counting, "long", [FIRST] * 20, max_new_tokens=5)
-    later = make_request(counting, "later", [FIRST], max_new_tokens=3)
+    later = make_request(counting, "later", [FIRST] * 3, max_new_tokens=3)  # > half a chunk: does not overtake
     scheduler.submit(long)
     scheduler.submit(later)
     events = scheduler.step()
