@@ -40,7 +40,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ from .prefill import Prefill
 from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, Request, RequestKey, RequestState
-from .rerank import best_index
+from .reranked import Candidates, Scorer, answer
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,6 @@ THROUGHPUT_WINDOW_S = 5.0  # tokens/s in stats is measured over this many recent
 # while a ~435-token prompt joins, a running stream's worst gap is 0.55 s at 64 instead of 2.7 s whole
 # (32: 0.44 s, 16: 0.27 s), and the joiner's first token comes 15% later (32: +45%, 16: +88%).
 DEFAULT_PREFILL_CHUNK = 64
-
-Scorer = Callable[[list[str]], list[float]]  # candidate replies → one score each, higher is better
-
-
-@dataclass(eq=False)
-class Candidates:
-    """A reranked say: the client's request and the internal candidate requests that decode for it."""
-
-    parent: Request
-    children: list[Request]
-    scorer: Scorer
-    scores: list[float] = field(default_factory=list)
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -338,26 +325,8 @@ class Scheduler:
 
     def _choose(self, group: Candidates) -> list[Event]:
         """The best finished candidate's text as the say's one token message, then its done."""
-        parent, now = group.parent, self.clock()
-        done = [c for c in group.children if c.state is RequestState.FINISHED and c.finish_reason != "cancelled"]
-        try:
-            if not done:
-                raise RuntimeError("every candidate failed")
-            group.scores = group.scorer([c.text for c in done])
-            best = done[best_index(group.scores)]
-        except Exception as exc:  # a failed scoring fails this say, not the server
-            log.exception("Reranking request %r failed.", parent.key.id)
-            event: Event = parent.fail(ErrorCode.INTERNAL, f"The engine failed while choosing a reply: {exc}.", now)
-            self._retire(parent)
-            return [event]
-        parent.advance(RequestState.PREFILLING)
-        parent.advance(RequestState.DECODING)
-        parent.admitted_at, parent.first_token_at = best.admitted_at, now
-        parent.tokens = list(best.tokens)
-        events: list[Event] = parent.emit_text(best.text)  # the Request's own seq/text bookkeeping
-        assert best.finish_reason is not None
-        events.append(parent.finish(best.finish_reason, now))
-        self._retire(parent)
+        events = answer(group, self.clock())
+        self._retire(group.parent)
         return events
 
     def _decode(self, events: list[Event]) -> None:
