@@ -82,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
         memory=MemoryConfig(path=str(args.memory_db or memory_db_path()), recent_turns=args.memory_turns,
                             synchronous=args.memory_sync, embeddings=args.memory_embeddings),
     )
-    return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads)
+    return serve(args.model or default_bundle_path(), config, provider=args.provider, intra_op_threads=args.threads,
+                 spin=not args.no_spin)
 
 
 def _curve(args: argparse.Namespace) -> Any:
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--personas", type=Path, default=None, help="folder of persona .toml files to preload")
     srv.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     srv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+    srv.add_argument("--no-spin", action="store_true",
+                     help="ONNX Runtime's worker threads sleep instead of busy-waiting between operators: "
+                          "less CPU taken from a game on the same cores (bench/threads.py)")
     srv.add_argument("--max-batch", type=int, default=32, help="streams decoded together")
     srv.add_argument("--max-queue", type=int, default=64, help="streams that may wait; more are answered busy")
     srv.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,

@@ -104,7 +104,9 @@ class Handlers:
         return protocol.ok(
             request.id, server="npctalk", version=__version__, protocol=protocol.PROTOCOL_VERSION,
             model={"name": m.name, "architecture": m.architecture, "dialogue_format": m.dialogue_format,
-                   "max_context": m.max_context, "provider": getattr(self.model, "provider", "cpu")},
+                   "max_context": m.max_context, "provider": getattr(self.model, "provider", "cpu"), "dtype": m.dtype,
+                   "threads": getattr(self.model, "intra_op_threads", None), "spin": getattr(self.model, "spin", True),
+                   "inplace_kv": getattr(self.model, "inplace_kv", False)},
             capabilities={"ops": [op.value for op in Op], "batching": self.scheduler.batched,
                           "max_batch": self.scheduler.config.max_batch, "max_queue": self.scheduler.config.max_queue,
                           "max_new_tokens": self.config.max_new_tokens, "max_request_bytes": protocol.MAX_REQUEST_BYTES,

@@ -102,6 +102,7 @@ class Model:
         self.manifest = load_manifest(self.path)
         self.tokenizer = Tokenizer.from_file(self.path / self.manifest.tokenizer_file)
         self.session = _create_session(self.path / self.manifest.model_file, provider, intra_op_threads, spin)
+        self.intra_op_threads, self.spin = intra_op_threads, spin
         self.provider = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         self.io = GraphIO.resolve(self.manifest, self.session)
         self._outputs = [self.io.logits, *self.io.present_keys, *self.io.present_values]

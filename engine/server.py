@@ -295,9 +295,9 @@ def _stop_on_signals(stop: Any) -> Iterator[None]:
 
 
 def serve(bundle: Path, config: ServerConfig = ServerConfig(), *, provider: str = "auto",
-          intra_op_threads: int | None = None) -> int:
+          intra_op_threads: int | None = None, spin: bool = True) -> int:
     """Load ``bundle`` and serve it until SIGTERM/SIGINT; returns the exit code."""
     # An unusable memory database fails now, before the slow model load (embeddings load with the server).
     MemoryStore(dataclasses.replace(config.memory, embeddings="off")).close()
-    model = Model(bundle, provider=provider, intra_op_threads=intra_op_threads)  # type: ignore[arg-type]
+    model = Model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin)  # type: ignore[arg-type]
     return Server(model, config).run()

@@ -51,6 +51,17 @@ def test_hello_describes_server_and_model(server: ServerProcess) -> None:
     assert hello["type"] == "ok" and hello["protocol"] == 1 and hello["model"]["architecture"] == "gpt2"
     assert hello["capabilities"]["batching"] is True and "say" in hello["capabilities"]["ops"]
     assert {n["npc"] for n in server.request("npc.list")["npcs"]} >= {"bram", "elda", "tobin", "mira"}
+    # How the engine runs, for a game developer checking its settings: as started by ServerProcess.
+    model = hello["model"]
+    assert (model["dtype"], model["threads"], model["spin"], model["inplace_kv"]) == ("fp32", 1, True, True)
+
+
+def test_no_spin_reaches_the_engine(gpt2_bundle: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(gpt2_bundle, tmp_path, "--no-spin").start()
+    try:
+        assert proc.request("hello")["model"]["spin"] is False
+    finally:
+        proc.stop()
 
 
 def test_two_npcs_stream_at_once_interleaved(server: ServerProcess) -> None:
