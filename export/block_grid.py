@@ -105,7 +105,12 @@ def recover(weight_kn: np.ndarray) -> GridWeight | None:
     """The weight's grid (Q4_1 tried first, then Q8_0), or None when it is on neither."""
     if weight_kn.ndim != 2 or weight_kn.dtype != np.float32:
         return None
-    return recover_q4_1(weight_kn) or recover_q8_0(weight_kn)
+    probe = weight_kn[:, :8]  # a few output channels first: an ordinary float weight fails here, cheaply
+    if recover_q4_1(probe) is not None and (grid := recover_q4_1(weight_kn)) is not None:
+        return grid
+    if recover_q8_0(probe) is not None:
+        return recover_q8_0(weight_kn)
+    return None
 
 
 def import_grid_weights(model: onnx.ModelProto, accuracy_level: int) -> dict[str, int]:
