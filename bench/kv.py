@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.bundle_run import add_common, parse, write
+
 log = logging.getLogger("bench.kv")
-ROOT = Path(__file__).resolve().parent
 
 
 def step_ms(model: Any, context: int, steps: int) -> float:
@@ -79,27 +78,15 @@ def markdown(report: dict[str, Any], note: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npctalk.engine.paths import default_bundle_path
-
     parser = argparse.ArgumentParser(prog="python -m bench.kv", description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=None, help="a lean-graph bundle (default: the default bundle)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1024, 2048])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
-    parser.add_argument("--note", default="")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args.bundle = args.bundle or default_bundle_path()
-    if not (args.bundle / "manifest.json").exists():
-        parser.error(f"no bundle at {args.bundle}; build it with `npctalk export-onnx default` or pass --bundle")
+    add_common(parser)
+    args = parse(parser, argv)
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kv-{report['model'].lower()}-{report['dtype']}-{platform.node()}-{report['date'][:10]}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / f"{stem}.md").write_text(markdown(report, args.note), encoding="utf-8")
-    log.info("wrote %s.{json,md}", args.out / stem)
+    write(args, "kv", report, markdown(report, args.note))
     return 0
 
 

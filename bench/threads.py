@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -27,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.bundle_run import add_common, parse, write
+
 log = logging.getLogger("bench.threads")
-ROOT = Path(__file__).resolve().parent
 FRAME_S = 1 / 60
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 
@@ -172,27 +172,15 @@ def markdown(report: dict[str, Any], note: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from npctalk.engine.paths import default_bundle_path
-
     parser = argparse.ArgumentParser(prog="python -m bench.threads", description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=None, help="bundle to reply with (default: the default bundle)")
     parser.add_argument("--work-ms", type=float, default=6.0, help="the game's CPU work per frame")
     parser.add_argument("--replies", type=int, default=3, help="replies per round and setting")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
     parser.add_argument("--idle-s", type=float, default=5.0, help="length of a 'game alone' round")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
-    parser.add_argument("--note", default="")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args.bundle = args.bundle or default_bundle_path()
-    if not (args.bundle / "manifest.json").exists():
-        parser.error(f"no bundle at {args.bundle}; build it with `npctalk export-onnx default` or pass --bundle")
+    add_common(parser)
+    args = parse(parser, argv)
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"threads-{report['model'].lower()}-{report['dtype']}-{platform.node()}-{report['date'][:10]}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / f"{stem}.md").write_text(markdown(report, args.note), encoding="utf-8")
-    log.info("wrote %s.{json,md}", args.out / stem)
+    write(args, "threads", report, markdown(report, args.note))
     return 0
 
 

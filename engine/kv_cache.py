@@ -24,6 +24,7 @@ and reused every turn. Not thread-safe: one cache per generator.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class KVCache:
         self._values: list[np.ndarray] = [empty] * num_layers
         self._owned = False  # the buffers were allocated by ``reserve`` and nobody else has seen past ``length``
         self.mask = np.zeros((batch_size, 0), dtype=np.int64)  # (batch, length)
+        self.binding: Any = None  # the model's IOBinding of the owned buffers (opaque here; rebuilt when they change)
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, batch_size: int = 1) -> KVCache:

@@ -1,0 +1,40 @@
+"""What the single-bundle benchmarks (kv.py, threads.py) share: the bundle argument and the results files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle to run (default: the default bundle)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, set up logging, and resolve ``--bundle`` (the default bundle unless given); exits if absent."""
+    from npctalk.engine.paths import default_bundle_path
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.bundle = args.bundle or default_bundle_path()
+    if not (args.bundle / "manifest.json").exists():
+        parser.error(f"no bundle at {args.bundle}; build it with `npctalk export-onnx default` or pass --bundle")
+    return args
+
+
+def write(args: argparse.Namespace, kind: str, report: dict[str, Any], markdown: str) -> Path:
+    """``<out>/<kind>-<model>-<dtype>-<host>-<date>.{json,md}``; returns the stem's path."""
+    stem = args.out / f"{kind}-{report['model'].lower()}-{report['dtype']}-{platform.node()}-{report['date'][:10]}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    logging.getLogger(f"bench.{kind}").info("wrote %s.{json,md}", stem)
+    return stem
