@@ -116,6 +116,7 @@ def _consistency_main(argv: Sequence[str]) -> int:
     p.add_argument("-o", "--output", type=Path, default=Path("bench/results"), help="folder for the .json/.md report")
     p.add_argument("--candidates", type=int, default=4, help="reranking candidates in the rerank-on settings")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seeds", type=int, default=1, help="run every script this many times per setting, other fixed seeds")
     p.add_argument("--settings", nargs="+", default=[f"{m}/{r}" for m, r in SETTINGS],
                    help="memory/rerank pairs, e.g. on/off off/off (default: all four)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
@@ -143,7 +144,8 @@ def _consistency_main(argv: Sequence[str]) -> int:
             return 0
         for bundle in args.bundles or [default_bundle_path()]:
             report = evaluate(bundle, scripts, settings=settings, candidates=args.candidates,
-                              max_new_tokens=args.max_new_tokens, provider=args.provider, threads=args.threads)
+                              max_new_tokens=args.max_new_tokens, provider=args.provider, threads=args.threads,
+                              seeds=args.seeds)
             json_path, _ = write_report(report, args.output)
             sys.stdout.write(markdown(report).split("\n## ")[0] + f"\n→ {json_path}\n")
     except NpctalkError as exc:

@@ -185,8 +185,9 @@ def _seed(*parts: str) -> int:
 
 
 def run_script(client: Any, script: Script, memory: str, rerank: str, candidates: int, max_new_tokens: int,
-               run_id: str) -> list[dict[str, Any]]:
-    """Say one script's turns through ``client`` under one setting; its judged probes."""
+               run_id: str, salt: int = 0) -> list[dict[str, Any]]:
+    """Say one script's turns through ``client`` under one setting; its judged probes. ``salt`` picks
+    another fixed seed per turn (0: the original seeds) and another player, so repeats stay apart."""
     npc = script.npc
     if script.persona is not None:  # a script-local persona: registered (again) before the script runs
         client.upsert_npc(npc, script.persona)
@@ -196,33 +197,37 @@ def run_script(client: Any, script: Script, memory: str, rerank: str, candidates
         client.upsert_npc(npc, persona)
     probes = []
     for index, turn in enumerate(script.turns):
-        player = f"{script.player}~{run_id}~{memory}{rerank}" + ("" if memory == "on" else f"~{index}")
+        player = f"{script.player}~{run_id}~{memory}{rerank}" + (f"~s{salt}" if salt else "") \
+            + ("" if memory == "on" else f"~{index}")
         reply = client.say(npc, turn.say, player=player, max_new_tokens=max_new_tokens,
-                           seed=_seed(script.name, str(index))).wait()
+                           seed=_seed(script.name, str(index), *([str(salt)] if salt else []))).wait()
         if turn.probe:
             ok, reasons = judge(reply.text, turn)
             probes.append({"script": script.name, "turn": index, "probe": turn.probe, "say": turn.say,
-                           "reply": reply.text, "consistent": ok, "reasons": reasons, "heldout": script.heldout})
+                           "reply": reply.text, "consistent": ok, "reasons": reasons, "heldout": script.heldout,
+                           "salt": salt})
     log.info("%s (memory %s, rerank %s): done", script.name, memory, rerank)
     return probes
 
 
 def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str, candidates: int,
-                max_new_tokens: int, run_id: str, *, connect: Callable[[], Any] | None = None) -> SettingResult:
+                max_new_tokens: int, run_id: str, *, connect: Callable[[], Any] | None = None,
+                salts: Sequence[int] = (0,)) -> SettingResult:
     """Say every script's turns; judge the probes. With ``connect`` (a factory of clients), the scripts
     run concurrently, one client each, so the server batches them (replies stay seeded per turn)."""
     result = SettingResult(memory, rerank)
+    jobs = [(script, salt) for salt in salts for script in scripts]
     if connect is None:
-        for script in scripts:
-            result.probes += run_script(client, script, memory, rerank, candidates, max_new_tokens, run_id)
+        for script, salt in jobs:
+            result.probes += run_script(client, script, memory, rerank, candidates, max_new_tokens, run_id, salt)
         return result
 
-    def one(script: Script) -> list[dict[str, Any]]:
+    def one(job: tuple[Script, int]) -> list[dict[str, Any]]:
         with connect() as own:
-            return run_script(own, script, memory, rerank, candidates, max_new_tokens, run_id)
+            return run_script(own, job[0], memory, rerank, candidates, max_new_tokens, run_id, job[1])
 
-    with ThreadPoolExecutor(max_workers=max(1, len(scripts))) as pool:
-        for probes in pool.map(one, scripts):
+    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        for probes in pool.map(one, jobs):
             result.probes += probes
     return result
 
@@ -241,15 +246,18 @@ def summarize(result: SettingResult) -> dict[str, Any]:
 
 def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequence[tuple[str, str]] = SETTINGS,
              candidates: int = 4, max_new_tokens: int = 48, provider: str = "auto",
-             threads: int | None = None, concurrent: bool = True) -> dict[str, Any]:
+             threads: int | None = None, concurrent: bool = True, seeds: int = 1) -> dict[str, Any]:
     """Run every setting on one bundle through an in-process server; the report as a dict.
-    ``concurrent``: the scripts of a setting talk to the server at once (batched decoding)."""
+    ``concurrent``: the scripts of a setting talk to the server at once (batched decoding);
+    ``seeds``: each script is run that many times per setting with other fixed seeds (shares pool them)."""
     from npctalk.client import Client
 
     from .memory import MemoryConfig
     from .model import Model
     from .server import Server, ServerConfig
 
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}.")
     if candidates < 2 and any(r == "on" for _, r in settings):
         raise ConfigError(f"Reranking needs at least 2 candidates, got {candidates}.")
     model = Model(bundle, provider=provider, intra_op_threads=threads)  # type: ignore[arg-type]
@@ -268,7 +276,7 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
         with connect() as client:
             for memory, rerank in settings:
                 results.append(run_setting(client, scripts, memory, rerank, candidates, max_new_tokens, run_id,
-                                           connect=connect if concurrent else None))
+                                           connect=connect if concurrent else None, salts=range(seeds)))
     finally:
         server.request_stop()
         thread.join(60)
@@ -278,8 +286,8 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
         "model": {"name": m.name, "architecture": m.architecture, "dtype": m.dtype, "provider": model.provider},
         "machine": machine(), "wall_s": round(time.perf_counter() - started, 1),
         "scripts": [s.name for s in scripts], "heldout_scripts": [s.name for s in scripts if s.heldout],
-        "probes_per_setting": sum(s.probes for s in scripts),
-        "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens, "sampling": "server defaults, fixed seed per turn",
+        "probes_per_setting": sum(s.probes for s in scripts) * seeds, "seeds": seeds,
+        "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens, "sampling": "server defaults, fixed seed per turn" + (f", {seeds} seeds" if seeds > 1 else ""),
         "settings": [summarize(r) for r in results],
     }
 
@@ -293,7 +301,7 @@ def machine() -> dict[str, Any]:
 
 def rejudge(report: dict[str, Any], scripts: Sequence[Script]) -> dict[str, Any]:
     """``report`` with every probe judged again under ``scripts``' current rules (same replies)."""
-    turns = {(s.name, i): t for s in scripts for i, t in enumerate(s.turns)}
+    turns = {(s.name, i): t for s in scripts for i, t in enumerate(s.turns)}  # same rules for every seed
     settings = []
     for setting in report["settings"]:
         result = SettingResult(setting["memory"], setting["rerank"])

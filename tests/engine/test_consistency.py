@@ -66,6 +66,19 @@ def test_script_local_personas_are_validated_and_registered(tmp_path: Path) -> N
         load_script(tmp_path / "local.toml")
 
 
+def test_more_seeds_run_every_script_again_with_other_seeds_and_players(tmp_path: Path) -> None:
+    (tmp_path / "small.toml").write_text(SMALL, encoding="utf-8")
+    scripts = load_scripts(tmp_path)
+    once, twice = FakeClient("Bram."), FakeClient("Bram.")
+    run_setting(once, scripts, "on", "off", 2, 8, "r1")
+    result = run_setting(twice, scripts, "on", "off", 2, 8, "r1", salts=range(2))
+    assert len(result.probes) == 4 and sorted(p["salt"] for p in result.probes) == [0, 0, 1, 1]
+    first = [s for n, p, s in twice.says if "~s1" not in p]
+    assert first == [s for *_, s in once.says], "seed 0 keeps the original seeds"
+    again = [s for n, p, s in twice.says if "~s1" in p]
+    assert len(again) == 3 and not set(again) & set(first), "other seeds, another player (memories apart)"
+
+
 def test_judge_matches_whole_words_case_insensitively() -> None:
     turn = Turn("q", "identity: name", expect_any=("bram",), forbid=("ai", "language model"))
     assert judge("I'm Bram, friend.", turn) == (True, [])
