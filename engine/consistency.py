@@ -287,7 +287,8 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
         "machine": machine(), "wall_s": round(time.perf_counter() - started, 1),
         "scripts": [s.name for s in scripts], "heldout_scripts": [s.name for s in scripts if s.heldout],
         "probes_per_setting": sum(s.probes for s in scripts) * seeds, "seeds": seeds,
-        "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens, "sampling": "server defaults, fixed seed per turn" + (f", {seeds} seeds" if seeds > 1 else ""),
+        "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens,
+        "sampling": "server defaults, fixed seed per turn" + (f", {seeds} seeds" if seeds > 1 else ""),
         "settings": [summarize(r) for r in results],
     }
 
@@ -327,7 +328,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Persona consistency: {m['name']} ({m['architecture']}, {m['dtype']}, {m['provider']})", "",
              f"{report['date']} · {report['probes_per_setting']} probes per setting from {len(report['scripts'])} "
              f"scripts ({', '.join(report['scripts'])}) · {report['sampling']} · reranking: "
-             f"{report['candidates']} candidates ({report.get('rerank_method', 'both')}) · up to {report['max_new_tokens']} new tokens", ""]
+             f"{report['candidates']} candidates ({report.get('rerank_method', 'both')}) · "
+             f"up to {report['max_new_tokens']} new tokens", ""]
     if held:
         lines += [f"Held out (never used to tune the engine): {', '.join(held)}.", ""]
     if where:
