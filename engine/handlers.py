@@ -67,6 +67,7 @@ class Handlers:
         self.started_at = clock()
         self.prompts = PromptBuilder(model.manifest, model.tokenizer)
         self._eos = frozenset(model.manifest.eos_token_ids)
+        self._restore_npcs()
         # Server-wide counters reported by stats (the server adds clients it had to drop).
         self.counters = {"requests": 0, "rejected": 0, "busy": 0, "internal_errors": 0, "clients_dropped": 0}
         self._ops: dict[Op, Callable[[bytes, protocol.Request], Reply | None]] = {
@@ -96,6 +97,19 @@ class Handlers:
             return protocol.error(request.id if request else None, ErrorCode.INTERNAL,
                                   f"The server failed on this request ({type(exc).__name__}); the error is in its log.",
                                   seq=0 if request is not None and request.op is Op.SAY else None)
+
+    def _restore_npcs(self) -> None:
+        """Personas games gave through ``npc.upsert`` before a restart (or a crash), over the built-in and
+        folder ones. One that no longer validates is skipped with a warning, never a failed start."""
+        restored = 0
+        for npc, data in self.memory.npcs().items():
+            try:
+                self.registry.upsert(npc, Persona.from_dict(data, source=f"saved persona of NPC {npc!r}"))
+                restored += 1
+            except PromptError as exc:
+                log.warning("Not restoring NPC %r from the memory database: %s", npc, exc)
+        if restored:
+            log.info("Restored %d NPC persona(s) given by npc.upsert before this start.", restored)
 
     # --- ops ------------------------------------------------------------------------------------------
 
@@ -136,6 +150,11 @@ class Handlers:
             created = self.registry.upsert(params.npc, persona)
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        try:
+            self.memory.save_npc(params.npc, persona.to_dict())  # on disk before ok: a restart keeps the NPC
+        except Exception:
+            self.registry.restore(params.npc, old)  # all or nothing: the server keeps what the disk has
+            raise
         if old is not None and old != persona:
             # Memories stay: they are saved across restarts, and a game that restyles a built-in NPC at
             # every start must not wipe them each time. memory.clear starts an NPC over.

@@ -64,6 +64,13 @@ class NpcRegistry:
     def get(self, npc: str) -> Persona | None:
         return self._npcs.get(npc)
 
+    def restore(self, npc: str, persona: Persona | None) -> None:
+        """Put back what ``get`` returned before an upsert (None: the NPC did not exist)."""
+        if persona is None:
+            self._npcs.pop(npc, None)
+        else:
+            self._npcs[npc] = persona
+
     def items(self) -> list[tuple[str, Persona]]:
         return sorted(self._npcs.items())
 

@@ -5,6 +5,7 @@ Schema (version in ``PRAGMA user_version``; ``_MIGRATIONS[n]`` brings a file fro
     turns      id, npc, player, line, reply, created        one row per completed exchange
     facts      id, npc, player, text, kind, source, keywords, created, turn_id, embedding (v2)
     summaries  npc, player, text, folded, updated            the rolling summary of folded turns
+    npcs       npc, persona (JSON), updated (v3)              personas games gave through npc.upsert
 
 Durability: WAL journal, ``synchronous=FULL`` by default. A completed turn (player line, NPC
 reply, facts taken from the line, the summary updated for turns leaving the recent window) is one
@@ -22,6 +23,7 @@ built on one thread and run on another (tests, ``npctalk evaluate``); never use 
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -42,7 +44,7 @@ from .memory_embeddings import SentenceEmbedder
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EMBED_PER_RECALL = 8  # facts without an embedding embedded by one recall (a big import catches up over turns)
 _MIGRATIONS = {
     1: """
@@ -62,6 +64,9 @@ _MIGRATIONS = {
     2: """
     ALTER TABLE facts ADD COLUMN embedding BLOB
     """,  # float32 sentence embedding (memory_embeddings), filled by the first recall that needs it
+    3: """
+    CREATE TABLE npcs (npc TEXT PRIMARY KEY, persona TEXT NOT NULL, updated REAL NOT NULL)
+    """,  # npc.upsert survives a restart: the server loads these over its built-in and folder personas
 }
 
 
@@ -162,7 +167,19 @@ class MemoryStore:
                                f"UNION SELECT npc, player FROM summaries {where} ORDER BY 1, 2", args * 3).fetchall()
         return [(n, p) for n, p in rows]
 
+    def npcs(self) -> dict[str, dict[str, Any]]:
+        """Personas saved by ``save_npc`` (as the maps ``npc.upsert`` took), by NPC id."""
+        rows = self.db.execute("SELECT npc, persona FROM npcs ORDER BY npc").fetchall()
+        return {npc: json.loads(persona) for npc, persona in rows}
+
     # --- writing ----------------------------------------------------------------------------------------
+
+    def save_npc(self, npc: str, persona: Mapping[str, Any]) -> None:
+        """Keep an NPC's persona (replacing an older one), committed before this returns."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO npcs (npc, persona, updated) VALUES (?, ?, ?) ON CONFLICT (npc) DO UPDATE SET "
+                       "persona = excluded.persona, updated = excluded.updated",
+                       (npc, json.dumps(dict(persona), ensure_ascii=False, sort_keys=True), self._now()))
 
     def record(self, npc: str, player: str, line: str, reply: str) -> int:
         """Remember one completed exchange and everything it changes, in one transaction; the turn's id."""

@@ -125,6 +125,29 @@ def test_memory_survives_a_restart_and_a_save_slot_restores_it(gpt2_bundle: Path
         proc.stop()
 
 
+def test_an_upserted_npc_survives_kill_9_and_a_restart(gpt2_bundle: Path, tmp_path: Path) -> None:
+    """npc.upsert is on disk before its ok: a server killed right after still knows the NPC (and the
+    latest persona of a re-upserted one) when it comes back on the same memory database."""
+    db = tmp_path / "memory.sqlite3"
+    renamed = {**MIRA, "name": "Mirabel", "role": "the ferrywoman"}
+    proc = start(gpt2_bundle, tmp_path, db)
+    try:
+        assert proc.request("npc.upsert", npc="mira", persona=renamed)["created"] is False
+        assert proc.request("npc.upsert", npc="guard_03", persona={"name": "Hesk", "role": "a gate guard"})["created"]
+        expected = {npc: proc.request("npc.get", npc=npc)["persona"] for npc in ("mira", "guard_03")}
+    finally:
+        assert proc.process is not None
+        proc.process.kill()                      # kill -9: no shutdown path runs
+        proc.process.wait(10)
+    proc = ServerProcess(gpt2_bundle, tmp_path, *ARGS, "--memory-db", str(db)).start()
+    try:
+        assert {npc: proc.request("npc.get", npc=npc)["persona"] for npc in expected} == expected
+        assert expected["mira"]["name"] == "Mirabel"
+        assert say(proc, "Hello there!")["type"] == "done"    # and it answers as that NPC
+    finally:
+        proc.stop()
+
+
 def test_a_save_bigger_than_a_request_frame_imports(server: ServerProcess) -> None:
     """save.import frames may exceed the usual 64 KiB request limit (up to MAX_SAVE_BYTES)."""
     from npctalk.engine import protocol

@@ -133,6 +133,29 @@ def test_upsert_replaces_and_keeps_memories(handlers: Handlers) -> None:
     assert [f.text for f in handlers.memory.facts("mira", "p")] == ["The player's name is Ada."]
 
 
+def test_an_upsert_the_disk_refuses_changes_nothing(handlers: Handlers, monkeypatch: pytest.MonkeyPatch) -> None:
+    from npctalk.engine.errors import StoreError
+
+    def refuse(npc: str, persona: Any) -> None:
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(handlers.memory, "save_npc", refuse)
+    for npc, persona in (("mira", {"name": "Mira", "role": "a witch"}), ("hesk", {"name": "Hesk", "role": "a guard"})):
+        reply = handlers.handle(b"c", frame(id=f"u-{npc}", op="npc.upsert", npc=npc, persona=persona))
+        assert reply is not None and (reply["type"], reply["code"]) == ("error", "internal")
+    assert handlers.registry.get("mira") == MIRA and handlers.registry.get("hesk") is None
+
+
+def test_saved_personas_come_back_and_a_bad_one_is_skipped(gpt2_model: Model) -> None:
+    memory = MemoryStore()
+    memory.save_npc("hesk", {"name": "Hesk", "role": "a gate guard"})
+    memory.save_npc("broken", {"name": "", "role": "nobody"})           # no longer a valid persona
+    scheduler = Scheduler(gpt2_model, SchedulerConfig())
+    restored = Handlers(gpt2_model, scheduler, ServerConfig(), NpcRegistry({"mira": MIRA}), memory)
+    assert restored.registry.get("hesk") == Persona(name="Hesk", role="a gate guard")
+    assert restored.registry.get("broken") is None and restored.registry.get("mira") == MIRA
+
+
 def test_delivery_keeps_seq_and_one_terminal_when_a_client_stops_reading() -> None:
     from npctalk.engine import protocol
     from npctalk.engine.delivery import Delivery, SendResult

@@ -270,11 +270,20 @@ def test_a_version_1_database_is_migrated_and_keeps_its_memories(tmp_path: Path)
     db.commit()
     db.close()
     store = MemoryStore(MemoryConfig(path=str(path)))
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert [f.text for f in store.facts("bram", "p")] == ["The player is kind."]
     columns = [row[1] for row in store.db.execute("PRAGMA table_info(facts)")]
     assert "embedding" in columns
+    assert store.npcs() == {}                               # v3: the npcs table exists, empty
     store.close()
+
+
+def test_saved_npc_personas_round_trip_and_the_latest_wins(store: MemoryStore) -> None:
+    store.save_npc("guard_03", {"name": "Hesk", "role": "a gate guard", "traits": ["wary", "loyal"]})
+    store.save_npc("mira", {"name": "Mira", "role": "the miller"})
+    store.save_npc("mira", {"name": "Mirabel", "role": "the ferrywoman", "description": "Ünïcödé — fine"})
+    assert store.npcs() == {"guard_03": {"name": "Hesk", "role": "a gate guard", "traits": ["wary", "loyal"]},
+                            "mira": {"name": "Mirabel", "role": "the ferrywoman", "description": "Ünïcödé — fine"}}
 
 
 def test_embeddings_on_without_the_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
