@@ -14,7 +14,7 @@ A card is ``{"spec": "chara_card_v2", "spec_version": "2.0", "data": {...}}``; i
     character_book.entries     → lorebook (each entry's other fields kept in LoreEntry.extra)
     extensions                 → extensions, verbatim; ``extensions.npctalk`` may carry persona fields
                                  a card has no slot for (role, background, goals, speaking_style,
-                                 unknowns, example_lines, rerank) and is applied on import
+                                 unknowns, example_lines, rerank, sampling) and is applied on import
     anything else (creator, character_version, unknown fields, top-level V1 copies) → card_extra
 
 ``to_card(from_card(card)) == card`` for a card that spells out the V2 fields; a TOML persona
@@ -37,7 +37,8 @@ _TEXT = {"name": "name", "description": "description", "scenario": "scenario", "
          "post_history_instructions": "post_history", "creator_notes": "creator_notes"}
 _LISTS = {"alternate_greetings": "alternate_greetings", "tags": "tags"}
 _DATA_FIELDS = (*_TEXT, *_LISTS, "personality", "character_book", "extensions")
-_NPCTALK_FIELDS = ("role", "traits", "background", "goals", "speaking_style", "unknowns", "example_lines", "rerank")
+_NPCTALK_FIELDS = ("role", "traits", "background", "goals", "speaking_style", "unknowns", "example_lines", "rerank",
+                   "sampling")
 EXTENSION_KEY = "npctalk"
 
 

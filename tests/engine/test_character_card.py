@@ -67,6 +67,13 @@ def test_toml_persona_survives_a_trip_through_a_card(key: str) -> None:
     assert from_card(card) == persona
 
 
+def test_per_npc_sampling_travels_in_the_card() -> None:
+    persona = Persona.from_dict({**builtin_personas()["bram"].to_dict(), "sampling": {"temperature": 0.3, "top_k": 20}})
+    card = json.loads(json.dumps(to_card(persona)))
+    assert card["data"]["extensions"]["npctalk"]["sampling"] == {"temperature": 0.3, "top_k": 20}
+    assert from_card(card) == persona and from_card(card).sampling == persona.sampling
+
+
 def test_upsert_map_and_to_dict_read_back_the_same_persona() -> None:
     wren = Persona.from_dict(wren_card(), source="upsert")  # npc.upsert passes the card map as is
     assert wren == find_persona("wren")
