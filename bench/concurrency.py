@@ -160,7 +160,7 @@ def main() -> int:
 
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
-              "server_threads": args.threads or "one per core",
+              "server_threads": args.threads or "server default (all cores but one)",
               "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}"

@@ -221,7 +221,7 @@ def main() -> int:
 
     load_start = [round(x, 2) for x in os.getloadavg()]
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "server_threads": args.threads or "one per core", "trials": args.trials, "load_start": load_start,
+              "server_threads": args.threads or "server default (all cores but one)", "trials": args.trials, "load_start": load_start,
               "note": args.note}
     report |= measure(args.model, args.chunks, args.persona_tokens, args.trials, args.threads, args.provider)
     report["load_end"] = [round(x, 2) for x in os.getloadavg()]

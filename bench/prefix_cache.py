@@ -217,7 +217,7 @@ def main() -> int:
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     speedup = ttft["no_cache"]["server_ttft_ms_p50"] / max(ttft["warm"]["server_ttft_ms_p50"], 1e-9)
     report = {"date": date, "machine": machine(), "model": ttft["model"], "persona_prefix_tokens": prefix_tokens,
-              "repeats": args.repeats, "threads": args.threads or "one per core", "ttft": ttft,
+              "repeats": args.repeats, "threads": args.threads or "server default (all cores but one)", "ttft": ttft,
               "warm_vs_no_cache_server_ttft_speedup": round(speedup, 2), "rerank": rerank,
               "server_rerank": server_rerank, "rerank_new_tokens": args.rerank_tokens}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -53,13 +53,22 @@ def test_hello_describes_server_and_model(server: ServerProcess) -> None:
     assert {n["npc"] for n in server.request("npc.list")["npcs"]} >= {"bram", "elda", "tobin", "mira"}
     # How the engine runs, for a game developer checking its settings: as started by ServerProcess.
     model = hello["model"]
-    assert (model["dtype"], model["threads"], model["spin"], model["inplace_kv"]) == ("fp32", 1, True, True)
+    assert (model["dtype"], model["threads"], model["spin"], model["inplace_kv"]) == ("fp32", 1, False, True)
 
 
-def test_no_spin_reaches_the_engine(gpt2_bundle: Path, tmp_path: Path) -> None:
-    proc = ServerProcess(gpt2_bundle, tmp_path, "--no-spin").start()
+def test_serve_leaves_a_core_for_the_game_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from npctalk.engine.cli import server_threads
+
+    for cores, expected in ((1, 1), (2, 1), (8, 7), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert server_threads(None) == expected
+    assert server_threads(3) == 3
+
+
+def test_spin_reaches_the_engine(gpt2_bundle: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(gpt2_bundle, tmp_path, "--spin").start()
     try:
-        assert proc.request("hello")["model"]["spin"] is False
+        assert proc.request("hello")["model"]["spin"] is True
     finally:
         proc.stop()
 
