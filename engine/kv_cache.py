@@ -43,7 +43,7 @@ class KVCache:
         self._values: list[np.ndarray] = [empty] * num_layers
         self._owned = False  # the buffers were allocated by ``reserve`` and nobody else has seen past ``length``
         self.mask = np.zeros((batch_size, 0), dtype=np.int64)  # (batch, length)
-        self.binding: Any = None  # the model's IOBinding of the owned buffers (opaque here; rebuilt when they change)
+        self.binding: Any = None  # the model's IOBinding of the owned buffers (opaque here); None when they change
 
     @classmethod
     def for_manifest(cls, manifest: Manifest, batch_size: int = 1) -> KVCache:
@@ -58,7 +58,8 @@ class KVCache:
 
     @keys.setter
     def keys(self, arrays: Sequence[np.ndarray]) -> None:
-        self._keys, self._owned = list(arrays), False
+        self._keys = list(arrays)
+        self._disown()
 
     @property
     def values(self) -> list[np.ndarray]:
@@ -66,7 +67,8 @@ class KVCache:
 
     @values.setter
     def values(self, arrays: Sequence[np.ndarray]) -> None:
-        self._values, self._owned = list(arrays), False
+        self._values = list(arrays)
+        self._disown()
 
     @property
     def length(self) -> int:
@@ -92,7 +94,12 @@ class KVCache:
             raise GenerationError(f"Expected present keys/values for {self.num_layers} layers, got {len(keys)}/{len(values)}.")
         if any(k.shape[2] != mask.shape[1] for k in keys):
             raise GenerationError(f"present.* lengths {[k.shape[2] for k in keys]} do not match the mask's {mask.shape[1]}.")
-        self._keys, self._values, self.mask, self._owned = list(keys), list(values), mask, False
+        self._keys, self._values, self.mask = list(keys), list(values), mask
+        self._disown()
+
+    def _disown(self) -> None:
+        """The arrays are no longer buffers this cache may write into (nor bound for that)."""
+        self._owned, self.binding = False, None
 
     def reserve(self, needed: int, capacity: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Own buffers with room for ``needed`` positions; return them (key and value buffers per layer).
@@ -112,7 +119,7 @@ class KVCache:
 
             self._keys = [grown(k) for k in self._keys]
             self._values = [grown(v) for v in self._values]
-            self._owned = True
+            self._owned, self.binding = True, None
         return self._keys, self._values
 
     def advance(self, mask: np.ndarray) -> None:
@@ -132,4 +139,4 @@ class KVCache:
         self._keys = [np.ascontiguousarray(k[:, :, :n]) for k in self._keys]
         self._values = [np.ascontiguousarray(v[:, :, :n]) for v in self._values]
         self.mask = np.ascontiguousarray(self.mask[:, :n])
-        self._owned = False
+        self._disown()

@@ -113,6 +113,8 @@ class Model:
         self.inplace_kv = bool(inplace_kv) and self.manifest.graph == "lean" and self.provider == "cpu" \
             and self.io.attention_mask is not None and self.io.position_ids is not None
         self.kv_growth = kv_growth
+        m = self.manifest  # bytes one position of one row takes in every layer's keys and values
+        self._kv_position_bytes = 2 * m.num_layers * m.num_kv_heads * m.head_dim * np.dtype(KV_DTYPES[m.kv_dtype]).itemsize
         log.info("Loaded %s (%s, %d layers, context %d) on %s", self.manifest.name, self.manifest.dtype,
                  self.manifest.num_layers, self.manifest.max_context, self.provider)
 
@@ -158,11 +160,11 @@ class Model:
         writes the new positions into it (shared-buffer mode), so no cache is copied."""
         # Headroom: kv_growth positions, fewer for a big batch so the spare room stays under
         # KV_HEADROOM_BYTES (still one copy per >= 16 steps instead of one per step).
-        per_position = 2 * sum(k.itemsize * k.shape[1] * k.shape[3] for k in cache.keys) * max(1, cache.batch_size)
+        per_position = self._kv_position_bytes * max(1, cache.batch_size)
         growth = min(self.kv_growth, max(16, KV_HEADROOM_BYTES // max(1, per_position)))
         keys, values = cache.reserve(total, min(self.manifest.max_context, total + growth))
-        binding = cache.binding if cache.binding is not None and cache.binding[0] is keys[0] else None
-        if binding is None:  # new buffers: bind them once; later steps only re-bind the small inputs
+        io_binding = cache.binding
+        if io_binding is None:  # new buffers: bind them once; later steps only re-bind the small inputs
             io_binding = self.session.io_binding()
             io_binding.bind_output(self.io.logits)  # output 0 (re-bound below: a new array each step)
             for names, buffers in ((zip(self.io.past_keys, self.io.present_keys), keys),
@@ -171,8 +173,7 @@ class Model:
                     value = ort.OrtValue.ortvalue_from_numpy(buffer)  # wraps the numpy memory, no copy
                     io_binding.bind_ortvalue_input(past, value)
                     io_binding.bind_ortvalue_output(present, value)
-            binding = cache.binding = (keys[0], io_binding)
-        io_binding = binding[1]
+            cache.binding = io_binding
         for name, array in feed.items():
             io_binding.bind_cpu_input(name, array)
         io_binding.bind_output(self.io.logits)

@@ -175,3 +175,28 @@ def test_a_big_batch_grows_by_fewer_positions(llama_bundle: Path, monkeypatch: p
         cache = model.new_cache(rows)
         model.forward(np.full((rows, 3), 7), cache)
         assert cache.capacity - cache.length == room, rows
+
+
+def test_a_prefix_snapshot_does_not_keep_the_live_buffers_alive(pair: tuple[Model, Model]) -> None:
+    """Neither through its arrays nor through what is copied along with the cache (the IOBinding of
+    the buffers): once the live cache is gone, its in-place buffers are freed."""
+    import gc
+    import weakref
+
+    from npctalk.engine.prefix_cache import PrefixCache
+
+    inplace, _ = pair
+    ids = inplace.tokenizer.encode(PROMPT)
+    cache = inplace.new_cache()
+    inplace.forward(np.array([ids[:-1]]), cache)
+    inplace.forward(np.array([ids[-1:]]), cache)                  # a second step through the same binding
+    assert cache.binding is not None and cache.capacity > cache.length
+    buffer = weakref.ref(cache._keys[0])
+    store = PrefixCache(10_000_000)
+    key = PrefixCache.key("bram", ids)
+    assert store.put(key, cache)
+    del cache
+    gc.collect()
+    assert buffer() is None
+    snapshot = store.get(key)
+    assert snapshot is not None and snapshot.binding is None and snapshot.length == len(ids)
