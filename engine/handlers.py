@@ -182,10 +182,10 @@ class Handlers:
         options = self._options(params, persona)
         try:
             recall = self.memory.recall(params.npc, params.player, params.text, params.context)
+            history, memory_notes = self.memory.history(params.npc, params.player), recall.notes()
             prefix = self.prompts.persona_prefix(persona, params.player)  # its KV is shared between turns
-            prompt = self.prompts.build(persona, self.memory.history(params.npc, params.player), params.text,
-                                        params.context, options.max_new_tokens, player=params.player,
-                                        notes=recall.notes(), persona_prefix=prefix)
+            prompt = self.prompts.build(persona, history, params.text, params.context, options.max_new_tokens,
+                                        player=params.player, notes=memory_notes, persona_prefix=prefix)
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
         now = self.clock()
@@ -198,10 +198,9 @@ class Handlers:
             candidates = [dataclasses.replace(say, key=RequestKey(identity, f"{request.id}\x00candidate{i}"),
                                               options=o, meta=None)
                           for i, o in enumerate(candidate_options(options, persona.rerank, seed))]
-            history = self.memory.history(params.npc, params.player)
             grounding = Grounding.build(  # what the candidates are checked against (engine/grounding.py)
                 persona, params.text, player_lines=[t.text for t in history if t.role == "user"],
-                memory=[note for _, note in recall.notes()], player=params.player,
+                memory=[note for _, note in memory_notes], player=params.player,
                 context=[note for _, note in self.prompts.notes(persona, history, params.text, params.context,
                                                                  params.player)])
             scorer = functools.partial(score_candidates, self.model, self.prompts.formatter, persona=persona,
