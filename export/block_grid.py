@@ -101,16 +101,17 @@ def recover_q8_0(weight_kn: np.ndarray) -> GridWeight | None:
     return GridWeight(8, np.ascontiguousarray((q + 128).astype(np.uint8)), scale.astype(np.float32).reshape(-1), None)
 
 
+def _probed(recover_grid: Callable[[np.ndarray], GridWeight | None], weight_kn: np.ndarray) -> GridWeight | None:
+    """``recover_grid`` on a few output channels first (an ordinary float weight fails there, cheaply),
+    then on the whole weight."""
+    return recover_grid(weight_kn) if recover_grid(weight_kn[:, :8]) is not None else None
+
+
 def recover(weight_kn: np.ndarray) -> GridWeight | None:
     """The weight's grid (Q4_1 tried first, then Q8_0), or None when it is on neither."""
     if weight_kn.ndim != 2 or weight_kn.dtype != np.float32:
         return None
-    probe = weight_kn[:, :8]  # a few output channels first: an ordinary float weight fails here, cheaply
-    if recover_q4_1(probe) is not None and (grid := recover_q4_1(weight_kn)) is not None:
-        return grid
-    if recover_q8_0(probe) is not None:
-        return recover_q8_0(weight_kn)
-    return None
+    return _probed(recover_q4_1, weight_kn) or _probed(recover_q8_0, weight_kn)
 
 
 def import_grid_weights(model: onnx.ModelProto, accuracy_level: int) -> dict[str, int]:
@@ -196,7 +197,8 @@ def _gather_q8_0(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], const
     axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
     if table is None or axis != 0 or len(table.dims) != 2:
         return None
-    grid = recover_q8_0(numpy_helper.to_array(table).T) if numpy_helper.to_array(table).dtype == np.float32 else None
+    array = numpy_helper.to_array(table)
+    grid = _probed(recover_q8_0, array.T) if array.dtype == np.float32 else None
     if grid is None:
         return None
     rows, width = table.dims
