@@ -26,6 +26,7 @@ activations to int8 per block, as llama.cpp does for the same Q4_1 weights.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -123,10 +124,7 @@ def import_grid_weights(model: onnx.ModelProto, accuracy_level: int) -> dict[str
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = Counter(name for node in model.graph.node for name in node.input)
     counts = {"exact_4bit": 0, "exact_8bit": 0, "exact_gather": 0}
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
