@@ -1,4 +1,5 @@
-"""What the single-bundle benchmarks (kv.py, threads.py) share: the bundle argument and the results files."""
+"""What the single-bundle benchmarks share: the bundle argument, the results files (kv.py, threads.py) and
+timed greedy decode steps (kv.py, concurrency.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import logging
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +40,21 @@ def write(args: argparse.Namespace, kind: str, report: dict[str, Any], markdown:
     stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
     logging.getLogger(f"bench.{kind}").info("wrote %s.{json,md}", stem)
     return stem
+
+
+def decode_steps_ms(model: Any, context: int, steps: int, warmup: int = 0) -> list[float]:
+    """Milliseconds of each of ``steps`` greedy single-token decode steps (batch 1), after a prefill of
+    ``context`` random token ids and ``warmup`` untimed steps."""
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(100, model.manifest.vocab_size, (1, max(1, context)))
+    cache = model.new_cache()
+    token = int(model.forward(ids, cache)[0].argmax())
+    for _ in range(warmup):
+        token = int(model.forward(np.array([[token]]), cache)[0].argmax())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        token = int(model.forward(np.array([[token]]), cache)[0].argmax())
+        times.append((time.perf_counter() - start) * 1000)
+    return times

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bundle_run import decode_steps_ms
 from npctalk.client import AsyncClient, Client
 from npctalk.engine import protocol
 
@@ -90,20 +91,13 @@ def protocol_cost_us(repeats: int = 20000) -> float:
 
 def engine_step_ms(bundle: Path, prompt_tokens: int, new_tokens: int, threads: int | None) -> float:
     """Median decode step of the same bundle in this process, no server (the engine alone), after a
-    prompt of ``prompt_tokens``: what a token costs without the protocol, loop and sockets."""
-    import numpy as np
+    prompt of ``prompt_tokens``, with the server's threads and spinning: what a token costs without
+    the protocol, loop and sockets."""
+    from npctalk.engine.cli import server_threads
     from npctalk.engine.model import Model
 
-    model = Model(bundle, provider="cpu", intra_op_threads=threads)
-    ids = np.random.default_rng(0).integers(100, model.manifest.vocab_size, (1, max(1, prompt_tokens)))
-    cache = model.new_cache()
-    token = int(model.forward(ids, cache)[0].argmax())
-    steps = []
-    for _ in range(new_tokens - 1):
-        start = time.perf_counter()
-        token = int(model.forward(np.array([[token]]), cache)[0].argmax())
-        steps.append((time.perf_counter() - start) * 1000)
-    return statistics.median(steps)
+    model = Model(bundle, provider="cpu", intra_op_threads=server_threads(threads), spin=False)
+    return statistics.median(decode_steps_ms(model, prompt_tokens, new_tokens - 1))
 
 
 def free_endpoint() -> str:

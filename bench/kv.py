@@ -16,26 +16,18 @@ import datetime as dt
 import logging
 import os
 import platform
-import time
+import statistics
 from typing import Any
 
-import numpy as np
-
-from bench.bundle_run import add_common, parse, write
+from bench.bundle_run import add_common, decode_steps_ms, parse, write
 
 log = logging.getLogger("bench.kv")
 
 
 def step_ms(model: Any, context: int, steps: int) -> float:
-    """Mean milliseconds per decode step after a ``context``-token prefill (greedy, batch 1)."""
-    ids = np.random.default_rng(0).integers(100, model.manifest.vocab_size, (1, context))
-    cache = model.new_cache()
-    token = int(model.forward(ids, cache)[0].argmax())
-    token = int(model.forward(np.array([[token]]), cache)[0].argmax())     # first decode step: warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = int(model.forward(np.array([[token]]), cache)[0].argmax())
-    return (time.perf_counter() - start) / steps * 1000
+    """Mean milliseconds per decode step after a ``context``-token prefill (greedy, batch 1; the first
+    decode step is a warm-up)."""
+    return statistics.fmean(decode_steps_ms(model, context, steps, warmup=1))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
