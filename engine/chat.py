@@ -33,6 +33,7 @@ from .paths import default_bundle_path
 from .persona import DEFAULT_USER, Persona, find_persona
 from .rerank import RerankConfig, best_index, score_candidates
 from .sampling import CHAT_DEFAULTS, SearchOptions
+from .steering import FactSteering
 from .stream import ReplyStream
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,10 @@ class ChatSession:
         body = self._fit(turns, self._formatter.notes_ids(notes))
         self._generator.rewind_to(len(self._prefix))
         self._generator.append_tokens(body)
+        grounding = Grounding.build(self.persona, text, player_lines=[t.text for t in self.history if t.role == "user"],
+                                    context=[note for _, note in notes], player=self.user)
+        self._generator.set_steering(FactSteering.build(grounding, self.model.tokenizer, self.options.fact_bias))
         if self.rerank.enabled:
-            grounding = Grounding.build(self.persona, text, player_lines=[t.text for t in self.history if t.role == "user"],
-                                        context=[note for _, note in notes], player=self.user)
             reply, reason = self._reranked(len(self._prefix) + len(body), grounding)
             if reply:
                 yield reply

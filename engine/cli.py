@@ -46,6 +46,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=d.top_p)
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     parser.add_argument("--no-repeat-ngram", type=int, default=d.no_repeat_ngram_size)
+    parser.add_argument("--fact-bias", type=float, default=d.fact_bias,
+                        help="logit bonus for the words that answer a question about a known fact "
+                        "(persona, memory); 0 = off")
 
 
 def _search_options(args: argparse.Namespace, max_new_tokens: int, seed: int | None = None) -> SearchOptions:
@@ -53,7 +56,7 @@ def _search_options(args: argparse.Namespace, max_new_tokens: int, seed: int | N
     return SearchOptions(
         max_new_tokens=max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram, seed=seed,
+        no_repeat_ngram_size=args.no_repeat_ngram, seed=seed, fact_bias=args.fact_bias,
     )
 
 
@@ -127,6 +130,9 @@ def _consistency_main(argv: Sequence[str]) -> int:
                    help="memory/rerank pairs, e.g. on/off off/off (default: all four)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fact-bias", type=float, default=None,
+                   help="the server's fact steering bias (default: the server's, 0 = off)")
+    p.add_argument("--tag", default="", help="appended to the report's file name (consistency-MODEL-DATE-TAG)")
     p.add_argument("--rejudge", type=Path, default=None, metavar="REPORT.json",
                    help="judge a saved report's replies again under the scripts' current rules (no model run)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -151,8 +157,8 @@ def _consistency_main(argv: Sequence[str]) -> int:
         for bundle in args.bundles or [default_bundle_path()]:
             report = evaluate(bundle, scripts, settings=settings, candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, provider=args.provider, threads=args.threads,
-                              seeds=args.seeds)
-            json_path, _ = write_report(report, args.output)
+                              seeds=args.seeds, fact_bias=args.fact_bias)
+            json_path, _ = write_report(report, args.output, tag=args.tag)
             sys.stdout.write(markdown(report).split("\n## ")[0] + f"\n→ {json_path}\n")
     except NpctalkError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -38,6 +38,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -246,10 +247,12 @@ def summarize(result: SettingResult) -> dict[str, Any]:
 
 def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequence[tuple[str, str]] = SETTINGS,
              candidates: int = 4, max_new_tokens: int = 48, provider: str = "auto",
-             threads: int | None = None, concurrent: bool = True, seeds: int = 1) -> dict[str, Any]:
+             threads: int | None = None, concurrent: bool = True, seeds: int = 1,
+             fact_bias: float | None = None) -> dict[str, Any]:
     """Run every setting on one bundle through an in-process server; the report as a dict.
     ``concurrent``: the scripts of a setting talk to the server at once (batched decoding);
-    ``seeds``: each script is run that many times per setting with other fixed seeds (shares pool them)."""
+    ``seeds``: each script is run that many times per setting with other fixed seeds (shares pool them);
+    ``fact_bias``: the server's fact steering bias (None: the server default; 0: off)."""
     from npctalk.client import Client
 
     from .memory import MemoryConfig
@@ -263,6 +266,8 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
     model = Model(bundle, provider=provider, intra_op_threads=threads)  # type: ignore[arg-type]
     config = ServerConfig(bind="tcp://127.0.0.1:*", memory=MemoryConfig(path=":memory:"), request_timeout_s=600.0,
                           client_timeout_s=600.0, max_new_tokens=max(max_new_tokens, 64))
+    if fact_bias is not None:
+        config = dataclasses.replace(config, defaults=dataclasses.replace(config.defaults, fact_bias=fact_bias))
     server = Server(model, config)
     thread = threading.Thread(target=server.run, name="consistency-server", daemon=True)
     thread.start()
@@ -288,6 +293,7 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
         "scripts": [s.name for s in scripts], "heldout_scripts": [s.name for s in scripts if s.heldout],
         "probes_per_setting": sum(s.probes for s in scripts) * seeds, "seeds": seeds,
         "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens,
+        "fact_bias": config.defaults.fact_bias,
         "sampling": "server defaults, fixed seed per turn" + (f", {seeds} seeds" if seeds > 1 else ""),
         "settings": [summarize(r) for r in results],
     }
@@ -329,7 +335,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['date']} · {report['probes_per_setting']} probes per setting from {len(report['scripts'])} "
              f"scripts ({', '.join(report['scripts'])}) · {report['sampling']} · reranking: "
              f"{report['candidates']} candidates ({report.get('rerank_method', 'both')}) · "
-             f"up to {report['max_new_tokens']} new tokens", ""]
+             f"up to {report['max_new_tokens']} new tokens"
+             + (f" · fact steering bias {report['fact_bias']:g}" if "fact_bias" in report else ""), ""]
     if held:
         lines += [f"Held out (never used to tune the engine): {', '.join(held)}.", ""]
     if where:
@@ -351,10 +358,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+def write_report(report: dict[str, Any], out: str | Path, tag: str = "") -> tuple[Path, Path]:
+    """``consistency-MODEL-DATE[-TAG].json`` and ``.md`` in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"consistency-{report['model']['name']}-{report['date'][:10]}"
+    stem = f"consistency-{report['model']['name']}-{report['date'][:10]}" + (f"-{tag}" if tag else "")
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     md_path.write_text(markdown(report), encoding="utf-8")

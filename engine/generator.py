@@ -32,6 +32,7 @@ from .detokenizer import StreamingDetokenizer
 from .errors import ConfigError, ContextOverflowError, GenerationError
 from .kv_cache import KVCache
 from .sampling import Sampler, SearchOptions
+from .steering import FactSteering
 from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -85,7 +86,12 @@ class Generator:
         self._tokens: list[int] = []
         # Logits (1, vocab) predicting position len(tokens); None until the cache has caught up.
         self._logits: np.ndarray | None = None
+        self._steering: FactSteering | None = None
         self._start_reply(0)
+
+    def set_steering(self, steering: FactSteering | None) -> None:
+        """Nudge the next replies towards stating a fact (``steering.FactSteering``; None: stop)."""
+        self._steering = steering
 
     def _start_reply(self, start: int) -> None:
         self._reply_start = start
@@ -138,8 +144,9 @@ class Generator:
         # 1. Logits for the next position: run the token(s) the cache has not seen yet.
         if self._logits is None:
             self._logits = self._forward_pending()  # (1, vocab)
-        # 2. Process and sample with the whole conversation as history.
-        token = int(self._sampler.next_tokens(self._logits, [self._tokens])[0])
+        # 2. Process and sample with the whole conversation as history (after fact steering's bonus).
+        logits = self._logits if self._steering is None else self._steering.apply(self._logits, self.reply_tokens)
+        token = int(self._sampler.next_tokens(logits, [self._tokens])[0])
         # 3. Record it; its KV is computed lazily by the next step (never for a reply's last token).
         self._tokens.append(token)
         self._logits = None

@@ -30,6 +30,7 @@ from .request import DoneEvent, ErrorEvent, Event, Request, RequestKey, TokenEve
 from .rerank import MAX_SEED, candidate_options, score_candidates
 from .sampling import SearchOptions
 from .scheduler import Scheduler
+from .steering import FactSteering
 from .store import MemoryStore
 
 if TYPE_CHECKING:
@@ -188,21 +189,25 @@ class Handlers:
                                         player=params.player, notes=memory_notes, persona_prefix=prefix)
         except PromptError as exc:
             raise ProtocolError(ErrorCode.TOO_LARGE, str(exc)) from None
+        grounding = None
+        if persona.rerank.enabled or options.fact_bias > 0:
+            grounding = Grounding.build(  # what the NPC was given this turn (engine/grounding.py)
+                persona, params.text, player_lines=[t.text for t in history if t.role == "user"],
+                memory=[note for _, note in memory_notes], player=params.player,
+                context=[note for _, note in self.prompts.notes(persona, history, params.text, params.context,
+                                                                 params.player)])
+        steering = None if grounding is None else FactSteering.build(grounding, self.model.tokenizer, options.fact_bias)
         now = self.clock()
         manifest = self.model.manifest
         say = Request(key, prompt, options, self.model.tokenizer, self._eos, manifest.max_context, received_at=now,
-                      deadline=now + self._timeout_s(params), meta=SayMeta(params.npc, params.player, params.text))
+                      deadline=now + self._timeout_s(params), meta=SayMeta(params.npc, params.player, params.text),
+                      steering=steering)
         cached = len(prefix)  # the prompt opens with it (PromptBuilder.build)
         if persona.rerank.enabled:  # N sampled candidates decode; the best is sent once chosen (PROTOCOL.md)
             seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
             candidates = [dataclasses.replace(say, key=RequestKey(identity, f"{request.id}\x00candidate{i}"),
                                               options=o, meta=None)
                           for i, o in enumerate(candidate_options(options, persona.rerank, seed))]
-            grounding = Grounding.build(  # what the candidates are checked against (engine/grounding.py)
-                persona, params.text, player_lines=[t.text for t in history if t.role == "user"],
-                memory=[note for _, note in memory_notes], player=params.player,
-                context=[note for _, note in self.prompts.notes(persona, history, params.text, params.context,
-                                                                 params.player)])
             scorer = functools.partial(score_candidates, self.model, self.prompts.formatter, persona=persona,
                                        config=persona.rerank, grounding=grounding)
             submitted = self.scheduler.submit_reranked(say, candidates, scorer, (params.npc, cached))

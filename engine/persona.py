@@ -23,6 +23,7 @@ A persona file (``personas/bram.toml``)::
     candidates = 4
     [sampling]                                                # per-NPC sampling defaults (PersonaSampling)
     temperature = 0.6
+    fact_bias = 6.0                                           # fact steering strength (steering.py); 0: off
 
 ``name`` is required, and ``role`` or ``description``. Validation errors name the bad field.
 ``{{char}}`` and ``{{user}}`` (also ``<BOT>``/``<USER>``) are replaced when the persona is rendered:
@@ -70,6 +71,7 @@ class PersonaSampling:
     top_k: int | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    fact_bias: float | None = None
 
     def __post_init__(self) -> None:
         self.apply(SearchOptions(do_sample=True))  # ConfigError naming the bad value

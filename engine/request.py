@@ -30,6 +30,7 @@ from .detokenizer import StreamingDetokenizer
 from .errors import RequestStateError
 from .protocol import ErrorCode
 from .sampling import Sampler, SearchOptions
+from .steering import FactSteering
 from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -105,6 +106,7 @@ class Request:
     received_at: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
     meta: Any = None
+    steering: FactSteering | None = None  # nudges the reply towards the fact asked about (steering.py)
     state: RequestState = RequestState.QUEUED
     cancel_requested: bool = False
     admitted_at: float | None = None
@@ -156,6 +158,8 @@ class Request:
     def choose(self, logits: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None]:
         """Sample the next token from ``logits`` (1, vocab); return the text events it makes and,
         when the reply is over, why (the caller then calls ``finish``)."""
+        if self.steering is not None:
+            logits = self.steering.apply(logits, self.tokens[len(self.prompt_ids):])
         token = int(self._sampler.next_tokens(logits, [self.tokens])[0])  # history: prompt + reply
         self.tokens.append(token)
         if self.first_token_at is None:

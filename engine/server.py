@@ -54,7 +54,7 @@ from .memory import MemoryConfig
 from .model import Model
 from .npcs import NpcRegistry
 from .request import Event
-from .sampling import SearchOptions
+from .sampling import CHAT_DEFAULTS, SearchOptions
 from .scheduler import Scheduler, SchedulerConfig
 from .store import MemoryStore
 from .security import CurveServer, CurveServerConfig
@@ -68,8 +68,7 @@ CLOSE_LINGER_MS = 1000       # how long closing waits to flush the last messages
 
 
 def _default_options() -> SearchOptions:
-    return SearchOptions(max_new_tokens=64, do_sample=True, temperature=0.7, top_k=40, top_p=0.9,
-                         repetition_penalty=1.15, no_repeat_ngram_size=4)
+    return dataclasses.replace(CHAT_DEFAULTS, max_new_tokens=64)  # chat's sampling, shorter replies
 
 
 @dataclass(frozen=True)

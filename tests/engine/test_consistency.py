@@ -158,6 +158,22 @@ def test_a_real_run_through_the_in_process_server(gpt2_bundle: Path, tmp_path: P
     assert markdown(report).count("## memory") == 2
 
 
+def test_fact_steering_is_a_setting_of_the_run_and_named_in_the_report(gpt2_bundle: Path, tmp_path: Path) -> None:
+    # Random weights glue the steered name to whatever follows (" bramkenwait"): match its start.
+    (tmp_path / "small.toml").write_text(SMALL.replace('expect_any = ["bram"]', 'expect_any = ["bram*"]'),
+                                         encoding="utf-8")
+    shares = {}
+    for bias in (0.0, 40.0):
+        report = evaluate(gpt2_bundle, load_scripts(tmp_path), settings=[("on", "off")], max_new_tokens=6,
+                          provider="cpu", threads=1, fact_bias=bias)
+        assert report["fact_bias"] == bias
+        probes = report["settings"][0]["probes"]
+        shares[bias] = [p["consistent"] for p in probes if p["probe"] == "identity: name"]
+        json_path, md_path = write_report(report, tmp_path / "out", tag=f"bias{bias:g}")
+        assert json_path.name.endswith(f"-bias{bias:g}.json") and f"fact steering bias {bias:g}" in md_path.read_text()
+    assert shares == {0.0: [False], 40.0: [True]}, "random weights say the name only when steered"
+
+
 def _rules(probe: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (("bram",), ("ai",)) if probe["probe"].startswith("identity") else ((), ("ai", "arr"))
 

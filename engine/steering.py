@@ -1,0 +1,102 @@
+"""Fact steering: nudge a reply towards stating the fact the player just asked about.
+
+A small chat model often has the answer in its prompt and still does not say it: asked "What is my
+name?" with "The player's name is Mira." in its notes, SmolLM2-135M answers with a name it invents.
+When the player's line asks about a fact the NPC was given (``grounding.asked_facts``: its persona's
+name, role and background, recalled memory, lore, the game context), the words that state that fact
+get a bonus of ``bias`` logits during the reply's first sentence:
+
+* a word's first token gets the bonus until the reply states that word; once a word's first token is
+  out, its next token gets twice the bonus, so the word is completed rather than bent into another
+  ("Ash" → "Ashford", not "Ashfield");
+* each word is tried capitalised and not, after a space ("Mira", " Mira", "mira", " mira"); a
+  spelling without the space only as the reply's first token, so a word is never glued to the one
+  before it ("placedHilde");
+* after the first sentence (the first ``.``, ``!``, ``?`` or line break) nothing is nudged: the rest
+  of the reply is the model's own;
+* words of the player's line are not nudged (echoing the question states nothing).
+
+The bonus is added to the raw logits before the sampler's processors (repetition penalty, n-gram ban,
+temperature, top-k/p), so a strong enough bias makes the word likely without forcing it: the model
+still picks where it goes. ``bias`` 0 turns steering off. Stateless: ``apply`` reads the reply so far.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .grounding import Grounding, asked_facts, words
+from .sampling import CHAT_DEFAULTS
+from .tokenizer import Tokenizer
+
+DEFAULT_BIAS = CHAT_DEFAULTS.fact_bias  # logits
+MAX_WORDS = 12      # at most this many answer words are nudged in one reply
+_SENTENCE_END = re.compile(r"[.!?\n]")
+
+
+@dataclass(frozen=True)
+class FactSteering:
+    """Token spellings of the answer words (one tuple of ids per spelling, grouped by word) and the bias."""
+
+    spellings: tuple[tuple[tuple[int, ...], ...], ...]   # per word: its spellings after a space
+    openers: tuple[tuple[tuple[int, ...], ...], ...]     # per word: its spellings without one
+    words: tuple[str, ...]
+    bias: float
+    tokenizer: Tokenizer
+
+    @classmethod
+    def build(cls, grounding: Grounding, tokenizer: Tokenizer, bias: float = DEFAULT_BIAS) -> FactSteering | None:
+        """Steering for the line ``grounding`` was built with; None when the line asks about no known
+        fact or ``bias`` is 0."""
+        if bias <= 0:
+            return None
+        asked = set(words(grounding.line))
+        answer: list[str] = []
+        for fact in asked_facts(grounding):
+            answer += sorted(w for w in fact.answer if w not in asked and w not in answer)
+        answer = answer[:MAX_WORDS]
+        if not answer:
+            return None
+
+        def spell(lead: str) -> tuple[tuple[tuple[int, ...], ...], ...]:
+            return tuple(tuple(sorted({tuple(tokenizer.encode(f"{lead}{form}")) for form in (w, w.capitalize())} - {()}))
+                         for w in answer)
+
+        return cls(spell(" "), spell(""), tuple(answer), float(bias), tokenizer)
+
+    def bonus(self, reply: Sequence[int]) -> dict[int, float]:
+        """Token id → logit bonus for the next token after ``reply`` (the reply's ids so far)."""
+        if reply and _SENTENCE_END.search(self.tokenizer.decode(list(reply))):
+            return {}
+        out: dict[int, float] = {}
+        for spaced, bare in zip(self.spellings, self.openers):
+            spellings = spaced if reply else spaced + bare
+            if any(_contains(reply, s) for s in spaced + bare):
+                continue  # this word is stated
+            for spelling in spellings:
+                for k in range(min(len(spelling) - 1, len(reply)), 0, -1):  # the word begun: its next token
+                    if tuple(reply[len(reply) - k:]) == spelling[:k]:
+                        out[spelling[k]] = 2.0 * self.bias
+                        break
+                else:
+                    out.setdefault(spelling[0], self.bias)
+        return out
+
+    def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
+        """``logits`` (1, vocab) with the bonus for the next token after ``reply`` added (a copy)."""
+        bonus = self.bonus(reply)
+        if not bonus:
+            return logits
+        out = logits.copy()
+        ids = np.fromiter(bonus, dtype=np.int64)
+        out[:, ids] += np.asarray([bonus[i] for i in bonus], dtype=out.dtype)
+        return out
+
+
+def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:
+    n = len(needle)
+    return any(tuple(haystack[i:i + n]) == tuple(needle) for i in range(len(haystack) - n + 1))

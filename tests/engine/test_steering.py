@@ -1,0 +1,119 @@
+"""Fact steering: which words get a bonus and when, and that a strong bonus makes a real model say them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from npctalk.engine.dialogue import DialogueFormatter, Turn
+from npctalk.engine.errors import ConfigError, PromptError
+from npctalk.engine.generator import Generator, GeneratorParams
+from npctalk.engine.grounding import Grounding
+from npctalk.engine.handlers import Handlers
+from npctalk.engine.model import Model
+from npctalk.engine.npcs import NpcRegistry
+from npctalk.engine.persona import Persona, find_persona
+from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions
+from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+from npctalk.engine.server import ServerConfig
+from npctalk.engine.steering import FactSteering
+from npctalk.engine.store import MemoryStore
+from npctalk.engine.tokenizer import Tokenizer
+
+MEMORY = ["What you remember about the player: The player's name is Mira. The player lost their axe."]
+
+
+def steering(line: str, tokenizer: Tokenizer, bias: float = 4.0) -> FactSteering | None:
+    return FactSteering.build(Grounding.build(find_persona("bram"), line, memory=MEMORY), tokenizer, bias)
+
+
+def test_the_words_of_the_fact_asked_about(byte_tokenizer: Tokenizer) -> None:
+    def nudged(line: str) -> tuple[str, ...] | None:
+        s = steering(line, byte_tokenizer)
+        return None if s is None else s.words
+
+    assert nudged("What is your name?") == ("bram",)
+    assert nudged("Do you remember my name?") == ("mira",), "'my' asks for the player's fact, from memory"
+    assert nudged("What did I tell you I lost?") == ("axe",), "a memory fact sharing a content word"
+    assert nudged("Lovely weather today.") is None, "no question, nothing to steer"
+    assert nudged("Is your name Bram?") is None, "the line already says the answer: echoing it states nothing"
+    assert steering("What is your name?", byte_tokenizer, bias=0.0) is None, "bias 0 is off"
+
+
+def test_first_tokens_then_the_rest_of_a_begun_word_then_nothing(byte_tokenizer: Tokenizer) -> None:
+    s = steering("What is your name?", byte_tokenizer, bias=3.0)
+    assert s is not None
+    spaced, bare = byte_tokenizer.encode(" Bram"), byte_tokenizer.encode("Bram")
+    assert len(spaced) > 1, "the tiny tokenizer splits the name, so continuation is exercised"
+    opening = s.bonus([])
+    assert opening[spaced[0]] == 3.0 and opening[bare[0]] == 3.0, "at the start: with or without a space"
+    well = byte_tokenizer.encode("Well,")
+    middle = s.bonus(well)
+    assert middle.get(spaced[0]) == 3.0
+    assert bare[0] not in middle or bare[0] == spaced[0], "mid-sentence a word is not glued to the one before"
+    begun = s.bonus(well + spaced[:1])
+    assert begun[spaced[1]] == 6.0, "a begun word's next token gets twice the bias"
+    assert s.bonus(well + spaced) == {}, "once said, the word is left alone"
+    assert s.bonus(byte_tokenizer.encode("Hello there. I")) == {}, "only the first sentence is nudged"
+
+
+def test_apply_adds_the_bonus_to_a_copy(byte_tokenizer: Tokenizer) -> None:
+    s = steering("What is your name?", byte_tokenizer)
+    assert s is not None
+    logits = np.zeros((1, byte_tokenizer.vocab_size), dtype=np.float32)
+    out = s.apply(logits, [])
+    assert not logits.any(), "the caller's logits are not changed"
+    assert set(np.flatnonzero(out[0])) == set(s.bonus([])) and out.max() == 4.0
+
+
+def test_fact_bias_is_validated_everywhere_it_can_be_set() -> None:
+    assert CHAT_DEFAULTS.fact_bias > 0, "chat and serve steer by default"
+    with pytest.raises(ConfigError, match="fact_bias"):
+        SearchOptions(fact_bias=-1.0)
+    with pytest.raises(PromptError, match="fact_bias"):
+        Persona.from_dict({"name": "Bram", "role": "smith", "sampling": {"fact_bias": "lots"}})
+    assert Persona.from_dict({"name": "Bram", "role": "smith", "sampling": {"fact_bias": 0}}).sampling \
+        .apply(CHAT_DEFAULTS).fact_bias == 0.0
+
+
+def _generate(model: Model, persona: Persona, line: str, bias: float, seed: int) -> str:
+    formatter = DialogueFormatter(model.manifest, model.tokenizer)
+    system = persona.system_prompt("Mira")
+    prompt = formatter.prompt_ids(system, [Turn("user", line)]) + formatter.generation_prompt_ids()
+    params = GeneratorParams(model)
+    params.set_search_options(CHAT_DEFAULTS, max_new_tokens=12, seed=seed, fact_bias=bias)
+    gen = Generator(model, params)
+    gen.append_tokens(prompt)
+    gen.set_steering(FactSteering.build(Grounding.build(persona, line), model.tokenizer, bias))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return model.tokenizer.decode(gen.reply_tokens)
+
+
+def test_a_strong_bias_makes_a_random_model_say_the_name(llama_model: Model) -> None:
+    persona = Persona(name="Bram", role="the blacksmith")
+    plain = [_generate(llama_model, persona, "What is your name?", 0.0, seed) for seed in range(3)]
+    steered = [_generate(llama_model, persona, "What is your name?", 40.0, seed) for seed in range(3)]
+    assert not any("Bram" in r or "bram" in r for r in plain), plain  # random weights never say it unaided
+    assert all("bram" in r.lower() for r in steered), steered
+
+
+def frame(**fields: Any) -> list[bytes]:
+    return [msgpack.packb({"v": 1, **fields}, use_bin_type=True)]
+
+
+@pytest.mark.parametrize("bias", [0.0, 40.0])
+def test_the_server_steers_a_say_with_the_personas_fact_bias(gpt2_model: Model, bias: float) -> None:
+    persona = Persona.from_dict({"name": "Bram", "role": "the blacksmith", "sampling": {"fact_bias": bias}})
+    scheduler = Scheduler(gpt2_model, SchedulerConfig(max_batch=2, max_queue=2))
+    handlers = Handlers(gpt2_model, scheduler, ServerConfig(), NpcRegistry({"bram": persona}), MemoryStore())
+    handlers.handle(b"c", frame(id="a", op="say", npc="bram", text="What is your name?", max_new_tokens=10, seed=3))
+    messages = []
+    while scheduler.has_work:
+        messages += [handlers.message_for(e) for e in scheduler.step()]
+    done = [m for m in messages if m["type"] == "done"]
+    assert len(done) == 1
+    assert ("bram" in done[0]["text"].lower()) == (bias > 0), done[0]["text"]
