@@ -74,16 +74,15 @@ class FactSteering:
             return {}
         out: dict[int, float] = {}
         for spaced, bare in zip(self.spellings, self.openers):
-            spellings = spaced if reply else spaced + bare
             if any(_contains(reply, s) for s in spaced + bare):
                 continue  # this word is stated
-            for spelling in spellings:
+            for spelling in spaced + bare:
                 for k in range(min(len(spelling) - 1, len(reply)), 0, -1):  # the word begun: its next token
                     if tuple(reply[len(reply) - k:]) == spelling[:k]:
                         out[spelling[k]] = 2.0 * self.bias
                         break
-                else:
-                    out.setdefault(spelling[0], self.bias)
+            for spelling in spaced if reply else spaced + bare:  # a word may start here
+                out.setdefault(spelling[0], self.bias)
         return out
 
     def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:

@@ -57,6 +57,8 @@ def test_first_tokens_then_the_rest_of_a_begun_word_then_nothing(byte_tokenizer:
     begun = s.bonus(well + spaced[:1])
     assert begun[spaced[1]] == 6.0, "a begun word's next token gets twice the bias"
     assert s.bonus(well + spaced) == {}, "once said, the word is left alone"
+    if len(bare) > 1:
+        assert s.bonus(bare[:1])[bare[1]] == 6.0, "a word begun without a space at the start is completed too"
     assert s.bonus(byte_tokenizer.encode("Hello there. I")) == {}, "only the first sentence is nudged"
 
 
