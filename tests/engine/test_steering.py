@@ -119,3 +119,15 @@ def test_the_server_steers_a_say_with_the_personas_fact_bias(gpt2_model: Model, 
     done = [m for m in messages if m["type"] == "done"]
     assert len(done) == 1
     assert ("bram" in done[0]["text"].lower()) == (bias > 0), done[0]["text"]
+
+
+def test_a_chat_session_steers_with_its_options(llama_model: Model) -> None:
+    from npctalk.engine.chat import ChatSession
+
+    persona = Persona(name="Bram", role="the blacksmith")
+    replies = {}
+    for bias in (0.0, 40.0):
+        options = SearchOptions(max_new_tokens=10, do_sample=True, temperature=0.7, seed=5, fact_bias=bias)
+        session = ChatSession(llama_model, persona, options)
+        replies[bias] = "".join(session.say("What is your name?")).lower()
+    assert "bram" not in replies[0.0] and "bram" in replies[40.0], replies
