@@ -48,6 +48,7 @@ monday tuesday wednesday thursday friday saturday sunday january february march 
 august september october november december english yes no well hello hey hi please thanks
 """.split())
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+_ABOUT_PLAYER = re.compile(r"(?i)\bthe player\b")
 _CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
 _CLAIM = re.compile(r"(?i:\bI am|\bI'm|\bmy name is|\bmy name's|\bcall me|\bthey call me)"
@@ -115,7 +116,9 @@ class Grounding:
             facts.append(Fact("npc", topics(text), content(text)))
         for note in memory:
             for sentence in re.split(r"(?<=[.!?])\s+", note):
-                if "player" in sentence.lower():  # "The player's name is Mira." is the player's fact
+                # "The player's name is Mira." is the player's fact; the summary's transcript lines
+                # ('Player: "…"') are not: they would make every word of an old line an answer.
+                if _ABOUT_PLAYER.search(sentence):
                     about = topics(sentence)
                     facts.append(Fact("player", about, content(sentence) - {"name", "named", "called"}))
         return cls(frozenset(name), frozenset(known), tuple(f for f in facts if f.answer), line)

@@ -12,8 +12,9 @@ get a bonus of ``bias`` logits during the reply's first sentence:
 * each word is tried capitalised and not, after a space ("Mira", " Mira", "mira", " mira"); a
   spelling without the space only as the reply's first token, so a word is never glued to the one
   before it ("placedHilde");
-* after the first sentence (the first ``.``, ``!``, ``?`` or line break) nothing is nudged: the rest
-  of the reply is the model's own;
+* after the first sentence (the first ``.``, ``!``, ``?`` or line break), or once two of the words
+  are said, nothing is nudged: the rest of the reply is the model's own (nudging every word of a
+  long fact gave keyword salad: "Dunmore Ashford Plough Hammer …");
 * words of the player's line are not nudged (echoing the question states nothing).
 
 The bonus is added to the raw logits before the sampler's processors (repetition penalty, n-gram ban,
@@ -35,6 +36,7 @@ from .tokenizer import Tokenizer
 
 DEFAULT_BIAS = CHAT_DEFAULTS.fact_bias  # logits
 MAX_WORDS = 12      # at most this many answer words are nudged in one reply
+MAX_STATED = 2      # once the reply has said this many of them, it is left alone
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
 
@@ -72,10 +74,12 @@ class FactSteering:
         """Token id → logit bonus for the next token after ``reply`` (the reply's ids so far)."""
         if reply and _SENTENCE_END.search(self.tokenizer.decode(list(reply))):
             return {}
+        unsaid = [(spaced, bare) for spaced, bare in zip(self.spellings, self.openers)
+                  if not any(_contains(reply, s) for s in spaced + bare)]
+        if len(self.spellings) - len(unsaid) >= MAX_STATED:
+            return {}
         out: dict[int, float] = {}
-        for spaced, bare in zip(self.spellings, self.openers):
-            if any(_contains(reply, s) for s in spaced + bare):
-                continue  # this word is stated
+        for spaced, bare in unsaid:
             for spelling in spaced + bare:
                 for k in range(min(len(spelling) - 1, len(reply)), 0, -1):  # the word begun: its next token
                     if tuple(reply[len(reply) - k:]) == spelling[:k]:

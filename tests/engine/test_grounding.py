@@ -57,3 +57,11 @@ def test_grounding_score_orders_crafted_candidates() -> None:
     assert breaks_character("As an AI, I cannot.") and not breaks_character("I said it again.")
     echo = Grounding.build(bram, "Is your name Bram?")
     assert grounding_score("Bram? Yes.", echo) == 0.0, "repeating the player's own words states nothing"
+
+
+def test_the_summarys_transcript_lines_are_not_facts_about_the_player() -> None:
+    summary = 'Earlier, you talked about this: Player: "I came from Dunmore to buy a plough." You: "Aye."'
+    g = Grounding.build(find_persona("bram"), "What is my name?", memory=[MEMORY[0], summary])
+    player_facts = [set(f.answer) for f in g.facts if f.owner == "player"]
+    assert {"mira"} in player_facts and not any("plough" in f for f in player_facts), player_facts
+    assert "dunmore" in g.known, "its words still ground names"

@@ -131,3 +131,10 @@ def test_a_chat_session_steers_with_its_options(llama_model: Model) -> None:
         session = ChatSession(llama_model, persona, options)
         replies[bias] = "".join(session.say("What is your name?")).lower()
     assert "bram" not in replies[0.0] and "bram" in replies[40.0], replies
+
+
+def test_two_words_said_end_the_steering(byte_tokenizer: Tokenizer) -> None:
+    s = steering("What is your job?", byte_tokenizer)  # the role: blacksmith, ashford, village
+    assert s is not None and len(s.words) == 3
+    assert s.bonus(byte_tokenizer.encode(" the blacksmith")), "one word said: the others are still nudged"
+    assert s.bonus(byte_tokenizer.encode(" the blacksmith of Ashford")) == {}, "two said: the reply is its own"
