@@ -27,8 +27,11 @@ import numpy as np
 
 from npctalk.engine.errors import ConfigError
 from npctalk.engine.generator import Generator, GeneratorParams
+from npctalk.engine.grounding import Grounding
 from npctalk.engine.model import Model
+from npctalk.engine.npcs import render_context
 from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions
+from npctalk.engine.steering import FactSteering
 from npctalk.engine.stream import ReplyStream
 
 from .dataset import Example, load_examples
@@ -46,7 +49,8 @@ SAMPLES_KEPT = 20  # example replies shown in the report
 class EvalOptions:
     """Decoding for evaluation. ``temperature`` 0 is greedy (``seed`` unused); above 0 samples with
     ``top_p``/``top_k`` and the fixed ``seed``. ``repetition_penalty`` 1.0 and ``no_repeat_ngram`` 0
-    are off; ``EvalOptions.shipped()`` decodes as ``npctalk chat`` and ``serve`` do. ``limit`` scores
+    are off; ``fact_bias`` 0 turns fact steering off; ``EvalOptions.shipped()`` decodes as ``npctalk chat``
+    and ``serve`` do, fact steering included. ``limit`` scores
     only the first N examples."""
 
     max_new_tokens: int = 64
@@ -58,6 +62,7 @@ class EvalOptions:
     seed: int = 0
     limit: int | None = None
     provider: str = "auto"
+    fact_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -70,13 +75,13 @@ class EvalOptions:
         d = CHAT_DEFAULTS
         return cls(max_new_tokens=d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
                    repetition_penalty=d.repetition_penalty, no_repeat_ngram=d.no_repeat_ngram_size, seed=seed,
-                   limit=limit, provider=provider)
+                   limit=limit, provider=provider, fact_bias=d.fact_bias)
 
     def search_options(self) -> SearchOptions:
         return SearchOptions(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
                              temperature=self.temperature or 1.0, top_k=self.top_k, top_p=self.top_p,
                              repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram,
-                             seed=self.seed)
+                             seed=self.seed, fact_bias=self.fact_bias)
 
 
 def engine_consistency(candidates: int = 4, max_new_tokens: int = 48) -> ConsistencyScorer:
@@ -99,6 +104,11 @@ def generate_reply(model: Model, encoder: ExampleEncoder, example: Example, opti
     params.set_search_options(options)
     generator = Generator(model, params)
     generator.append_tokens(encoder.prompt_ids(example, options.max_new_tokens))
+    if example.persona is not None and options.fact_bias > 0:  # as the server steers a say (engine/steering.py)
+        grounding = Grounding.build(example.persona, example.prompt,
+                                    player_lines=[t.text for t in example.history if t.role == "user"],
+                                    context=[render_context(example.context)] if example.context else [])
+        generator.set_steering(FactSteering.build(grounding, model.tokenizer, options.fact_bias))
     return ReplyStream(generator, model.tokenizer).read().strip()
 
 
@@ -150,6 +160,7 @@ def evaluate_bundle(bundle: str | Path, test_file: str | Path, options: EvalOpti
         bundle=str(bundle), model=model.manifest.name, test_file=str(test_file), examples=len(examples),
         decoding={"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p,
                   "repetition_penalty": options.repetition_penalty, "no_repeat_ngram": options.no_repeat_ngram,
-                  "seed": options.seed, "max_new_tokens": options.max_new_tokens, "provider": model.provider},
+                  "seed": options.seed, "max_new_tokens": options.max_new_tokens, "fact_bias": options.fact_bias,
+                  "provider": model.provider},
         metrics=metrics, consistency=scores, samples=samples, seconds=time.monotonic() - started,
     )

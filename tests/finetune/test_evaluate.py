@@ -56,7 +56,10 @@ def test_sampled_decoding_is_fixed_by_the_seed(llama_bundle: Path, tiny_data: tu
     assert runs[0].decoding["temperature"] == 1.0 and runs[0].decoding["seed"] == 3
     shipped = EvalOptions.shipped(seed=5, limit=2, provider="cpu")
     assert shipped.search_options() == dataclasses.replace(CHAT_DEFAULTS, seed=5)
-    assert evaluate_bundle(llama_bundle, tiny_data[1], shipped).decoding["repetition_penalty"] == CHAT_DEFAULTS.repetition_penalty
+    shipped_run = evaluate_bundle(llama_bundle, tiny_data[1], shipped)
+    assert shipped_run.decoding["repetition_penalty"] == CHAT_DEFAULTS.repetition_penalty
+    assert shipped_run.decoding["fact_bias"] == CHAT_DEFAULTS.fact_bias > 0, "steered as chat and serve are"
+    assert runs[0].decoding["fact_bias"] == 0.0, "plain evaluation decodes without steering"
 
 
 def test_evaluate_cli_writes_reports_and_comparison(gpt2_bundle: Path, llama_bundle: Path,
