@@ -97,10 +97,14 @@ class ChatSession:
         body = self._fit(turns, self._formatter.notes_ids(notes))
         self._generator.rewind_to(len(self._prefix))
         self._generator.append_tokens(body)
-        grounding = Grounding.build(self.persona, text, player_lines=[t.text for t in self.history if t.role == "user"],
-                                    context=[note for _, note in notes], player=self.user)
-        self._generator.set_steering(FactSteering.build(grounding, self.model.tokenizer, self.options.fact_bias))
+        grounding = None
+        if self.rerank.enabled or self.options.fact_bias > 0:  # as the server: built only when used
+            grounding = Grounding.build(self.persona, text, context=[note for _, note in notes], player=self.user,
+                                        player_lines=[t.text for t in self.history if t.role == "user"])
+        self._generator.set_steering(None if grounding is None else
+                                     FactSteering.build(grounding, self.model.tokenizer, self.options.fact_bias))
         if self.rerank.enabled:
+            assert grounding is not None
             reply, reason = self._reranked(len(self._prefix) + len(body), grounding)
             if reply:
                 yield reply

@@ -29,7 +29,6 @@ from npctalk.engine.errors import ConfigError
 from npctalk.engine.generator import Generator, GeneratorParams
 from npctalk.engine.grounding import Grounding
 from npctalk.engine.model import Model
-from npctalk.engine.npcs import render_context
 from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions
 from npctalk.engine.steering import FactSteering
 from npctalk.engine.stream import ReplyStream
@@ -105,9 +104,10 @@ def generate_reply(model: Model, encoder: ExampleEncoder, example: Example, opti
     generator = Generator(model, params)
     generator.append_tokens(encoder.prompt_ids(example, options.max_new_tokens))
     if example.persona is not None and options.fact_bias > 0:  # as the server steers a say (engine/steering.py)
+        notes = encoder.builder.notes(example.persona, example.history, example.prompt, example.context)
         grounding = Grounding.build(example.persona, example.prompt,
                                     player_lines=[t.text for t in example.history if t.role == "user"],
-                                    context=[render_context(example.context)] if example.context else [])
+                                    context=[note for _, note in notes])  # the prompt's context and lore
         generator.set_steering(FactSteering.build(grounding, model.tokenizer, options.fact_bias))
     return ReplyStream(generator, model.tokenizer).read().strip()
 
