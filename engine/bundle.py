@@ -15,7 +15,10 @@ disk never leaves a folder that looks finished. Layout::
 ONNX I/O contract (names are in ``Manifest.io``)::
 
     input_ids            int64 (batch, seq)
-    attention_mask       int64 (batch, past + seq)
+    attention_mask       int64 (batch, past + seq)         mask layout (every graph but lean CUDA ones)
+    seqlens_k            int32 (batch,)  each row's past + seq - 1    } slots layout (lean CUDA graphs):
+    total_sequence_length  int32 ()    the longest row (or capacity)  } no mask, no padding
+    next_token           int64 (batch, 1, 1): argmax of the logits       } (export/lean/graph.py)
     position_ids         int64 (batch, seq)              only when Manifest.io["position_ids"]
     past_key_values.{i}.key / .value   (batch, kv_heads, past, head_dim)   past may be 0
     logits               float32 (batch, seq, vocab), or (batch, 1, vocab): the last position only
@@ -56,7 +59,13 @@ DEFAULT_IO: dict[str, Any] = {
     "logits": "logits",
     "present_key": "present.{layer}.key",
     "present_value": "present.{layer}.value",
+    # The slots layout (lean CUDA graphs, export/lean/graph.py) takes per-row lengths instead of a mask
+    # and also returns the greedy token; None (or absent, in older manifests) for other graphs.
+    "seqlens_k": "seqlens_k",
+    "total_sequence_length": "total_sequence_length",
+    "next_token": "next_token",
 }
+SLOTS_ROLES = ("seqlens_k", "total_sequence_length", "next_token")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -46,6 +46,14 @@ class GraphIO:
     present_keys: tuple[str, ...]
     present_values: tuple[str, ...]
     id_dtype: type
+    seqlens_k: str | None = None      # the slots layout (lean CUDA graphs): per-row lengths instead of a mask
+    total_length: str | None = None
+    next_token: str | None = None     # slots layout: the logits' argmax, (batch, 1, 1) int64
+
+    @property
+    def slots(self) -> bool:
+        """True for the slots layout (``export/lean/graph.py``): no mask, so rows are never padded."""
+        return self.seqlens_k is not None
 
     @classmethod
     def resolve(cls, manifest: Manifest, session: ort.InferenceSession) -> GraphIO:
@@ -67,8 +75,11 @@ class GraphIO:
             present_keys=tuple(io["present_key"].format(layer=i) for i in layers),
             present_values=tuple(io["present_value"].format(layer=i) for i in layers),
             id_dtype=ORT_INT_TYPES.get(inputs.get(io["input_ids"], ""), np.int64),
+            seqlens_k=optional("seqlens_k"), total_length=optional("total_sequence_length"),
+            next_token=next((n for n in (io.get("next_token") or DEFAULT_IO["next_token"],) if n in outputs), None),
         )
-        fed = {found.input_ids, found.attention_mask, found.position_ids, *found.past_keys, *found.past_values}
+        fed = {found.input_ids, found.attention_mask, found.position_ids, found.seqlens_k, found.total_length,
+               *found.past_keys, *found.past_values}
         missing_in = sorted(n for n in fed - {None} if n not in inputs)
         unknown_in = sorted(set(inputs) - fed)
         missing_out = sorted({found.logits, *found.present_keys, *found.present_values} - outputs)
@@ -78,6 +89,9 @@ class GraphIO:
                 f"outputs {missing_out}, and declares inputs {unknown_in} the engine cannot feed. Re-export the bundle."
             )
         kv_type = ORT_FLOAT_TYPES.get(inputs[found.past_keys[0]]) if found.past_keys else None
+        if found.slots and (found.total_length is None or found.position_ids is None):
+            raise BundleError(f"{manifest.model_file} takes seqlens_k without total_sequence_length/position_ids; "
+                              "it fits no layout the engine knows. Re-export the bundle.")
         if kv_type is not KV_DTYPES[manifest.kv_dtype]:
             raise BundleError(f"The manifest says kv_dtype {manifest.kv_dtype} but the graph's past is "
                               f"{inputs.get(found.past_keys[0]) if found.past_keys else 'absent'}. Re-export the bundle.")
@@ -139,6 +153,12 @@ class Model:
             )
         mask = np.concatenate([cache.mask, np.ones((batch, seq), dtype=np.int64)], axis=1)  # (batch, past + seq)
         feed: dict[str, np.ndarray] = {self.io.input_ids: ids}
+        if self.io.slots:  # lengths instead of a mask: every row is all real tokens (batch.py never pads these)
+            if not mask.all():
+                raise GenerationError("This bundle's graph has the slots layout (no attention mask), so it cannot "
+                                      "run a left-padded batch; decode its streams one row each, or with engine/slots.py.")
+            feed[self.io.seqlens_k] = np.full(batch, total - 1, dtype=np.int32)
+            feed[self.io.total_length] = np.array(total, dtype=np.int32)
         if self.io.attention_mask:
             feed[self.io.attention_mask] = mask.astype(self.io.id_dtype)
         if self.io.position_ids:
@@ -182,7 +202,10 @@ class Model:
         return io_binding.get_outputs()[0].numpy()  # logits (batch, 1, vocab)
 
 
-def _create_session(model_file: Path, provider: str, intra_op_threads: int | None, spin: bool = True) -> ort.InferenceSession:
+def _create_session(model_file: Path, provider: str, intra_op_threads: int | None, spin: bool = True,
+                    cuda_options: dict[str, str] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session on CUDA (``cuda``; ``auto`` when usable) or the CPU. ``cuda_options``:
+    the CUDA provider's options (``engine/slots.py`` turns on CUDA graphs with them)."""
     if provider not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}.")
     if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
@@ -203,7 +226,8 @@ def _create_session(model_file: Path, provider: str, intra_op_threads: int | Non
             # A machine without CUDA libraries makes ONNX Runtime log an error before falling back;
             # for "auto" that fallback is expected, so keep the game's console quiet and log it ourselves.
             ort.set_default_logger_severity(4)
-        session = ort.InferenceSession(str(model_file), options, providers=[CUDA, CPU] if want_cuda else [CPU])
+        providers: list[Any] = [(CUDA, cuda_options or {}), CPU] if want_cuda else [CPU]
+        session = ort.InferenceSession(str(model_file), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
         raise BundleError(f"ONNX Runtime cannot load {model_file}: {exc}") from exc
     finally:

@@ -30,6 +30,7 @@ from . import sources
 from .chat_format import chat_format_from_tokenizer, end_of_turn_ids
 from .convert import convert_to_onnx, describe_graph
 from .lean import build_lean_graph
+from .lean.graph import LAYOUTS
 from .notices import resolve_license
 from .optimize import optimize
 from .progress import Stages
@@ -53,6 +54,9 @@ class ExportOptions:
         stores those very blocks), fp16 on CUDA, fp32 otherwise.
     device: ``cpu`` | ``cuda``, the execution provider the bundle is validated on and meant for.
     graph: ``lean`` (npctalk's fused graph, a few nodes per layer) | ``optimum`` (optimum's traced export).
+    layout: the lean graph's inputs (``export/lean/graph.py``): ``mask`` (attention mask, left-padded
+        batches; the CPU), ``slots`` (per-row lengths; CUDA's GroupQueryAttention takes no mask, and
+        ``engine/slots.py`` decodes it with CUDA graphs) or ``auto`` (slots on CUDA, else mask).
     atol: validation limit, absolute, in logit units; None = the dtype's default (``validate.TOLERANCES``).
     force: rebuild even if ``output`` holds a bundle, or an incomplete folder.
     """
@@ -62,6 +66,7 @@ class ExportOptions:
     atol: float | None = None
     force: bool = False
     graph: str = DEFAULT_GRAPH
+    layout: str = AUTO
 
     def __post_init__(self) -> None:
         if self.dtype not in (AUTO, *DTYPES):
@@ -72,6 +77,17 @@ class ExportOptions:
             raise ConfigError(f"graph must be one of {', '.join(GRAPHS)}, got {self.graph!r}.")
         if self.atol is not None and not self.atol >= 0:
             raise ConfigError(f"atol must be a number >= 0, got {self.atol!r}.")
+        if self.layout not in (AUTO, *LAYOUTS):
+            raise ConfigError(f"layout must be one of {AUTO}, {', '.join(LAYOUTS)}, got {self.layout!r}.")
+        if self.layout == "slots" and self.graph != "lean":
+            raise ConfigError("layout 'slots' is a lean-graph layout; use --graph lean.")
+
+    @property
+    def resolved_layout(self) -> str:
+        """``mask`` or ``slots``: what ``auto`` means for this device and graph."""
+        if self.layout != AUTO:
+            return self.layout
+        return "slots" if self.graph == "lean" and self.device == "cuda" else "mask"
 
 
 def auto_dtype(source: str | Path, device: str = "cpu") -> str:
@@ -84,15 +100,17 @@ def auto_dtype(source: str | Path, device: str = "cpu") -> str:
 
 
 def default_output(source: str | Path, dtype: str = AUTO, device: str = "cpu") -> Path:
-    """``bundles_dir()/<model name>[-<dtype>]``, no suffix for the source's ``auto`` dtype;
-    ``default`` in its auto dtype is ``paths.default_bundle_path()``."""
+    """``bundles_dir()/<model name>[-<dtype>][-cuda]``, no dtype suffix for the source's ``auto`` dtype;
+    ``default`` in its auto dtype on the CPU is ``paths.default_bundle_path()``. CUDA bundles get their
+    own folder, so building one never replaces the CPU bundle the engine runs by default."""
     info = sources.identify(source)
     if info.kind == "gguf-wheel":
         name = paths.DEFAULT_MODEL_NAME
     else:
         name = re.sub(r"[^a-z0-9._-]+", "-", info.id.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower())
     plain = dtype in (AUTO, auto_dtype(source, device))
-    return paths.bundles_dir() / (name if plain else f"{name}-{dtype}")
+    name = name if plain else f"{name}-{dtype}"
+    return paths.bundles_dir() / (f"{name}-cuda" if device == "cuda" else name)
 
 
 def export_bundle(source: str | Path, output: str | Path | None = None, options: ExportOptions = ExportOptions()) -> Path:
@@ -153,17 +171,18 @@ def _reusable(output: Path, requested: SourceInfo, options: ExportOptions, *, re
             f"{output} exists but is not a complete bundle (an interrupted export, or another folder); "
             "remove it or pass --force to rebuild it."
         ) from None
-    have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device, manifest.graph)
-    want = (requested.kind, requested.id, options.dtype, options.device, options.graph)
+    layout = "slots" if manifest.io.get("seqlens_k") else "mask"
+    have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device, manifest.graph, layout)
+    want = (requested.kind, requested.id, options.dtype, options.device, options.graph, options.resolved_layout)
     if have != want and replace_stale and have[:2] == want[:2]:
-        log.info("Rebuilding the cached bundle at %s: it was built as (%s, %s, %s graph), (%s, %s, %s graph) is asked for.",
-                 output, *have[2:], *want[2:])
+        log.info("Rebuilding the cached bundle at %s: it was built as (%s, %s, %s graph, %s layout), "
+                 "(%s, %s, %s graph, %s layout) is asked for.", output, *have[2:], *want[2:])
         return False
     if have != want:
         raise ExportError(
             f"{output} already holds a bundle of {manifest.source.id} ({manifest.dtype}, {manifest.device}, "
-            f"{manifest.graph} graph), not {requested.id} ({options.dtype}, {options.device}, {options.graph} graph); "
-            "pass --force to replace it or choose another --output."
+            f"{manifest.graph} graph, {layout} layout), not {requested.id} ({options.dtype}, {options.device}, "
+            f"{options.graph} graph, {options.resolved_layout} layout); pass --force to replace it or choose another --output."
         )
     log.info("Bundle already exists at %s; nothing to do (pass --force to rebuild).", output)
     return True
@@ -273,8 +292,10 @@ def _write_graph(model: Any, architecture: str, folder: Path, options: ExportOpt
     # as its own (hidden, vocab) MatMul: the quantizers need a constant MatMul weight, and rewriting
     # the tied Gemm(transB=1) would transpose the embedding its Gather still reads.
     built = options.dtype if options.dtype in ("fp32", "fp16") else "fp32"
-    stages.next(f"exporting the lean ONNX graph (written from the weights; {built}, KV cache)")
-    model_path = build_lean_graph(model, architecture, folder, built, untie_lm_head=built != options.dtype)
+    stages.next(f"exporting the lean ONNX graph (written from the weights; {built}, KV cache, "
+                f"{options.resolved_layout} layout)")
+    model_path = build_lean_graph(model, architecture, folder, built, untie_lm_head=built != options.dtype,
+                                  layout=options.resolved_layout)
     stages.next(f"converting the graph to {options.dtype}")
     if built == options.dtype:
         log.info("%s: the lean graph was written in this precision", options.dtype)

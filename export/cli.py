@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoder graph builder: lean (npctalk's fused graph, a few nodes per layer, "
                              "last-position logits) or optimum (optimum's traced export); "
                              f"default {DEFAULT_GRAPH}")
+    parser.add_argument("--layout", choices=("auto", "mask", "slots"), default="auto",
+                        help="lean graph inputs: mask (attention mask, left-padded batches; the CPU) or slots "
+                             "(per-row lengths: what CUDA runs, decoded with CUDA graphs); default auto: "
+                             "slots with --device cuda, else mask")
     parser.add_argument("--atol", type=float, default=None,
                         help="validation limit on |ONNX - PyTorch| logits, absolute (default: per dtype, "
                              "see npctalk.export.validate.TOLERANCES)")
@@ -66,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> ExportOptions:
     """The one place command-line arguments become ``ExportOptions``."""
-    return ExportOptions(dtype=args.dtype, device=args.device, atol=args.atol, force=args.force, graph=args.graph)
+    return ExportOptions(dtype=args.dtype, device=args.device, atol=args.atol, force=args.force, graph=args.graph,
+                         layout=args.layout)
 
 
 @contextmanager

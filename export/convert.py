@@ -123,11 +123,21 @@ def describe_graph(model_path: Path, num_layers: int) -> GraphIO:
         raise ExportError(
             f"The exported graph lacks {missing[:4]} (inputs {sorted(inputs)}); it does not fit the bundle contract."
         )
+    slots = io["seqlens_k"] in inputs
     for role in ("attention_mask", "position_ids"):
-        if role not in inputs:
+        if role not in inputs and not (slots and role == "attention_mask"):
             log.warning("The exported graph has no %s input; the runtime cannot batch left-padded streams with it.", role)
+        if role not in inputs:
             io[role] = None
-    extra = sorted(set(inputs) - {v for v in io.values() if v} - {io["past_key"].format(layer=i) for i in range(num_layers)}
+    for role in ("seqlens_k", "total_sequence_length"):  # the slots layout's inputs (lean CUDA graphs)
+        if io[role] not in inputs:
+            io[role] = None
+    if io["next_token"] not in outputs:
+        io["next_token"] = None
+    if slots and (io["total_sequence_length"] is None or io["position_ids"] is None):
+        raise ExportError("The graph takes seqlens_k but not total_sequence_length and position_ids; "
+                          "it fits neither the mask nor the slots layout.")
+    extra = sorted(set(inputs) - {v for v in io.values() if isinstance(v, str)} - {io["past_key"].format(layer=i) for i in range(num_layers)}
                    - {io["past_value"].format(layer=i) for i in range(num_layers)})
     if extra:
         raise ExportError(f"The exported graph has inputs the bundle contract does not know: {extra}.")

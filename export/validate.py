@@ -10,7 +10,7 @@ Two checks, both recorded in ``validation.json``:
    with the model's logit range, so one default fits a 2-layer toy and a 30-layer model). An explicit
    ``atol`` (``--atol``) replaces the whole limit with that absolute number. Top-1 agreement (same
    argmax of the last position's logits) is reported per step; for int8 it is the useful measure.
-2. **Left padding**: a left-padded batch of two must give the same logits for its real tokens as
+2. **Left padding** (mask layout): a left-padded batch of two must give the same logits for its real tokens as
    the shorter prompt alone (prefill and 2 decode steps), and the same ``present.*`` at its real
    positions (so padding leaking into any position's keys/values is caught even when the graph
    returns last-position logits only), so the runtime can batch NPC streams.
@@ -118,7 +118,10 @@ class OnnxDecoder:
             raise ExportError("--device cuda was asked for, but onnxruntime cannot use CUDA on this machine "
                               "(no NVIDIA GPU or CUDA libraries); validate with --device cpu.")
         self.provider = self.session.get_providers()[0]
-        self.io, self.num_layers = io, num_layers
+        declared = {i.name for i in self.session.get_inputs()}  # optional roles the graph lacks are fed nothing
+        optional = ("attention_mask", "position_ids", "seqlens_k", "total_sequence_length")
+        self.io = {**io, **{role: None for role in optional if io.get(role) not in declared}}
+        self.num_layers = num_layers
         self.past_names = [io[f"past_{kv}"].format(layer=i) for i in range(num_layers) for kv in ("key", "value")]
         self.present_names = [io[f"present_{kv}"].format(layer=i) for i in range(num_layers) for kv in ("key", "value")]
         first = next(i for i in self.session.get_inputs() if i.name == self.past_names[0])
@@ -143,6 +146,11 @@ class OnnxDecoder:
             feed[self.io["attention_mask"]] = mask.astype(np.int64)
         if self.io.get("position_ids"):
             feed[self.io["position_ids"]] = positions.astype(np.int64)
+        if self.io.get("seqlens_k"):  # slots layout: lengths instead of a mask, so rows are never padded
+            if not mask.all():
+                raise ValidationError("A slots-layout graph (no attention_mask) cannot take a padded batch.")
+            feed[self.io["seqlens_k"]] = np.full(ids.shape[0], mask.shape[1] - 1, np.int32)
+            feed[self.io["total_sequence_length"]] = np.array(mask.shape[1], np.int32)
         feed.update(zip(self.past_names, past, strict=True))
         out = self.session.run([self.io["logits"], *self.present_names], feed)
         want = 1 if self.last_only else ids.shape[1]
@@ -204,6 +212,9 @@ def check_parity(decoder: OnnxDecoder, model: Any, prompt_ids: list[int], tol: T
 
 def check_left_padding(decoder: OnnxDecoder, prompt_ids: list[int], pad_id: int, tol: Tolerance) -> dict[str, Any]:
     """A left-padded batch of 2 vs the shorter prompt alone; max logit difference on its real tokens."""
+    if decoder.io.get("seqlens_k"):
+        return {"supported": False, "reason": "slots layout: streams are never padded, each keeps its own KV slot "
+                                              "(engine/slots.py; its tests compare batched slots with single streams)"}
     if not (decoder.io.get("attention_mask") and decoder.io.get("position_ids")):
         return {"supported": False, "reason": "the graph has no attention_mask/position_ids input"}
     short, full = prompt_ids[: max(2, len(prompt_ids) - 3)], prompt_ids

@@ -29,11 +29,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
-def _export(source: Path, out: Path) -> Path:
+def _export(source: Path, out: Path, layout: str = "auto") -> Path:
     from npctalk.export.api import ExportOptions, export_bundle
 
     logging.getLogger("npctalk").setLevel(logging.INFO)
-    return export_bundle(source, out, ExportOptions(dtype="fp32"))
+    return export_bundle(source, out, ExportOptions(dtype="fp32", layout=layout))
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +46,18 @@ def gpt2_bundle(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 def llama_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 bundle of the tiny Llama (chat-template dialogue format)."""
     return _export(tiny_llama_dir, tmp_path_factory.mktemp("bundles") / "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_slots_bundle(tiny_gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 lean bundle of the tiny GPT-2 in the slots layout (what CUDA bundles use), on the CPU."""
+    return _export(tiny_gpt2_dir, tmp_path_factory.mktemp("bundles") / "gpt2-slots", "slots")
+
+
+@pytest.fixture(scope="session")
+def llama_slots_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 lean bundle of the tiny Llama in the slots layout, on the CPU."""
+    return _export(tiny_llama_dir, tmp_path_factory.mktemp("bundles") / "llama-slots", "slots")
 
 
 @pytest.fixture(params=["gpt2", "llama"])

@@ -30,7 +30,7 @@ BUILDERS = {"gpt2": gpt2.build, "llama": llama.build}
 
 
 def build_lean_graph(model: Any, architecture: str, out_dir: Path, dtype: str = "fp32",
-                     untie_lm_head: bool = False) -> Path:
+                     untie_lm_head: bool = False, layout: str = "mask") -> Path:
     """Write ``model``'s lean decoder graph to ``out_dir/model.onnx``; return the path.
 
     ``dtype``: ``fp32`` or ``fp16`` (weights, activations and KV cache; logits stay float32).
@@ -43,7 +43,7 @@ def build_lean_graph(model: Any, architecture: str, out_dir: Path, dtype: str = 
     if model.config.vocab_size != model.get_output_embeddings().weight.shape[0]:
         raise UnsupportedModelError("The LM head's size differs from config.vocab_size; use --graph optimum.")
     builder = GraphBuilder(f"npctalk-lean-{architecture}", dtype)
-    build(model, builder, dict(DEFAULT_IO), untie_lm_head=untie_lm_head)
+    build(model, builder, dict(DEFAULT_IO), untie_lm_head=untie_lm_head, layout=layout)
     onnx_model = builder.model("npctalk-lean")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
@@ -54,6 +54,6 @@ def build_lean_graph(model: Any, architecture: str, out_dir: Path, dtype: str = 
     optimize.save(onnx_model, path, external=weight_bytes > optimize.EXTERNAL_DATA_BYTES)
     if not path.is_file():
         raise ExportError(f"Writing the lean graph to {path} produced no file.")
-    log.info("Lean ONNX graph written: %s (%d nodes for %d layers, %.1f MB of weights, %s)", path,
-             len(onnx_model.graph.node), model.config.num_hidden_layers, weight_bytes / 1e6, dtype)
+    log.info("Lean ONNX graph written: %s (%d nodes for %d layers, %.1f MB of weights, %s, %s layout)", path,
+             len(onnx_model.graph.node), model.config.num_hidden_layers, weight_bytes / 1e6, dtype, layout)
     return path

@@ -43,7 +43,8 @@ def check_supported(config: Any) -> None:
         )
 
 
-def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool = False) -> None:
+def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool = False,
+          layout: str = "mask") -> None:
     """Write ``model`` (a transformers ``GPT2LMHeadModel``, fp32) into ``b``."""
     config = model.config
     check_supported(config)
@@ -52,7 +53,7 @@ def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool =
     head_dim, eps = hidden // heads, float(config.layer_norm_epsilon)
     scale = 1.0 / head_dim ** 0.5 if getattr(config, "scale_attn_weights", True) else 1.0
     act = _ACTIVATIONS[config.activation_function]
-    inputs = decoder_inputs(b, io, layers, heads, head_dim)
+    inputs = decoder_inputs(b, io, layers, heads, head_dim, layout)
     tied = model.lm_head.weight.data_ptr() == tr.wte.weight.data_ptr() and not untie_lm_head
 
     wte = b.weight("transformer.wte.weight", numpy(tr.wte.weight))                    # (vocab, hidden)
@@ -78,7 +79,7 @@ def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool =
     x, _ = _skip_norm(b, "/transformer/ln_f", stream, skip, skip_bias, tr.ln_f, "transformer.ln_f", eps)
     last = last_position(b, x)                                                             # (batch, 1, hidden)
     lm_head(b, last, io, wte if tied else None, None if tied else numpy(model.lm_head.weight).T)
-    declare_outputs(b, io, layers, heads, head_dim, config.vocab_size)
+    declare_outputs(b, io, layers, heads, head_dim, config.vocab_size, layout)
 
 
 def _skip_norm(b: GraphBuilder, name: str, stream: str, skip: str, bias: Any, ln: Any, weight: str,

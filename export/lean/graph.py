@@ -21,6 +21,18 @@ parity tests:
 
 Rotary embeddings are a separate ``RotaryEmbedding`` node fed ``position_ids``, because
 GroupQueryAttention's own rotary reads only the first position of a prompt (wrong for left padding).
+
+Two input layouts (``LAYOUTS``):
+
+- ``mask`` (above): ``attention_mask`` in, left padding for batches. ONNX Runtime's CUDA
+  GroupQueryAttention refuses ``attention_bias``, so this layout runs on the CPU only.
+- ``slots`` (CUDA bundles): no mask; ``seqlens_k`` (batch,) int32 (each row's total length - 1)
+  and ``total_sequence_length`` () int32 (the longest row, or the KV buffer's capacity in a
+  shared-buffer decode step) are inputs. Each row's keys start at position 0 and rows may differ
+  in length (no padding), so a fixed set of KV "slots" can be decoded together in place with no
+  shape that changes from step to step: what CUDA graph capture needs (``engine/slots.py``). The
+  graph has no shape arithmetic at all, and also returns ``next_token`` (batch, 1, 1) int64, the
+  argmax of the logits, so greedy decoding copies one integer per row back from the GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ INT64_MAX = np.iinfo(np.int64).max
 
 _ORT_ONLY_OPS = ("SimplifiedLayerNormalization",)  # in the default domain, but known to ONNX Runtime only
 FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+LAYOUTS = ("mask", "slots")
 
 
 class GraphBuilder:
@@ -117,18 +130,28 @@ class DecoderInputs:
     position_ids: str      # (batch, seq) int64
     seqlens_k: str         # (batch,) int32, total length - 1
     total_length: str      # () int32, past + seq
-    attention_bias: str    # (batch, 1, seq, past + seq) float, MASKED on padded keys
+    attention_bias: str | None  # (batch, 1, seq, past + seq) float, MASKED on padded keys; None in the slots layout
 
 
-def decoder_inputs(b: GraphBuilder, io: dict[str, Any], num_layers: int, kv_heads: int, head_dim: int) -> DecoderInputs:
-    """Declare the contract's inputs and build the attention bias and lengths from ``attention_mask``."""
+def decoder_inputs(b: GraphBuilder, io: dict[str, Any], num_layers: int, kv_heads: int, head_dim: int,
+                   layout: str = "mask") -> DecoderInputs:
+    """Declare the contract's inputs; in the ``mask`` layout, build the attention bias and lengths from
+    ``attention_mask``; in the ``slots`` layout the lengths are inputs themselves."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
     ids = b.add_input(io["input_ids"], TensorProto.INT64, ["batch_size", "sequence_length"])
-    mask = b.add_input(io["attention_mask"], TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    mask = "" if layout == "slots" else b.add_input(io["attention_mask"], TensorProto.INT64,
+                                                     ["batch_size", "total_sequence_length"])
     positions = b.add_input(io["position_ids"], TensorProto.INT64, ["batch_size", "sequence_length"])
+    if layout == "slots":
+        seqlens_k = b.add_input(io["seqlens_k"], TensorProto.INT32, ["batch_size"])
+        total = b.add_input(io["total_sequence_length"], TensorProto.INT32, [])
     for layer in range(num_layers):
         for kind in ("key", "value"):
             b.add_input(io[f"past_{kind}"].format(layer=layer), b.onnx_float,
                         ["batch_size", kv_heads, "past_sequence_length", head_dim])
+    if layout == "slots":
+        return DecoderInputs(ids, positions, seqlens_k, total, None)
     # Lengths: all rows share the physical length past + seq (left padding is masked, not skipped).
     batch = b.one("Shape", [mask], "/attn_mask/batch", start=0, end=1)                  # (1,) int64
     total = b.one("Shape", [mask], "/attn_mask/total", start=1, end=2)                  # (1,) int64
@@ -162,16 +185,20 @@ def attention(b: GraphBuilder, prefix: str, layer: int, io: dict[str, Any], inpu
     if scale is not None:
         attrs["scale"] = float(scale)
     out = f"{prefix}/attn/GroupQueryAttention/output_0"
-    b.node("GroupQueryAttention",
-           [*q_k_v, *past, inputs.seqlens_k, inputs.total_length, "", "", "", inputs.attention_bias],
+    bias = ["", "", "", inputs.attention_bias] if inputs.attention_bias else []
+    b.node("GroupQueryAttention", [*q_k_v, *past, inputs.seqlens_k, inputs.total_length, *bias],
            f"{prefix}/attn/GroupQueryAttention", [out, *present], MS, **attrs)
     return out
 
 
 def declare_outputs(b: GraphBuilder, io: dict[str, Any], num_layers: int, kv_heads: int, head_dim: int,
-                    vocab: int) -> None:
-    """logits (batch, 1, vocab) float32 and present.{i}.key/value (batch, kv_heads, total, head_dim)."""
+                    vocab: int, layout: str = "mask") -> None:
+    """logits (batch, 1, vocab) float32 and present.{i}.key/value (batch, kv_heads, total, head_dim);
+    in the slots layout also next_token (batch, 1, 1) int64, the logits' argmax."""
     b.add_output(io["logits"], TensorProto.FLOAT, ["batch_size", 1, vocab])
+    if layout == "slots":
+        b.node("ArgMax", [io["logits"]], "/next_token/ArgMax", [io["next_token"]], axis=-1, keepdims=1)
+        b.add_output(io["next_token"], TensorProto.INT64, ["batch_size", 1, 1])
     for layer in range(num_layers):
         for kind in ("key", "value"):
             b.add_output(io[f"present_{kind}"].format(layer=layer), b.onnx_float,

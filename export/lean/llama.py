@@ -57,14 +57,15 @@ def rotary_tables(model: Any, max_positions: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(freqs) * scaling, np.sin(freqs) * scaling
 
 
-def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool = False) -> None:
+def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool = False,
+          layout: str = "mask") -> None:
     """Write ``model`` (a transformers ``LlamaForCausalLM``, fp32) into ``b``."""
     config = model.config
     check_supported(config)
     layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     eps = float(config.rms_norm_eps)
-    inputs = decoder_inputs(b, io, layers, kv_heads, head_dim)
+    inputs = decoder_inputs(b, io, layers, kv_heads, head_dim, layout)
     embed_tokens = model.model.embed_tokens
     tied = model.lm_head.weight.data_ptr() == embed_tokens.weight.data_ptr() and not untie_lm_head
 
@@ -103,7 +104,7 @@ def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool =
     x, _ = _rms_norm(b, "/model/norm", stream, residual, model.model.norm, "model.norm", eps)
     last = last_position(b, x)                                                             # (batch, 1, hidden)
     lm_head(b, last, io, embed if tied else None, None if tied else numpy(model.lm_head.weight).T)
-    declare_outputs(b, io, layers, kv_heads, head_dim, config.vocab_size)
+    declare_outputs(b, io, layers, kv_heads, head_dim, config.vocab_size, layout)
 
 
 def _linear(b: GraphBuilder, name: str, x: str, linear: Any, weight: str) -> str:

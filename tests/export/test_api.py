@@ -75,7 +75,8 @@ def test_default_output_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert default_output("default", "int4") == paths.default_bundle_path()
     assert default_output("default", "fp32") == paths.bundles_dir() / "smollm2-135m-instruct-fp32"
     assert default_output("microsoft/DialoGPT-small", "fp32") == paths.bundles_dir() / "dialogpt-small"
-    assert default_output("microsoft/DialoGPT-small", "fp16", "cuda") == paths.bundles_dir() / "dialogpt-small"
+    assert default_output("microsoft/DialoGPT-small", "fp16", "cuda") == paths.bundles_dir() / "dialogpt-small-cuda"
+    assert default_output("default", "fp16", "cuda") == paths.bundles_dir() / "smollm2-135m-instruct-cuda"
 
 
 def test_auto_dtype_is_the_precision_the_source_ships_in(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_a_bundle_of_the_other_graph_builder_is_not_reused(gpt2_bundle: Path) ->
 
     manifest = load_manifest(gpt2_bundle)
     other = "lean" if manifest.graph == "optimum" else "optimum"
-    with pytest.raises(ExportError, match=f"{manifest.graph} graph\\), not .*{other} graph\\); pass --force"):
+    with pytest.raises(ExportError, match=f"{manifest.graph} graph, mask layout\\), not .*{other} graph, mask layout\\); pass --force"):
         export_bundle(manifest.source.id, gpt2_bundle, ExportOptions(graph=other))
 
 

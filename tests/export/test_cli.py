@@ -109,7 +109,7 @@ def test_existing_bundle_of_another_dtype_is_not_silently_reused(run_cli, gpt2_b
     result = run_cli(gpt2_bundle.parent / "nothing-here", "-o", gpt2_bundle)
     assert result.code == 1 and "already holds a bundle" in result.err
     result = run_cli(load_manifest(gpt2_bundle).source.id, "-o", gpt2_bundle, "--dtype", "int8")
-    assert result.code == 1 and f"(fp32, cpu, {load_manifest(gpt2_bundle).graph} graph), not" in result.err and "--force" in result.err
+    assert result.code == 1 and f"(fp32, cpu, {load_manifest(gpt2_bundle).graph} graph, mask layout), not" in result.err and "--force" in result.err
 
 
 def test_disk_full_removes_the_partial_folder(run_cli, tiny_gpt2_dir: Path, tmp_path: Path,

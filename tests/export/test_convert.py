@@ -43,7 +43,8 @@ def test_describe_graph_reports_missing_optional_inputs_as_none(gpt2_bundle: Pat
     onnx.save(model, str(tmp_path / "model.onnx"))
     graph = describe_graph(tmp_path / "model.onnx", 2)
     assert graph.io["position_ids"] is None and graph.io["attention_mask"] == "attention_mask"
-    assert graph.io == {**DEFAULT_IO, "position_ids": None}
+    assert graph.io == {**DEFAULT_IO, "position_ids": None, "seqlens_k": None, "total_sequence_length": None,
+                        "next_token": None}  # the mask layout: no slots roles
 
 
 def test_describe_graph_refuses_a_graph_without_cache(gpt2_bundle: Path, tmp_path: Path) -> None:

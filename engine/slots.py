@@ -1,0 +1,269 @@
+"""The fast decode path: a fixed set of KV "slots" on the device, decoded in place, with CUDA graphs.
+
+A slots-layout bundle (``export-onnx --device cuda``, see ``export/lean/graph.py``) takes each
+row's length instead of an attention mask. ``SlotDecoder`` keeps, per layer, one key and one value
+buffer of (slots, kv_heads, capacity + 1, head_dim) on the session's device, allocated once. Every
+run binds them as both ``past`` and ``present``, so GroupQueryAttention writes the new positions in
+place: no cache is copied or allocated while decoding.
+
+- ``prefill(slot, ids)``: one stream's prompt, or a further chunk after what the slot holds, run as
+  batch 1 over a view of that slot's part of every buffer (the slot axis is outermost, so the view
+  is a pointer offset).
+- ``step(tokens)``: one token for every slot at once. Ids, positions and lengths sit in device
+  buffers at fixed addresses; with ``cuda_graph`` ONNX Runtime captures the step once and replays it
+  (fixed shapes and addresses; ``total_sequence_length`` is the constant buffer length, which in a
+  shared-buffer decode step only sizes the attention kernel's work split: each row's real length is
+  read from ``seqlens_k`` on the device).
+- What leaves the device per step: the greedy token of each slot (the graph's ``next_token``,
+  8 bytes a slot), or the logits when a caller samples (``logits()``).
+
+A slot left out of a step (``active``) writes its ignored position at its own length without
+advancing, so its content stays intact (hence the one spare position per slot). Prefill runs
+never use the CUDA graph. The CPU provider runs the same code with host buffers and no graphs;
+the tests compare it token for token with ``Model``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import load_manifest
+from .errors import BundleError, ConfigError, ContextOverflowError, GenerationError
+from .kv_cache import KV_DTYPES
+from .model import CUDA, GraphIO, Provider, _create_session
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SKIP_GRAPH = "-1"  # ONNX Runtime's gpu_graph_id that runs without capturing or replaying a CUDA graph
+DECODE_GRAPH = "1"
+
+
+class SlotDecoder:
+    """``slots`` streams of at most ``capacity`` tokens each (default: the model's context).
+
+    ``provider``: ``cpu``, ``cuda`` or ``auto``. ``cuda_graph``: capture the decode step as a CUDA
+    graph (CUDA only; ``self.cuda_graph`` says whether it is in use; if ONNX Runtime refuses, the
+    decoder falls back to plain runs and ``fallback_reason`` says why). Not thread-safe.
+    """
+
+    def __init__(self, bundle_path: str | Path, slots: int, capacity: int | None = None, *,
+                 provider: Provider = "auto", cuda_graph: bool = True, intra_op_threads: int | None = None) -> None:
+        self.path = Path(bundle_path)
+        self.manifest = load_manifest(self.path)
+        m = self.manifest
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ConfigError(f"slots must be a positive integer, got {slots!r}.")
+        capacity = m.max_context if capacity is None else capacity
+        if not isinstance(capacity, int) or not 1 <= capacity <= m.max_context:
+            raise ConfigError(f"capacity must be 1..{m.max_context} tokens (the model's context), got {capacity!r}.")
+        self.slots, self.capacity = slots, capacity
+        self.tokenizer = Tokenizer.from_file(self.path / m.tokenizer_file)
+        self.fallback_reason = ""
+        self.session = self._session(provider, cuda_graph, intra_op_threads)
+        self.io = GraphIO.resolve(m, self.session)
+        if not self.io.slots or self.io.next_token is None:
+            raise BundleError(f"{self.path} has the mask layout; the slot decoder needs a slots-layout bundle "
+                              "(`export-onnx MODEL --graph lean --layout slots`, the default with --device cuda).")
+        self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
+        self.cuda_graph = cuda_graph and self.device == "cuda"
+        self.lengths = np.zeros(slots, dtype=np.int64)  # tokens each slot holds
+        self._kv_dtype = KV_DTYPES[m.kv_dtype]
+        self._physical = capacity + 1  # one spare position: where a slot left out of a step writes
+        self._slot_shape = [1, m.num_kv_heads, self._physical, m.head_dim]
+        self._slot_bytes = m.num_kv_heads * self._physical * m.head_dim * np.dtype(self._kv_dtype).itemsize
+        self._host: list[np.ndarray] = []  # CPU provider: the numpy arrays the buffers wrap (kept alive)
+        self._keys = [self._buffer() for _ in range(m.num_layers)]      # (slots, kv_heads, capacity + 1, head_dim)
+        self._values = [self._buffer() for _ in range(m.num_layers)]
+        self._decode = self._decode_binding()
+        self._decode_runs = 0
+        self._last: str | None = None  # which run's logits ``logits()`` returns
+        self._prefill_logits: ort.OrtValue | None = None
+        log.info("Slot decoder: %s on %s, %d slots x %d tokens, KV %.1f MB, CUDA graph %s", m.name, self.device, slots,
+                 capacity, self.kv_bytes / 1e6, "on" if self.cuda_graph else f"off{' (' + self.fallback_reason + ')' if self.fallback_reason else ''}")
+
+    # --- setup --------------------------------------------------------------------------------------
+
+    def _session(self, provider: Provider, cuda_graph: bool, threads: int | None) -> ort.InferenceSession:
+        model_file = self.path / self.manifest.model_file
+        if not cuda_graph:
+            return _create_session(model_file, provider, threads)
+        try:
+            return _create_session(model_file, provider, threads, cuda_options={"enable_cuda_graph": "1"})
+        except Exception as exc:  # ONNX Runtime refuses graph capture for some graphs: run without it
+            if provider == "cpu":
+                raise
+            self.fallback_reason = f"ONNX Runtime refused CUDA graphs: {str(exc).splitlines()[0][:200]}"
+            log.warning("%s; decoding without them.", self.fallback_reason)
+            return _create_session(model_file, provider, threads)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of all KV buffers together (allocated once, at construction)."""
+        return 2 * self.manifest.num_layers * self.slots * self._slot_bytes
+
+    def _buffer(self) -> ort.OrtValue:
+        shape = (self.slots, *self._slot_shape[1:])
+        zeros = np.zeros(shape, dtype=self._kv_dtype)  # never-written positions are zeros, not garbage
+        if self.device == "cpu":
+            self._host.append(zeros)
+            return ort.OrtValue.ortvalue_from_numpy(zeros)  # wraps the array: writes land in it
+        return ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)  # copied to the GPU
+
+    def _device_value(self, array: np.ndarray) -> ort.OrtValue:
+        if self.device == "cpu":
+            self._host.append(array)
+            return ort.OrtValue.ortvalue_from_numpy(array)
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+
+    def _decode_binding(self) -> Any:
+        """The step's binding, made once: every input and output at a fixed address (CUDA graphs need it)."""
+        io, n, vocab = self.io, self.slots, self.manifest.vocab_size
+        self._ids = self._device_value(np.zeros((n, 1), np.int64))                  # (slots, 1)
+        self._positions = self._device_value(np.zeros((n, 1), np.int64))            # (slots, 1)
+        self._seqlens = self._device_value(np.zeros(n, np.int32))                    # (slots,) length - 1 after the step
+        self._total_host = np.array(self._physical, np.int32)                       # () stays on the CPU
+        self._total = ort.OrtValue.ortvalue_from_numpy(self._total_host)
+        self._logits = self._device_value(np.zeros((n, 1, vocab), np.float32))      # (slots, 1, vocab)
+        self._next = self._device_value(np.zeros((n, 1, 1), np.int64))              # (slots, 1, 1)
+        binding = self.session.io_binding()
+        for name, value in ((io.input_ids, self._ids), (io.position_ids, self._positions),
+                            (io.seqlens_k, self._seqlens), (io.total_length, self._total)):
+            binding.bind_ortvalue_input(name, value)
+        for names, buffers in ((zip(io.past_keys, io.present_keys), self._keys),
+                               (zip(io.past_values, io.present_values), self._values)):
+            for (past, present), buffer in zip(names, buffers):
+                binding.bind_ortvalue_input(past, buffer)
+                binding.bind_ortvalue_output(present, buffer)
+        binding.bind_ortvalue_output(io.logits, self._logits)
+        binding.bind_ortvalue_output(io.next_token, self._next)
+        return binding
+
+    @staticmethod
+    def _run_options(graph_id: str) -> ort.RunOptions:
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", graph_id)
+        return options
+
+    # --- decoding -----------------------------------------------------------------------------------
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.slots:
+            raise GenerationError(f"slot must be 0..{self.slots - 1}, got {slot!r}.")
+
+    def prefill(self, slot: int, ids: Sequence[int] | np.ndarray) -> int:
+        """Run ``ids`` after what ``slot`` holds (an empty slot: a prompt); return the greedy next token.
+
+        ``logits()`` afterwards gives that position's logits (1, vocab) for sampling.
+        """
+        self._check_slot(slot)
+        tokens = np.asarray(ids, dtype=np.int64).reshape(1, -1)                     # (1, n)
+        n, past = tokens.shape[1], int(self.lengths[slot])
+        if n == 0:
+            raise GenerationError("prefill needs at least one token.")
+        if tokens.min() < 0 or tokens.max() >= self.manifest.vocab_size:
+            raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}), got {tokens.min()}..{tokens.max()}.")
+        total = past + n
+        if total > self.capacity:
+            raise ContextOverflowError(f"{n} new tokens after {past} in slot {slot} make {total}, more than the slot's "
+                                       f"{self.capacity} tokens; shorten the prompt or rewind the slot.")
+        io, binding = self.io, self.session.io_binding()
+        binding.bind_cpu_input(io.input_ids, tokens)
+        binding.bind_cpu_input(io.position_ids, np.arange(past, total, dtype=np.int64)[None])   # (1, n)
+        binding.bind_cpu_input(io.seqlens_k, np.array([total - 1], np.int32))
+        binding.bind_cpu_input(io.total_length, np.array(total, np.int32))
+        binding.bind_output(io.logits, self.device)       # outputs 0 and 1 (ONNX Runtime allocates them)
+        binding.bind_output(io.next_token, self.device)
+        element = np.dtype(self._kv_dtype).type
+        for names, buffers in ((zip(io.past_keys, io.present_keys), self._keys),
+                               (zip(io.past_values, io.present_values), self._values)):
+            for (past_name, present_name), buffer in zip(names, buffers):
+                view = buffer.data_ptr() + slot * self._slot_bytes  # this slot's (1, kv_heads, capacity + 1, head_dim)
+                binding.bind_input(past_name, self.device, 0, element, self._slot_shape, view)
+                binding.bind_output(present_name, self.device, 0, element, self._slot_shape, view)
+        self.session.run_with_iobinding(binding, self._run_options(SKIP_GRAPH))
+        logits, next_token = binding.get_outputs()[:2]
+        self._prefill_logits = logits  # (1, 1, vocab), kept for logits()
+        self._last = "prefill"
+        self.lengths[slot] = total
+        return int(next_token.numpy().reshape(-1)[0])
+
+    def step(self, tokens: Sequence[int] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+        """Feed ``tokens[s]`` (one per slot) to every active slot at once; return each slot's greedy
+        next token, (slots,) int64 (meaningless for inactive slots). ``active`` defaults to every slot
+        that holds something; a slot left out keeps its content and length."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.shape[0] != self.slots:
+            raise GenerationError(f"step takes one token per slot ({self.slots}), got {ids.shape[0]}.")
+        mask = self.lengths > 0 if active is None else np.asarray(active, dtype=bool).reshape(-1)
+        if mask.shape[0] != self.slots:
+            raise GenerationError(f"active must have one flag per slot ({self.slots}), got {mask.shape[0]}.")
+        if not mask.any():
+            raise GenerationError("step has no active slot: prefill one first.")
+        if np.any(self.lengths[mask] == 0):
+            raise GenerationError(f"slots {np.flatnonzero(mask & (self.lengths == 0)).tolist()} are empty: prefill them first.")
+        full = mask & (self.lengths >= self.capacity)
+        if full.any():
+            raise ContextOverflowError(f"slots {np.flatnonzero(full).tolist()} hold {self.capacity} tokens, the slot "
+                                       "capacity; rewind them or end those streams.")
+        if ids[mask].min() < 0 or ids[mask].max() >= self.manifest.vocab_size:
+            raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}).")
+        ids = np.where(mask, ids, 0)
+        # Every slot writes at its own length: active ones advance past it, the others ignore it.
+        self._ids.update_inplace(ids.reshape(-1, 1))
+        self._positions.update_inplace(self.lengths.reshape(-1, 1).astype(np.int64))
+        self._seqlens.update_inplace(self.lengths.astype(np.int32))
+        graph = DECODE_GRAPH if self.cuda_graph else SKIP_GRAPH
+        try:
+            self.session.run_with_iobinding(self._decode, self._run_options(graph))
+        except Exception as exc:
+            if not self.cuda_graph or self._decode_runs > 2:
+                raise GenerationError(f"The decode step failed: {exc}") from exc
+            # Capture failed (it happens on the first runs): nothing was advanced, so run plainly from now on.
+            self.cuda_graph, self.fallback_reason = False, f"capture failed: {str(exc).splitlines()[0][:200]}"
+            log.warning("CUDA graph %s; decoding without it.", self.fallback_reason)
+            self.session.run_with_iobinding(self._decode, self._run_options(SKIP_GRAPH))
+        self._decode_runs += 1
+        self._last = "step"
+        self.lengths[mask] += 1
+        return self._next.numpy().reshape(-1)
+
+    def logits(self) -> np.ndarray:
+        """The last run's logits as float32: (slots, vocab) after ``step``, (1, vocab) after ``prefill``."""
+        if self._last is None:
+            raise GenerationError("No step has run yet.")
+        value = self._prefill_logits if self._last == "prefill" and self._prefill_logits is not None else self._logits
+        return value.numpy().reshape(-1, self.manifest.vocab_size)
+
+    def release(self, slot: int) -> None:
+        """Empty ``slot`` (its stream ended); the next ``prefill`` there starts a new stream."""
+        self.rewind(slot, 0)
+
+    def rewind(self, slot: int, n: int) -> None:
+        """Keep the first ``n`` tokens of ``slot`` (a persona prefix, say); later runs write after them."""
+        self._check_slot(slot)
+        if not 0 <= n <= self.lengths[slot]:
+            raise GenerationError(f"Cannot rewind slot {slot} to {n} tokens: it holds {int(self.lengths[slot])}.")
+        self.lengths[slot] = n
+
+    def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
+        """Prefill each prompt into its own slot (slots must be free), then decode ``new_tokens`` greedy
+        tokens for all of them together; returns the new tokens per prompt (EOS does not stop them)."""
+        if len(prompts) > self.slots or np.any(self.lengths[:len(prompts)] > 0):
+            raise GenerationError(f"greedy needs {len(prompts)} free slots from slot 0 (the decoder has {self.slots}).")
+        out = [[self.prefill(slot, prompt)] for slot, prompt in enumerate(prompts)]
+        active = np.zeros(self.slots, dtype=bool)
+        active[:len(prompts)] = True
+        tokens = np.zeros(self.slots, dtype=np.int64)
+        for _ in range(new_tokens - 1):
+            tokens[:len(prompts)] = [row[-1] for row in out]
+            nxt = self.step(tokens, active)
+            for slot, row in enumerate(out):
+                row.append(int(nxt[slot]))
+        return out
