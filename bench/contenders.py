@@ -1,6 +1,7 @@
 """The contenders of ``bench/decode.py``: one run's settings, the timing of a row, and how each
-engine (npctalk, Hugging Face PyTorch, optimum's ORTModelForCausalLM, llama.cpp) prefills a batch
-of prompts and decodes its new tokens. Each ``run_*`` returns (ttft_ms, decode_tok_s, e2e_tok_s).
+engine (npctalk's generic path and its slot decoder, Hugging Face PyTorch, optimum's
+ORTModelForCausalLM, llama.cpp) prefills a batch of prompts and decodes its new tokens. Each
+``run_*`` returns (ttft_ms, decode_tok_s, e2e_tok_s) (``run_slots`` adds a dict of details).
 """
 
 from __future__ import annotations
@@ -89,6 +90,52 @@ def run_npctalk(bundle: Path, settings: Settings, streams: int) -> tuple[float, 
             tokens = logits.argmax(axis=1).tolist()
 
     return timed_row(first, rest, streams, settings)
+
+
+def run_slots(bundle: Path, settings: Settings, streams: int, cuda_graph: bool = True,
+              ttft_prompt: int = 0) -> tuple[float, float, float, dict[str, Any]]:
+    """npctalk's fast path (``engine/slots.py``): one KV slot per stream on the device, updated in
+    place, the step replayed as a CUDA graph when ``cuda_graph``, greedy tokens taken on the device.
+    Prompts are prefilled one by one (as the scheduler admits them), then every step decodes all
+    streams. Also returns details: whether the CUDA graph ran, and with ``ttft_prompt`` the median
+    time to first token of a prompt that long (batch 1: prefill + the token, 5 runs)."""
+    from npctalk.engine.slots import SlotDecoder
+
+    capacity = max(settings.prompt_tokens, ttft_prompt) + settings.new_tokens + 8
+    decoder = SlotDecoder(bundle, slots=streams, capacity=capacity, provider=settings.device,
+                          cuda_graph=cuda_graph, intra_op_threads=settings.threads)
+    ids = prompts(decoder.manifest.vocab_size, settings, streams)
+    tokens = np.zeros(streams, dtype=np.int64)
+    for slot in range(streams):  # warm-up: allocations at these shapes, and the graph's capture, outside the timing
+        tokens[slot] = decoder.prefill(slot, ids[slot])
+    for _ in range(4):
+        tokens = decoder.step(tokens)
+    for slot in range(streams):
+        decoder.release(slot)
+    state: dict[str, Any] = {}
+
+    def first() -> None:
+        state["tokens"] = np.array([decoder.prefill(slot, ids[slot]) for slot in range(streams)], dtype=np.int64)
+
+    def rest() -> None:
+        tokens = state["tokens"]
+        for _ in range(settings.new_tokens - 1):
+            tokens = decoder.step(tokens)
+
+    ttft, dec, e2e = timed_row(first, rest, streams, settings)
+    details: dict[str, Any] = {"cuda_graph": decoder.cuda_graph, "fallback": decoder.fallback_reason,
+                               "kv_mb": round(decoder.kv_bytes / 1e6, 1)}
+    if ttft_prompt:
+        long = np.random.default_rng(SEED + 1).integers(10, decoder.manifest.vocab_size, size=ttft_prompt)
+        times = []
+        for _ in range(6):
+            decoder.release(0)
+            start = time.perf_counter()
+            decoder.prefill(0, long)
+            times.append((time.perf_counter() - start) * 1000)
+        details[f"ttft_{ttft_prompt}_ms"] = round(float(np.median(times[1:])), 2)
+    del decoder
+    return ttft, dec, e2e, details
 
 
 def _torch_device(settings: Settings) -> tuple[Any, Any]:

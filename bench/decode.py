@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .contenders import Settings, release_models, run_hf, run_llama_cpp, run_npctalk, run_optimum
+from .contenders import Settings, release_models, run_hf, run_llama_cpp, run_npctalk, run_optimum, run_slots
 
 log = logging.getLogger("bench.decode")
 ROOT = Path(__file__).resolve().parent
@@ -85,6 +85,7 @@ class Row:
     graph: str = ""
     weights: str = "random"   # random | real
     note: str = ""
+    ttft_long_ms: float | None = None  # slot decoder at batch 1: first token of a --ttft-prompt-token prompt
 
 
 # --- building the models ------------------------------------------------------------------------
@@ -120,11 +121,31 @@ def build_hf_folder(name: str, work: Path) -> Path:
     return folder
 
 
-def export(hf_folder: Path, work: Path, dtype: str, graph: str, device: str) -> Path:
+def export(hf_folder: Path, work: Path, dtype: str, graph: str, device: str, layout: str = "auto") -> tuple[Path, str]:
+    """The bundle (lean graphs on CUDA get the slots layout) and a note on how it was validated.
+
+    On CUDA the export validates against PyTorch on the GPU; if that fails, the same slots-layout
+    graph is exported and validated on the CPU instead (the note says so) so the run goes on."""
     from npctalk.export.api import ExportOptions, export_bundle
 
-    out = work / "bundles" / f"{hf_folder.name}-{graph}-{dtype}-{device}"
-    return export_bundle(hf_folder, out, ExportOptions(dtype=dtype, device=device, graph=graph))
+    options = ExportOptions(dtype=dtype, device=device, graph=graph, layout=layout if graph == "lean" else "auto")
+    out = work / "bundles" / f"{hf_folder.name}-{graph}-{dtype}-{device}-{options.resolved_layout}"
+    try:
+        return export_bundle(hf_folder, out, options), ""
+    except Exception as exc:
+        if device != "cuda" or graph != "lean":
+            raise
+        log.warning("Export validated on CUDA failed (%s: %s); exporting the same graph validated on the CPU",
+                    type(exc).__name__, str(exc).splitlines()[0][:300])
+        out = out.with_name(out.name + "-cpu-validated")
+        bundle = export_bundle(hf_folder, out, ExportOptions(dtype=dtype, device="cpu", graph=graph, layout="slots"))
+        return bundle, f"validated on the CPU (CUDA validation failed: {type(exc).__name__})"
+
+
+def is_slots(bundle: Path) -> bool:
+    from npctalk.engine.bundle import load_manifest
+
+    return bool(load_manifest(bundle).io.get("seqlens_k"))
 
 
 def parameter_count(hf_folder: Path) -> int:
@@ -223,6 +244,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(Row(model, engine, dtype, streams, ttft, dec, e2e, bound, **extra))
         log.info("  TTFT %.1f ms, decode %.1f tok/s, end to end %.1f tok/s (bound %s)", ttft, dec, e2e, bound)
 
+    def add_slots(model: str, dtype: str, streams: int, params: int | None, bundle: Path, cuda_graph: bool,
+                  how: str) -> None:
+        label = "npctalk-slots" if cuda_graph or args.device != "cuda" else "npctalk-slots-nograph"
+        log.info("%s · %s %s · %d stream(s)", model, label, dtype, streams)
+        long = args.ttft_prompt if streams == 1 else 0
+        runs = [run_slots(bundle, settings, streams, cuda_graph, long) for _ in range(settings.repeats)]
+        ttft, dec, e2e, details = max(runs, key=lambda r: r[2])
+        bound = round(streams * gbs * 1e9 / (2 * params), 1) if gbs and params else None
+        graph_note = ("CUDA graph" if details["cuda_graph"] else
+                      f"no CUDA graph{': ' + details['fallback'] if details['fallback'] else ''}") if args.device == "cuda" else ""
+        note = "; ".join(x for x in (graph_note, f"KV {details['kv_mb']} MB", how) if x)
+        rows.append(Row(model, label, dtype, streams, round(ttft, 2), round(dec, 1), round(e2e, 1), bound, graph="lean-slots",
+                        note=note, ttft_long_ms=details.get(f"ttft_{long}_ms")))
+        log.info("  TTFT %.1f ms, decode %.1f tok/s, end to end %.1f tok/s (bound %s) %s", ttft, dec, e2e, bound, note)
+
     peer_dtype = "fp16" if args.device == "cuda" else "fp32"
     for name in args.models:
         hf = build_hf_folder(name, args.work)
@@ -230,9 +266,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for graph in args.graphs:
             for dtype in args.dtypes:
                 def ours(graph: str = graph, dtype: str = dtype) -> None:
-                    bundle = export(hf, args.work, dtype, graph, args.device)
+                    bundle, how = export(hf, args.work, dtype, graph, args.device, args.layout)
+                    slots = is_slots(bundle)
                     for n in settings.streams:
-                        add(name, "npctalk", dtype, n, params, lambda: run_npctalk(bundle, settings, n), graph=graph)
+                        if slots:
+                            attempt(f"{name} npctalk-slots {n}", lambda n=n: add_slots(name, dtype, n, params, bundle, True, how))
+                            if args.device == "cuda" and n == settings.streams[0]:  # the CUDA graph's share, measured
+                                attempt(f"{name} npctalk-slots no graph {n}",
+                                        lambda n=n: add_slots(name, dtype, n, params, bundle, False, how))
+                        if not slots or (n == 1 and args.generic_too):  # the generic engine path (Model, DecodeBatch)
+                            attempt(f"{name} npctalk {n}", lambda n=n: add(
+                                name, "npctalk", dtype, n, params, lambda: run_npctalk(bundle, settings, n), graph=graph,
+                                note=how))
                 attempt(f"{name} npctalk {graph} {dtype}", ours)
         release_models()
         if "hf" in args.peers:
@@ -267,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         attempt(f"bundle {bundle}", real)
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
-        "settings": {**asdict(settings), "threads": settings.threads or "one per core"},
+        "settings": {**asdict(settings), "threads": settings.threads or "one per core", "ttft_prompt": args.ttft_prompt},
         "bandwidth_gbs": gbs, "bandwidth_source": gbs_source, "note": args.note,
         "rows": [asdict(r) for r in rows], "skipped": skipped,
     }
@@ -313,13 +358,16 @@ def markdown(report: dict[str, Any]) -> str:
              f"Bound = streams × {report['bandwidth_gbs']} GB/s ({report['bandwidth_source']}) ÷ fp16 weight bytes.", ""]
     if report["note"]:
         lines += [f"**Note:** {report['note']}", ""]
-    lines += ["| model | engine | graph | dtype | weights | streams | TTFT ms | decode tok/s | e2e tok/s | × HF e2e | bound tok/s | note |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    long = s.get("ttft_prompt", 0)
+    lines += [f"| model | engine | graph | dtype | weights | streams | TTFT ms | TTFT {long}-token prompt ms | decode tok/s | "
+              "e2e tok/s | × HF e2e | bound tok/s | note |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["rows"]:
         base = hf.get((r["model"], r["streams"]))
         ratio = f"{r['e2e_tok_s'] / base:.2f}" if base else "—"
         lines.append(f"| {r['model']} | {r['engine']} | {r['graph'] or '—'} | {r['dtype']} | {r['weights']} | {r['streams']} | "
-                     f"{r['ttft_ms']} | {r['decode_tok_s']} | {r['e2e_tok_s']} | {ratio} | {r['bound_tok_s'] or '—'} | {r['note']} |")
+                     f"{r['ttft_ms']} | {r.get('ttft_long_ms') or '—'} | {r['decode_tok_s']} | {r['e2e_tok_s']} | {ratio} | "
+                     f"{r['bound_tok_s'] or '—'} | {r['note']} |")
     if report["skipped"]:
         lines += ["", "Skipped:", *[f"- {s}" for s in report["skipped"]]]
     return "\n".join(lines) + "\n"
@@ -346,6 +394,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=home() / "bench", help="cache of built models and bundles")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--note", default="", help="a line for the markdown (e.g. 'machine shared with other jobs')")
+    parser.add_argument("--ttft-prompt", type=int, default=256,
+                        help="slot decoder rows at batch 1 also time the first token of a prompt this long (0: off)")
+    parser.add_argument("--tag", default="", help="appended to the result files' names (one run per model, say)")
+    parser.add_argument("--layout", choices=["auto", "mask", "slots"], default="auto",
+                        help="lean graph layout (auto: slots on CUDA, mask on the CPU); slots bundles run on the slot decoder")
+    parser.add_argument("--generic-too", action="store_true",
+                        help="with a slots bundle, also time the generic engine path (Model + DecodeBatch) at batch 1")
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1 or args.new_tokens < 2 or min(args.streams) < 1 or args.repeats < 1:
         parser.error("--prompt-tokens >= 1, --new-tokens >= 2, --streams >= 1 and --repeats >= 1 are required")
@@ -369,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     host = report["machine"]["host"]
     device = report["machine"].get("gpu", "cpu").replace(" ", "-").lower() if args.device == "cuda" else "cpu"
-    stem = f"decode-{device}-{host}-{report['date'][:10]}"
+    stem = f"decode-{device}-{host}-{report['date'][:10]}{'-' + args.tag if args.tag else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     text = markdown(report)

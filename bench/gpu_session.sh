@@ -1,71 +1,80 @@
 #!/usr/bin/env bash
-# One device run that measures npctalk's CUDA path, for a session lent a GPU (see issue #3).
+# One device run that measures npctalk's CUDA fast path (issue #3), for a session lent a GPU.
 #
-# Prerequisite: onnxruntime-gpu and the export stack installed into /tmp/site on the GPU machine by
-# ../shared/device/prepare.sh's seven runs (the machine forgets them when it is handed back, so run
-# this right after, on the same warm machine). Then, from the repository root:
+# Prerequisite: onnxruntime-gpu and the export stack in /tmp/site on the GPU machine
+# (../shared/device/prepare.sh's runs; the machine forgets them when it is handed back). Then,
+# from the repository root:   bash bench/gpu_session.sh        (results under $OUT, else /tmp/gpu-out)
 #
-#     bash bench/gpu_session.sh            # writes everything under $OUT (or /tmp/gpu-out)
-#
-# Steps, each under its own time limit so one failure does not eat the device time:
-#   1. providers, the GPU, and npctalk importable from this checkout (a shim, no pip install)
-#   2. a lean fp16 export of DialoGPT-medium (random weights, exact config) on CUDA, validated
-#      against PyTorch on CUDA, with ONNX Runtime's node placement logged (every node on CUDA?)
-#   3. bench/decode.py on CUDA: DialoGPT-small/medium/large and SmolLM2-135M, lean fp16, batch 1
-#      and 16, HF PyTorch fp16 generate() as the peer in the same run
-#   4. bench/concurrency.py through the real socket on CUDA: DialoGPT-medium, 1/8/32/64 streams
-# Results: $OUT/results/*.{json,md} (commit them with the device name), $OUT/*.log.
+# Every step has its own time limit and the results so far are packed into $OUT/gpu-results.tgz
+# after each one, so a step that hangs or a run cut short still returns everything before it:
+#   env         GPU, versions, ONNX Runtime's providers
+#   decode-*    bench/decode.py per architecture (DialoGPT-medium first: the target), lean fp16
+#               slots bundles exported and validated on CUDA, the slot decoder with and without the
+#               CUDA graph, HF PyTorch fp16 generate() in the same run, batch 1/16/64, and the first
+#               token of a 256-token prompt
+#   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
+#               CUDA-graph token parity
+# DRY=cpu runs the same steps with the tiny test architectures on the CPU (to try the script here).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT/results"
+RES=/tmp/gpu-results
+WORK=${WORK:-/tmp/gpu-work}
+mkdir -p "$OUT" "$RES"
 SHIM=/tmp/npctalk-shim
 mkdir -p "$SHIM/npctalk"
 for pair in engine:engine export:export client:bindings/python finetune:finetune demo:demo_game; do
     ln -sfn "$PWD/${pair#*:}" "$SHIM/npctalk/${pair%%:*}"
 done
-export PYTHONPATH=/tmp/site:$SHIM:$PWD
-WORK=/tmp/gpu-work
+# onnxruntime-gpu finds the CUDA/cuDNN libraries PyTorch ships only after preload_dlls().
+cat > "$SHIM/sitecustomize.py" <<'PY'
+try:
+    import onnxruntime
+    if hasattr(onnxruntime, "preload_dlls") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        onnxruntime.preload_dlls()
+except Exception as exc:  # reported by the env step
+    print("sitecustomize: preload_dlls failed:", exc)
+PY
+export PYTHONPATH=/tmp/site:$SHIM:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+if [ "${DRY:-}" = cpu ]; then
+    DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"
+else
+    DEVICE=cuda; MODELS="dialogpt-medium smollm2-135m dialogpt-small dialogpt-large"; LIMITS="110 80 70 130"
+    STREAMS="1 16 64"; EXTRA=""
+fi
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, never stop the script
+pack() { tar czf "$OUT/gpu-results.tgz" -C "$RES" . 2>/dev/null; }
+step() {  # step NAME SECONDS COMMAND...: time-limited, logged to $RES/NAME.log; never stops the script
     local name=$1 limit=$2; shift 2
+    local start=$SECONDS
     echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "   exit $? ($(tail -n 1 "$OUT/$name.log" | cut -c1-160))"
+    timeout -k 5 "$limit" "$@" > "$RES/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $((SECONDS - start))s: $(grep -v '^\s*$' "$RES/$name.log" | tail -n 1 | cut -c1-200)"
+    pack
 }
 
-step 1-providers 60 python - <<'PY'
-import onnxruntime as ort
-ort.preload_dlls()
-print("onnxruntime", ort.__version__, ort.get_available_providers())
-import torch
-print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")
-from npctalk.engine.model import Model  # importable from the shim
+step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 - <<PY
+import onnxruntime as ort, numpy, sys
+print("python", sys.version.split()[0], "onnxruntime", ort.__version__, ort.get_available_providers(), "numpy", numpy.__version__)
+import torch, transformers
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+print("transformers", transformers.__version__)
+from npctalk.engine.slots import SlotDecoder
 print("npctalk importable")
-PY
+PY'
 
-step 2-export-medium-fp16 240 python - "$WORK" <<'PY'
-import logging, sys
-from pathlib import Path
-import onnxruntime as ort
-ort.preload_dlls()
-logging.basicConfig(level=logging.INFO)
-from bench.decode import build_hf_folder
-from npctalk.export.api import ExportOptions, export_bundle
-work = Path(sys.argv[1])
-folder = build_hf_folder("dialogpt-medium", work)
-bundle = export_bundle(folder, work / "medium-lean-fp16-cuda", ExportOptions(dtype="fp16", device="cuda", graph="lean"))
-options = ort.SessionOptions()
-options.log_severity_level = 1  # INFO: ONNX Runtime says which nodes it placed on the CPU
-session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-print("providers in use:", session.get_providers())
-PY
+set -- $LIMITS
+for model in $MODELS; do
+    limit=$1; shift
+    step "decode-$model" "$limit" python3 -m bench.decode --device "$DEVICE" --models "$model" --dtypes fp16 \
+        --graphs lean --streams $STREAMS --peers hf --repeats 1 --no-default --generic-too --work "$WORK" \
+        --out "$RES" --tag "$model" $EXTRA --note "bench/gpu_session.sh on the device lent to the session"
+done
 
-step 3-decode-cuda 420 python -m bench.decode --device cuda --models dialogpt-small dialogpt-medium dialogpt-large smollm2-135m \
-    --dtypes fp16 --graphs lean --streams 1 16 --peers hf --repeats 2 --no-default --work "$WORK" --out "$OUT/results" \
-    --note "H100 lent to the session; bench/gpu_session.sh step 3"
-
-step 4-concurrency-cuda 300 python bench/concurrency.py --model "$WORK/bundles/dialogpt-medium-lean-fp16-cuda" \
-    --provider cuda --streams 1 8 32 64 --max-new-tokens 128 --out "$OUT/results"
-
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-ls -la "$OUT" "$OUT/results"
+first=${MODELS%% *}
+bundle=$(ls -d "$WORK"/bundles/"$first"-lean-fp16-* 2>/dev/null | head -n 1)
+step checks 60 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
+rm -f "$RES"/profile*.json; pack
+cat "$RES"/decode-*.md 2>/dev/null
+grep -h "placement\|memory\|parity" "$RES/checks.log" 2>/dev/null | cut -c1-600
+ls -la "$OUT"

@@ -1,0 +1,148 @@
+"""Checks of a slots bundle on its device that are not speed: where ONNX Runtime placed each node,
+what loading it costs in device memory, and whether the CUDA-graph step gives the same tokens.
+
+    python -m bench.gpu_checks --bundle BUNDLE [--device cuda] [--out DIR]
+
+- placement: one prefill and one decode step with ONNX Runtime's profiler on; every node that ran,
+  by execution provider (the fast path needs all of them on CUDA: a CPU node means copies and no
+  CUDA graph).
+- memory (CUDA): device memory taken by loading the bundle into a ``SlotDecoder`` with one slot of
+  the model's full context (weights, KV buffers, ONNX Runtime's workspace), read with
+  ``cudaMemGetInfo`` (through PyTorch) before and after.
+- parity: greedy tokens of four prompts, 32 each, through the slot decoder with the CUDA graph,
+  without it, and through the generic engine path (``Model``); the share of equal tokens.
+
+Writes ``gpu-checks-<model>-<device>.json`` (and logs a summary) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench.gpu_checks")
+
+
+def placement(bundle: Path, device: str, out: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from npctalk.engine.bundle import load_manifest
+
+    manifest = load_manifest(bundle)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out / "profile")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(bundle / manifest.model_file), options, providers=providers)
+    io = manifest.io
+    kv = np.float16 if manifest.kv_dtype == "fp16" else np.float32
+    n = 8
+    past = {io[f"past_{kind}"].format(layer=i): np.zeros((1, manifest.num_kv_heads, 0, manifest.head_dim), kv)
+            for i in range(manifest.num_layers) for kind in ("key", "value")}
+    feed = {io["input_ids"]: np.arange(1, n + 1, dtype=np.int64)[None], io["position_ids"]: np.arange(n, dtype=np.int64)[None],
+            io["seqlens_k"]: np.array([n - 1], np.int32), io["total_sequence_length"]: np.array(n, np.int32), **past}
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, feed)))
+    step = {io["input_ids"]: np.array([[5]], np.int64), io["position_ids"]: np.array([[n]], np.int64),
+            io["seqlens_k"]: np.array([n], np.int32), io["total_sequence_length"]: np.array(n + 1, np.int32)}
+    step.update({io[f"past_{kind}"].format(layer=i): outputs[io[f"present_{kind}"].format(layer=i)]
+                 for i in range(manifest.num_layers) for kind in ("key", "value")})
+    session.run(None, step)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    by_provider: dict[str, set[str]] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and "provider" in event.get("args", {}):
+            node = event["name"].removesuffix("_kernel_time").removesuffix("_fence_before").removesuffix("_fence_after")
+            by_provider.setdefault(event["args"]["provider"], set()).add(node)
+    cpu_nodes = sorted(by_provider.get("CPUExecutionProvider", set()))
+    return {"nodes_by_provider": {k: len(v) for k, v in sorted(by_provider.items())},
+            "cpu_nodes": cpu_nodes[:20],
+            "session_providers": session.get_providers()}
+
+
+def memory(bundle: Path) -> dict[str, Any]:
+    import torch
+
+    from npctalk.engine.slots import SlotDecoder
+
+    torch.cuda.init()
+    free_before = torch.cuda.mem_get_info()[0]
+    decoder = SlotDecoder(bundle, slots=1, provider="cuda")
+    token = decoder.prefill(0, list(range(1, 65)))
+    for _ in range(4):
+        token = int(decoder.step([token])[0])
+    free_after = torch.cuda.mem_get_info()[0]
+    files = [bundle / decoder.manifest.model_file, bundle / (decoder.manifest.model_file + ".data")]
+    weights = sum(f.stat().st_size for f in files if f.exists())
+    result = {"loaded_mb": round((free_before - free_after) / 1e6, 1), "kv_mb": round(decoder.kv_bytes / 1e6, 1),
+              "model_file_mb": round(weights / 1e6, 1), "capacity": decoder.capacity, "cuda_graph": decoder.cuda_graph}
+    result["loaded_minus_kv_mb"] = round(result["loaded_mb"] - result["kv_mb"], 1)
+    del decoder
+    return result
+
+
+def parity(bundle: Path, device: str) -> dict[str, Any]:
+    from npctalk.engine.model import Model
+    from npctalk.engine.slots import SlotDecoder
+
+    rng = np.random.default_rng(7)
+    manifest_vocab = Model(bundle, provider=device).manifest.vocab_size
+    prompts = [rng.integers(10, manifest_vocab, size=length).tolist() for length in (12, 40, 64, 97)]
+    runs: dict[str, list[list[int]]] = {}
+    for label, graph in (("slots_graph", True), ("slots_plain", False)):
+        decoder = SlotDecoder(bundle, slots=len(prompts), capacity=256, provider=device, cuda_graph=graph)
+        runs[label] = decoder.greedy(prompts, 32)
+        runs[label + "_used_graph"] = [[int(decoder.cuda_graph)]]
+        del decoder
+    model = Model(bundle, provider=device)
+    generic = []
+    for prompt in prompts:
+        cache = model.new_cache(1)
+        logits = model.forward(np.array([prompt]), cache)
+        tokens = [int(logits[0].argmax())]
+        for _ in range(31):
+            tokens.append(int(model.forward(np.array([[tokens[-1]]]), cache)[0].argmax()))
+        generic.append(tokens)
+
+    def share(a: list[list[int]], b: list[list[int]]) -> float:
+        pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+        return round(sum(x == y for x, y in pairs) / len(pairs), 4)
+
+    return {"graph_vs_plain": share(runs["slots_graph"], runs["slots_plain"]),
+            "slots_vs_generic": share(runs["slots_plain"], generic),
+            "graph_used": bool(runs["slots_graph_used_graph"][0][0]), "tokens_each": 32, "prompts": len(prompts)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_checks", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="a slots-layout bundle (export-onnx --device cuda)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"bundle": str(args.bundle), "device": args.device}
+    checks = [("placement", lambda: placement(args.bundle, args.device, args.out)), ("parity", lambda: parity(args.bundle, args.device))]
+    if args.device == "cuda":
+        checks.insert(1, ("memory", lambda: memory(args.bundle)))
+    for name, check in checks:
+        try:
+            report[name] = check()
+        except Exception as exc:  # each check reports on its own; one failing does not hide the others
+            log.exception("%s failed", name)
+            report[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        log.info("%s: %s", name, json.dumps(report[name]))
+    stem = f"gpu-checks-{args.bundle.name}-{args.device}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    log.info("Wrote %s", args.out / f"{stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
