@@ -26,6 +26,7 @@ import platform
 import socket
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -125,7 +126,10 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="server ONNX Runtime threads")
     parser.add_argument("--provider", default="auto")
+    parser.add_argument("--slot-context", type=int, default=None,
+                        help="slots-layout (CUDA) bundles: tokens per stream's KV slot (serve --slot-context)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--server-log", type=Path, default=None, help="write the server's log here")
     args = parser.parse_args()
 
     endpoint = free_endpoint()
@@ -134,7 +138,11 @@ def main() -> int:
                str(args.max_new_tokens), "--temperature", "0", "--no-repeat-ngram", "0", "--repetition-penalty", "1.0"]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    if args.slot_context:
+        command += ["--slot-context", str(args.slot_context)]
+    scratch = tempfile.TemporaryDirectory(prefix="npctalk-concurrency-")  # a memory database of its own
+    command += ["--memory-db", str(Path(scratch.name) / "memory.sqlite3"), "--memory-embeddings", "off"]
+    server = subprocess.Popen(command, stderr=subprocess.DEVNULL if not args.server_log else open(args.server_log, "wb"))
     try:
         with Client(endpoint, timeout=2.0, retries=30) as probe:  # Lazy Pirate retries while the server starts
             hello = probe.hello()
@@ -143,6 +151,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
+        scratch.cleanup()
     # Protocol overhead per token: one stream's median gap through the socket minus the same bundle's
     # median decode step in-process (after a prompt as long as the server's), measured right after.
     single = next((level for level in levels if level["streams"] == 1), None)

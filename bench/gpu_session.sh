@@ -14,6 +14,9 @@
 #               token of a 256-token prompt
 #   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
 #               CUDA-graph token parity
+#   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
+#               streams through the real socket (issue #4)
+# Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
 # DRY=cpu runs the same steps with the tiny test architectures on the CPU (to try the script here).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -36,10 +39,10 @@ except Exception as exc:  # reported by the env step
 PY
 export PYTHONPATH=/tmp/site:$SHIM:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 if [ "${DRY:-}" = cpu ]; then
-    DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"
+    DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"; CONC="1 4"; SLOTCTX=500
 else
-    DEVICE=cuda; MODELS="dialogpt-medium smollm2-135m dialogpt-small dialogpt-large"; LIMITS="110 80 70 130"
-    STREAMS="1 16 64"; EXTRA=""
+    DEVICE=cuda; MODELS="dialogpt-medium smollm2-135m dialogpt-small dialogpt-large"; LIMITS="100 70 60 100"
+    STREAMS="1 16 64"; EXTRA=""; CONC="1 8 32 64"; SLOTCTX=1024
 fi
 
 pack() { tar czf "$OUT/gpu-results.tgz" -C "$RES" . 2>/dev/null; }
@@ -63,18 +66,28 @@ from npctalk.engine.slots import SlotDecoder
 print("npctalk importable")
 PY'
 
+run_decode() {  # run_decode MODEL LIMIT
+    step "decode-$1" "$2" python3 -m bench.decode --device "$DEVICE" --models "$1" --dtypes fp16 \
+        --graphs lean --streams $STREAMS --peers hf --peers-first --repeats 1 --no-default --generic-too --work "$WORK" \
+        --out "$RES" --tag "$1" $EXTRA --note "bench/gpu_session.sh on the device lent to the session"
+}
+set -- $MODELS
+first=$1
 set -- $LIMITS
-for model in $MODELS; do
-    limit=$1; shift
-    step "decode-$model" "$limit" python3 -m bench.decode --device "$DEVICE" --models "$model" --dtypes fp16 \
-        --graphs lean --streams $STREAMS --peers hf --repeats 1 --no-default --generic-too --work "$WORK" \
-        --out "$RES" --tag "$model" $EXTRA --note "bench/gpu_session.sh on the device lent to the session"
-done
+run_decode "$first" "$1"
 
-first=${MODELS%% *}
 bundle=$(ls -d "$WORK"/bundles/"$first"-lean-fp16-* 2>/dev/null | head -n 1)
-step checks 60 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
-rm -f "$RES"/profile*.json; pack
-cat "$RES"/decode-*.md 2>/dev/null
+step checks 45 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
+rm -f "$RES"/profile*.json
+step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
+
+set -- $MODELS; shift; rest="$*"
+set -- $LIMITS; shift
+for model in $rest; do
+    run_decode "$model" "$1"; shift
+done
+pack
+cat "$RES"/decode-*.md "$RES"/concurrency-*.md 2>/dev/null
 grep -h "placement\|memory\|parity" "$RES/checks.log" 2>/dev/null | cut -c1-600
 ls -la "$OUT"

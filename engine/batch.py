@@ -41,6 +41,20 @@ def supports_padding(model: LanguageModel) -> bool:
     return io is None or (io.attention_mask is not None and io.position_ids is not None)
 
 
+def new_batch(model: LanguageModel) -> DecodeBatch:
+    """The model's own batch when it has one (``SlotModel``: rows keep their device slots), else a
+    left-padded ``DecodeBatch``."""
+    make = getattr(model, "new_batch", None)
+    return make() if make is not None else DecodeBatch(model)
+
+
+def close_cache(cache: object) -> None:
+    """Give back what a cache holds when it has something to give back (a ``SlotCache``'s slot)."""
+    close = getattr(cache, "close", None)
+    if close is not None:
+        close()
+
+
 class DecodeBatch(Generic[Row]):
     """Rows (any hashable handle, e.g. requests) decoded together, in a fixed row order."""
 

@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
                             synchronous=args.memory_sync, embeddings=args.memory_embeddings),
     )
     return serve(args.model or default_bundle_path(), config, provider=args.provider,
-                 intra_op_threads=server_threads(args.threads), spin=args.spin)
+                 intra_op_threads=server_threads(args.threads), spin=args.spin, slot_context=args.slot_context)
 
 
 def server_threads(requested: int | None) -> int:
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "60 fps game on 2 cores, spinning made 13.5%% of frames late for no faster replies; "
                           "bench/results/threads-*)")
     srv.add_argument("--max-batch", type=int, default=32, help="streams decoded together")
+    srv.add_argument("--slot-context", type=int, default=None,
+                     help="slots-layout (CUDA) bundles: tokens each stream's KV slot holds (default: the model's "
+                          "context, at most 2048); the KV of max-batch + 4 slots is allocated at start")
     srv.add_argument("--max-queue", type=int, default=64, help="streams that may wait; more are answered busy")
     srv.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                      help="prompt tokens prefilled per engine step, so a long prompt never stalls running streams "

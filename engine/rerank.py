@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .batch import DecodeBatch
+from .batch import DecodeBatch, new_batch
 from .dialogue import Turn
 from .errors import ConfigError, PromptError
 from .generator import LanguageModel
@@ -135,7 +135,7 @@ def likelihood_scores(model: LanguageModel, formatter: DialogueFormatter, replie
     target = formatter.generation_prompt_ids() + statement
     if not replies or not target:
         return [0.0] * len(replies)
-    batch: DecodeBatch[int] = DecodeBatch(model)
+    batch: DecodeBatch[int] = new_batch(model)
     joiners = []
     first_logits = []
     for index, reply in enumerate(replies):
@@ -149,6 +149,7 @@ def likelihood_scores(model: LanguageModel, formatter: DialogueFormatter, replie
     for position in range(1, len(target)):
         logits = batch.forward([target[position - 1]] * len(replies))  # (rows, vocab)
         totals += np.asarray([_log_softmax(row)[target[position]] for row in logits])
+    batch.remove(set(batch.rows))  # slot models get their slots back now
     return [float(t) / len(target) for t in totals]
 
 

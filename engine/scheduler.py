@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .batch import DecodeBatch, supports_padding
+from .batch import DecodeBatch, close_cache, new_batch, supports_padding
 from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
@@ -186,7 +186,11 @@ class Scheduler:
         self._reranked.clear()
         self._candidate_of.clear()
         self._queue.clear()
+        for prefill in self._prefilling:
+            close_cache(prefill.cache)
         self._prefilling.clear()
+        for group in self._groups:
+            group.remove(set(group.rows))
         self._groups = []
         return events
 
@@ -223,6 +227,9 @@ class Scheduler:
             self._retire(request)
         # Terminal requests leave the queue, their unfinished prefill (its cache is dropped) and their batch rows.
         self._queue = deque(r for r in self._queue if r.live)
+        for prefill in self._prefilling:
+            if not prefill.request.live:
+                close_cache(prefill.cache)
         self._prefilling = deque(p for p in self._prefilling if p.request.live)
         self._drop_rows({row for group in self._groups for row in group.rows if not row.live})
 
@@ -248,7 +255,7 @@ class Scheduler:
                 logits, ran = prefill.advance(self.model, budget if chunk else prefill.remaining, self.prefix_cache)
             except Exception as exc:  # any failure of one prompt fails that request, not the server
                 log.exception("Prefill of request %r failed.", request.key.id)
-                self._prefilling.popleft()
+                close_cache(self._prefilling.popleft().cache)
                 self._fail(request, ErrorCode.INTERNAL, f"The engine failed while reading the prompt: {exc}.", events)
                 continue
             budget -= ran
@@ -257,17 +264,19 @@ class Scheduler:
             self._prefilling.popleft()
             if self._sample(request, logits, events):
                 joiners.append((request, prefill.cache))  # cache (1, kv_heads, prompt, head_dim)
+            else:
+                close_cache(prefill.cache)  # the reply ended at its first token
         if not joiners:
             return
         for request, _ in joiners:
             request.advance(RequestState.DECODING)
         if self.batched:
             if not self._groups:
-                self._groups.append(DecodeBatch(self.model))
+                self._groups.append(new_batch(self.model))
             self._groups[0].add(joiners)
         else:
             for joiner in joiners:
-                group: DecodeBatch[Request] = DecodeBatch(self.model)
+                group: DecodeBatch[Request] = new_batch(self.model)
                 group.add([joiner])
                 self._groups.append(group)
 

@@ -51,6 +51,7 @@ from .delivery import Delivery, SendResult
 from .errors import ServeError
 from .handlers import Handlers
 from .memory import MemoryConfig
+from .bundle import load_manifest
 from .model import Model
 from .npcs import NpcRegistry
 from .request import Event
@@ -58,6 +59,7 @@ from .sampling import CHAT_DEFAULTS, SearchOptions
 from .scheduler import Scheduler, SchedulerConfig
 from .store import MemoryStore
 from .security import CurveServer, CurveServerConfig
+from .slot_model import SlotModel
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +296,30 @@ def _stop_on_signals(stop: Any) -> Iterator[None]:
 
 
 def serve(bundle: Path, config: ServerConfig = ServerConfig(), *, provider: str = "auto",
-          intra_op_threads: int | None = None, spin: bool = True) -> int:
+          intra_op_threads: int | None = None, spin: bool = True, slot_context: int | None = None) -> int:
     """Load ``bundle`` and serve it until SIGTERM/SIGINT; returns the exit code."""
     # An unusable memory database fails now, before the slow model load (embeddings load with the server).
     MemoryStore(dataclasses.replace(config.memory, embeddings="off")).close()
-    model = Model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin)  # type: ignore[arg-type]
+    model, config = load_model(bundle, config, provider=provider, intra_op_threads=intra_op_threads, spin=spin,
+                               slot_context=slot_context)
     return Server(model, config).run()
+
+
+SPARE_SLOTS = 4  # slots beyond max_batch: reranking's scoring rows take slots while candidates hold theirs
+
+
+def load_model(bundle: Path, config: ServerConfig, *, provider: str = "auto", intra_op_threads: int | None = None,
+               spin: bool = True, slot_context: int | None = None) -> tuple[Model | SlotModel, ServerConfig]:
+    """The bundle as the server runs it: a slots-layout bundle (CUDA) on the slot decoder, with a KV
+    slot of ``slot_context`` tokens (default: the model's context, at most 2048) for each of
+    ``max_batch`` streams, and the prefix cache off (a slot is not shared); anything else on ``Model``."""
+    if not load_manifest(bundle).io.get("seqlens_k"):
+        return Model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin), config  # type: ignore[arg-type]
+    manifest = load_manifest(bundle)
+    capacity = slot_context or min(manifest.max_context, 2048)
+    model = SlotModel.open(bundle, config.scheduler.max_batch + SPARE_SLOTS, capacity, provider=provider,  # type: ignore[arg-type]
+                           intra_op_threads=intra_op_threads)
+    if config.scheduler.prefix_cache_bytes:
+        log.info("Slot decoder: the persona prefix cache is off (a KV slot is not shared); prompts run whole.")
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, prefix_cache_bytes=0))
+    return model, config

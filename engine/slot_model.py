@@ -1,0 +1,161 @@
+"""The slot decoder as the server's model: what ``Scheduler``, ``Prefill`` and reranking call.
+
+The scheduler speaks ``LanguageModel`` (``new_cache``, ``forward``) and batches with
+``DecodeBatch``. For a slots-layout bundle (``engine/slots.py``) the KV lives in device slots, so:
+
+- ``SlotModel.new_cache()`` reserves a free slot and returns a ``SlotCache`` for it;
+  ``forward(ids, cache)`` runs those ids into that slot (a prompt, or a chunk after it) and returns
+  the last position's logits (1, vocab). Nothing is copied out of the slot.
+- ``SlotModel.new_batch()`` is a ``SlotBatch``: rows joining bring their ``SlotCache`` (already
+  filled by their prefill: joining moves nothing) and one ``forward`` decodes every row in a single
+  ``SlotDecoder.step`` (a CUDA graph on the GPU).
+- A slot returns to the pool when its cache is closed: the batch closes the caches of rows that
+  leave, the scheduler those of prefills that end early, and a cache nobody holds any more is
+  closed when it is collected.
+
+``manifest.max_context`` is the slot capacity, so the server's size checks refuse what a slot
+cannot hold. Not done here (yet): persona-prefix snapshots (a slot cannot be shared; run with the
+prefix cache off: ``SchedulerConfig(prefix_cache_bytes=0)``), and sampling on the device (the
+logits of every slot come back each step; greedy-only callers can use ``SlotDecoder`` directly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from .errors import ContextOverflowError, GenerationError, ServeError
+from .model import Provider
+from .slots import SlotDecoder
+
+log = logging.getLogger(__name__)
+
+Row = TypeVar("Row", bound=Hashable)
+
+
+class SlotCache:
+    """One stream's KV: a reserved slot of the decoder. ``length`` is what the slot holds."""
+
+    def __init__(self, pool: SlotModel, slot: int) -> None:
+        self._pool, self.slot, self.closed = pool, slot, False
+
+    @property
+    def length(self) -> int:
+        return int(self._pool.decoder.lengths[self.slot])
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def rewind(self, n: int) -> None:
+        """Keep the first ``n`` tokens (``Generator.rewind_to``)."""
+        self._pool.decoder.rewind(self.slot, n)
+
+    def close(self) -> None:
+        """Give the slot back (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._pool.free(self.slot)
+
+    def __del__(self) -> None:  # a cache dropped without close() still frees its slot
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
+
+
+class SlotModel:
+    """A ``SlotDecoder`` behind the ``LanguageModel`` interface, plus ``new_batch`` for the scheduler."""
+
+    def __init__(self, decoder: SlotDecoder) -> None:
+        self.decoder = decoder
+        self.manifest = dataclasses.replace(decoder.manifest, max_context=decoder.capacity)
+        self.tokenizer = decoder.tokenizer
+        self.provider = decoder.device
+        self._free = list(range(decoder.slots - 1, -1, -1))  # a stack: the lowest free slot is taken first
+
+    @classmethod
+    def open(cls, bundle: str | Path, slots: int, capacity: int | None = None, *, provider: Provider = "auto",
+             intra_op_threads: int | None = None, cuda_graph: bool = True) -> SlotModel:
+        return cls(SlotDecoder(bundle, slots, capacity, provider=provider, cuda_graph=cuda_graph,
+                               intra_op_threads=intra_op_threads))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def free(self, slot: int) -> None:
+        self.decoder.release(slot)
+        self._free.append(slot)
+
+    def new_cache(self, batch_size: int = 1) -> SlotCache:
+        """Reserve a slot; ``ServeError`` when all are taken (the scheduler admits at most its batch)."""
+        if batch_size != 1:
+            raise GenerationError("A slot cache holds one stream; batches are SlotBatch rows.")
+        if not self._free:
+            raise ServeError(f"All {self.decoder.slots} KV slots are in use.")
+        slot = self._free.pop()
+        self.decoder.release(slot)
+        return SlotCache(self, slot)
+
+    def forward(self, input_ids: np.ndarray, cache: SlotCache) -> np.ndarray:  # type: ignore[override]
+        """Run (1, n) ids into ``cache``'s slot after what it holds; the last position's logits (1, vocab)."""
+        if not isinstance(cache, SlotCache) or cache.closed:
+            raise GenerationError("SlotModel.forward needs an open SlotCache from new_cache().")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise GenerationError(f"input_ids must be (1, seq>=1) for one slot, got shape {ids.shape}.")
+        if cache.length + ids.shape[1] > self.decoder.capacity:
+            raise ContextOverflowError(f"{ids.shape[1]} new tokens after {cache.length} cached make more than the "
+                                       f"slot's {self.decoder.capacity} tokens.")
+        self.decoder.prefill(cache.slot, ids[0])
+        return self.decoder.logits()  # (1, vocab)
+
+    def new_batch(self) -> SlotBatch:
+        return SlotBatch(self)
+
+
+class SlotBatch(Generic[Row]):
+    """``DecodeBatch``'s interface over slots: rows keep their slot, one step decodes them all."""
+
+    def __init__(self, model: SlotModel) -> None:
+        self.model = model
+        self.rows: list[Row] = []
+        self._caches: list[SlotCache] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, joiners: Sequence[tuple[Row, SlotCache]]) -> None:
+        """Rows join with the slot their prefill filled; nothing is copied."""
+        for row, cache in joiners:
+            if not isinstance(cache, SlotCache) or cache.closed:
+                raise GenerationError("A SlotBatch row needs the open SlotCache its prefill filled.")
+            self.rows.append(row)
+            self._caches.append(cache)
+
+    def remove(self, gone: set[Row]) -> None:
+        """Rows leave; their slots go back to the pool."""
+        keep = [i for i, row in enumerate(self.rows) if row not in gone]
+        for i, cache in enumerate(self._caches):
+            if i not in keep:
+                cache.close()
+        self.rows = [self.rows[i] for i in keep]
+        self._caches = [self._caches[i] for i in keep]
+
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """One token per row (row order) → next-token logits (rows, vocab), all rows in one step."""
+        decoder = self.model.decoder
+        if len(token_ids) != len(self.rows):
+            raise GenerationError(f"forward takes one token per row ({len(self.rows)}), got {len(token_ids)}.")
+        tokens = np.zeros(decoder.slots, dtype=np.int64)
+        active = np.zeros(decoder.slots, dtype=bool)
+        slots = [cache.slot for cache in self._caches]
+        tokens[slots], active[slots] = token_ids, True
+        decoder.step(tokens, active)
+        return decoder.logits()[slots]  # (rows, vocab)

@@ -1,0 +1,157 @@
+"""The slot decoder behind the scheduler and a real server: same replies as Model, slots given back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_process import LONG_STREAMS, ServerProcess, recv, send
+from test_scheduler import check_streams, make_request, run
+
+from npctalk.engine.errors import ContextOverflowError, GenerationError, ServeError
+from npctalk.engine.model import Model
+from npctalk.engine.rerank import likelihood_scores
+from npctalk.engine.request import Request, RequestKey
+from npctalk.engine.sampling import SearchOptions
+from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+from npctalk.engine.server import ServerConfig, load_model
+from npctalk.engine.slot_model import SlotCache, SlotModel
+
+TEXTS = ["Hello traveller", "The blacksmith forges swords and horseshoes all day long.", "Dragons 🐉"]
+OPTIONS = [SearchOptions(max_new_tokens=24),
+           SearchOptions(max_new_tokens=30, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3),
+           SearchOptions(max_new_tokens=20, do_sample=True, seed=5, repetition_penalty=1.2, no_repeat_ngram_size=3)]
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def pair(request: pytest.FixtureRequest) -> tuple[Model, SlotModel]:
+    """The mask-layout Model and a slot model of the same tiny weights (4 slots of 128 tokens)."""
+    mask = Model(request.getfixturevalue(f"{request.param}_bundle"), provider="cpu", intra_op_threads=1)
+    slots = SlotModel.open(request.getfixturevalue(f"{request.param}_slots_bundle"), 4, 128, provider="cpu",
+                           intra_op_threads=1)
+    return mask, slots
+
+
+def _requests(model: Model | SlotModel, prefix: str = "") -> list[Request]:
+    return [Request(RequestKey(b"c", f"{prefix}{i}"), model.tokenizer.encode(t), o, model.tokenizer,
+                    frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
+            for i, (t, o) in enumerate(zip(TEXTS, OPTIONS))]
+
+
+def test_scheduler_on_slots_gives_the_replies_of_the_padded_batch(pair: tuple[Model, SlotModel]) -> None:
+    """Greedy and sampled requests, different prompt lengths, chunked prefill, a late joiner."""
+    mask, slots = pair
+    results = []
+    for model in (mask, slots):
+        scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefill_chunk=4, prefix_cache_bytes=0))
+        requests = _requests(model)
+        for r in requests[:2]:
+            assert scheduler.submit(r)
+        events = scheduler.step() + scheduler.step()
+        assert scheduler.submit(requests[2])  # joins while the others decode
+        events += run(scheduler)
+        check_streams(events, requests)
+        results.append([(r.text, r.finish_reason, r.tokens) for r in requests])
+    assert results[0] == results[1]
+    assert slots.free_slots == 4, "every slot came back when its stream ended"
+
+
+def test_cancelled_and_failed_streams_give_their_slots_back(pair: tuple[Model, SlotModel]) -> None:
+    _, slots = pair
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=2, prefix_cache_bytes=0))
+    long = make_request(slots, "long", slots.tokenizer.encode(TEXTS[1]), max_new_tokens=50)
+    decoding = make_request(slots, "dec", slots.tokenizer.encode(TEXTS[0]), max_new_tokens=50)
+    assert scheduler.submit(decoding) and scheduler.submit(long)
+    for _ in range(6):
+        scheduler.step()
+    assert slots.free_slots == 2
+    scheduler.cancel(long.key)       # mid-prefill or decoding: either way its slot returns
+    scheduler.cancel(decoding.key)
+    scheduler.step()
+    assert slots.free_slots == 4 and not scheduler.has_work
+    too_long = make_request(slots, "big", list(range(1, 100)) * 2, max_new_tokens=4)  # 198 > the slots' 128
+    assert scheduler.submit(too_long)
+    run(scheduler)
+    assert too_long.finish_reason is None and slots.free_slots == 4
+
+
+def test_slot_model_contract(pair: tuple[Model, SlotModel]) -> None:
+    mask, slots = pair
+    assert slots.manifest.max_context == 128 and slots.provider == "cpu"
+    caches = [slots.new_cache() for _ in range(4)]
+    with pytest.raises(ServeError, match="slots are in use"):
+        slots.new_cache()
+    logits = slots.forward(np.array([[5, 6, 7]]), caches[0])
+    want = mask.forward(np.array([[5, 6, 7]]), mask.new_cache())
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    with pytest.raises(ContextOverflowError):
+        slots.forward(np.ones((1, 126), np.int64), caches[0])
+    with pytest.raises(GenerationError):
+        slots.forward(np.array([[1], [2]]), caches[1])
+    caches[0].rewind(1)
+    assert caches[0].length == 1
+    for cache in caches:
+        cache.close()
+    caches[0].close()                 # twice is fine
+    assert slots.free_slots == 4
+    dropped = slots.new_cache()
+    del dropped                       # a cache nobody holds frees its slot too
+    assert slots.free_slots == 4
+    with pytest.raises(GenerationError, match="open SlotCache"):
+        slots.forward(np.array([[1]]), caches[0])
+
+
+def test_reranking_scores_run_on_slots(pair: tuple[Model, SlotModel]) -> None:
+    from npctalk.engine.dialogue import DialogueFormatter
+    from npctalk.engine.persona import builtin_personas
+
+    mask, slots = pair
+    persona = builtin_personas()["bram"]
+    replies = ["I am Bram, the blacksmith.", "Lovely weather.", "Swords!"]
+    scores = [likelihood_scores(m, DialogueFormatter(m.manifest, m.tokenizer), replies, persona) for m in (mask, slots)]
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
+    assert slots.free_slots == 4
+
+
+def test_server_loads_slots_bundles_on_the_slot_decoder(gpt2_slots_bundle: Path, gpt2_bundle: Path) -> None:
+    config = ServerConfig(scheduler=SchedulerConfig(max_batch=2))
+    model, used = load_model(gpt2_slots_bundle, config, provider="cpu", slot_context=64)
+    assert isinstance(model, SlotModel) and model.decoder.slots == 6 and model.manifest.max_context == 64
+    assert used.scheduler.prefix_cache_bytes == 0 and used.scheduler.max_batch == 2
+    plain, same = load_model(gpt2_bundle, config, provider="cpu")
+    assert isinstance(plain, Model) and same is config
+
+
+@pytest.fixture(scope="module")
+def slots_server(gpt2_slots_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(gpt2_slots_bundle, tmp_path_factory.mktemp("slots-server"), *LONG_STREAMS,
+                         "--slot-context", "500").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_a_real_server_streams_two_npcs_from_slots(slots_server: ServerProcess, gpt2_bundle: Path,
+                                                   tmp_path: Path) -> None:
+    """The same greedy replies from a slots bundle as from the mask bundle, two NPCs at once."""
+    hello = slots_server.request("hello")
+    assert hello["model"]["max_context"] == 500  # the slot capacity, not the model's 512
+    texts = {}
+    for proc in (slots_server, ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS).start()):
+        try:
+            sock = proc.dealer()
+            for rid, npc in (("a", "bram"), ("b", "elda")):
+                send(sock, op="say", id=rid, npc=npc, player="p", text="Good morning!", max_new_tokens=30)
+            streams: dict[str, list] = {"a": [], "b": []}
+            while not all(s and s[-1]["type"] in ("done", "error") for s in streams.values()):
+                message = recv(sock, timeout=20.0)
+                streams[message["id"]].append(message)
+            texts[proc is slots_server] = {k: (v[-1]["type"], v[-1].get("text")) for k, v in streams.items()}
+            assert proc.stats()["active"] == 0
+        finally:
+            if proc is not slots_server:
+                proc.stop()
+    assert texts[True] == texts[False] and texts[True]["a"][0] == "done"
