@@ -161,6 +161,20 @@ class Request:
         if self.steering is not None:
             logits = self.steering.apply(logits, self.tokens[len(self.prompt_ids):])
         token = int(self._sampler.next_tokens(logits, [self.tokens])[0])  # history: prompt + reply
+        return self.accept(token, now)
+
+    @property
+    def needs_logits(self) -> bool:
+        """False when the next token is just the argmax of the raw logits (greedy, no repetition
+        controls, no steering bonus at this point): then a device that computes the argmax itself
+        (``SlotBatch.forward_greedy``) can hand over the token alone and ``accept`` takes it."""
+        o = self.options
+        if not o.greedy or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size:
+            return True
+        return self.steering is not None and bool(self.steering.bonus(self.tokens[len(self.prompt_ids):]))
+
+    def accept(self, token: int, now: float) -> tuple[list[Event], FinishReason | None]:
+        """Take ``token`` as the next one (``choose`` after sampling, or the device's greedy pick)."""
         self.tokens.append(token)
         if self.first_token_at is None:
             self.first_token_at = now

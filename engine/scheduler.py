@@ -52,7 +52,7 @@ from .kv_cache import KVCache
 from .prefill import Prefill
 from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
-from .request import Event, Request, RequestKey, RequestState
+from .request import Event, FinishReason, Request, RequestKey, RequestState
 from .reranked import Candidates, Scorer, answer
 
 log = logging.getLogger(__name__)
@@ -343,8 +343,13 @@ class Scheduler:
         finished: set[Request] = set()
         for group in self._groups:
             rows = list(group.rows)
+            greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
+            logits: np.ndarray | None = None
             try:
-                logits = group.forward([r.pending_token for r in rows])  # (rows, vocab)
+                if greedy is not None and not any(r.needs_logits for r in rows):
+                    tokens = greedy([r.pending_token for r in rows])  # (rows,): no logits leave the device
+                else:
+                    logits = group.forward([r.pending_token for r in rows])  # (rows, vocab)
             except Exception as exc:  # a failed forward fails its rows; the server and other groups go on
                 log.exception("Decode step for %d streams failed.", len(rows))
                 for request in rows:
@@ -352,13 +357,21 @@ class Scheduler:
                 finished.update(rows)
                 continue
             for index, request in enumerate(rows):
-                if not self._sample(request, logits[index:index + 1], events):
+                if logits is not None:
+                    going = self._sample(request, logits[index:index + 1], events)
+                else:
+                    going = self._took(request, request.accept(int(tokens[index]), self.clock()), events)
+                if not going:
                     finished.add(request)
         self._drop_rows(finished)
 
     def _sample(self, request: Request, logits: np.ndarray, events: list[Event]) -> bool:
         """Sample ``request``'s next token from (1, vocab) logits; False when its reply has ended."""
-        new_events, reason = request.choose(logits, self.clock())
+        return self._took(request, request.choose(logits, self.clock()), events)
+
+    def _took(self, request: Request, outcome: tuple[list[Event], FinishReason | None], events: list[Event]) -> bool:
+        """Book a chosen token's events; finish the request when its reply ended (then False)."""
+        new_events, reason = outcome
         self._step_tokens += 1
         events.extend(new_events)
         if reason is None:

@@ -56,7 +56,7 @@ from .model import Model
 from .npcs import NpcRegistry
 from .request import Event
 from .sampling import CHAT_DEFAULTS, SearchOptions
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerConfig
 from .store import MemoryStore
 from .security import CurveServer, CurveServerConfig
 from .slot_model import SlotModel
@@ -306,6 +306,9 @@ def serve(bundle: Path, config: ServerConfig = ServerConfig(), *, provider: str 
 
 
 SPARE_SLOTS = 4  # slots beyond max_batch: reranking's scoring rows take slots while candidates hold theirs
+# Prompt tokens per step on a GPU (the CPU default is 64): DialoGPT-medium prefills 256 tokens in 2.5 ms
+# on an H100 (bench/results/decode-nvidia-h100-*), so a step with a full chunk stays near 10 ms.
+CUDA_PREFILL_CHUNK = 512
 
 
 def load_model(bundle: Path, config: ServerConfig, *, provider: str = "auto", intra_op_threads: int | None = None,
@@ -319,7 +322,12 @@ def load_model(bundle: Path, config: ServerConfig, *, provider: str = "auto", in
     capacity = slot_context or min(manifest.max_context, 2048)
     model = SlotModel.open(bundle, config.scheduler.max_batch + SPARE_SLOTS, capacity, provider=provider,  # type: ignore[arg-type]
                            intra_op_threads=intra_op_threads)
-    if config.scheduler.prefix_cache_bytes:
+    scheduler = config.scheduler
+    if scheduler.prefix_cache_bytes:
         log.info("Slot decoder: the persona prefix cache is off (a KV slot is not shared); prompts run whole.")
-        config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, prefix_cache_bytes=0))
-    return model, config
+        scheduler = dataclasses.replace(scheduler, prefix_cache_bytes=0)
+    if model.provider == "cuda" and scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK:
+        # The CPU's chunk would admit 64 prompt tokens a step; a GPU prefills 512 in a few ms.
+        scheduler = dataclasses.replace(scheduler, prefill_chunk=CUDA_PREFILL_CHUNK)
+        log.info("Slot decoder on CUDA: prefill chunk %d tokens per step.", CUDA_PREFILL_CHUNK)
+    return model, dataclasses.replace(config, scheduler=scheduler) if scheduler != config.scheduler else config

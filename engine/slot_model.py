@@ -8,15 +8,17 @@ The scheduler speaks ``LanguageModel`` (``new_cache``, ``forward``) and batches 
   the last position's logits (1, vocab). Nothing is copied out of the slot.
 - ``SlotModel.new_batch()`` is a ``SlotBatch``: rows joining bring their ``SlotCache`` (already
   filled by their prefill: joining moves nothing) and one ``forward`` decodes every row in a single
-  ``SlotDecoder.step`` (a CUDA graph on the GPU).
+  ``SlotDecoder.step`` (a CUDA graph on the GPU). When every row's next token is the plain argmax
+  (greedy, no repetition controls or steering bonus), the scheduler calls ``forward_greedy`` and
+  only the argmax of each row leaves the device, not the logits.
 - A slot returns to the pool when its cache is closed: the batch closes the caches of rows that
   leave, the scheduler those of prefills that end early, and a cache nobody holds any more is
   closed when it is collected.
 
 ``manifest.max_context`` is the slot capacity, so the server's size checks refuse what a slot
 cannot hold. Not done here (yet): persona-prefix snapshots (a slot cannot be shared; run with the
-prefix cache off: ``SchedulerConfig(prefix_cache_bytes=0)``), and sampling on the device (the
-logits of every slot come back each step; greedy-only callers can use ``SlotDecoder`` directly).
+prefix cache off: ``SchedulerConfig(prefix_cache_bytes=0)``), and sampling (top-k/top-p,
+penalties) on the device: a step with such a row copies every slot's logits back.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class SlotBatch(Generic[Row]):
         self.model = model
         self.rows: list[Row] = []
         self._caches: list[SlotCache] = []
+        self._next = np.zeros(0, dtype=np.int64)  # the last step's argmax per slot
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -150,6 +153,16 @@ class SlotBatch(Generic[Row]):
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """One token per row (row order) → next-token logits (rows, vocab), all rows in one step."""
+        slots = self._step(token_ids)
+        return self.model.decoder.logits()[slots]  # (rows, vocab)
+
+    def forward_greedy(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Like ``forward``, but only each row's argmax token (rows,) comes back from the device: for
+        rows whose next token is the plain argmax (``Request.needs_logits`` False)."""
+        slots = self._step(token_ids)
+        return self._next[slots]
+
+    def _step(self, token_ids: Sequence[int]) -> list[int]:
         decoder = self.model.decoder
         if len(token_ids) != len(self.rows):
             raise GenerationError(f"forward takes one token per row ({len(self.rows)}), got {len(token_ids)}.")
@@ -157,5 +170,5 @@ class SlotBatch(Generic[Row]):
         active = np.zeros(decoder.slots, dtype=bool)
         slots = [cache.slot for cache in self._caches]
         tokens[slots], active[slots] = token_ids, True
-        decoder.step(tokens, active)
-        return decoder.logits()[slots]  # (rows, vocab)
+        self._next = decoder.step(tokens, active)  # (slots,) each slot's argmax
+        return slots

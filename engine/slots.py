@@ -10,10 +10,11 @@ place: no cache is copied or allocated while decoding.
   batch 1 over a view of that slot's part of every buffer (the slot axis is outermost, so the view
   is a pointer offset).
 - ``step(tokens)``: one token for every slot at once. Ids, positions and lengths sit in device
-  buffers at fixed addresses; with ``cuda_graph`` ONNX Runtime captures the step once and replays it
-  (fixed shapes and addresses; ``total_sequence_length`` is the constant buffer length, which in a
-  shared-buffer decode step only sizes the attention kernel's work split: each row's real length is
-  read from ``seqlens_k`` on the device).
+  buffers at fixed addresses; with ``cuda_graph`` ONNX Runtime captures the step and replays it
+  (fixed shapes and addresses). ``total_sequence_length``, a host value the capture bakes in, only
+  sizes the attention kernel's work split in a shared-buffer decode step (each row's real length
+  is read from ``seqlens_k`` on the device), so it is the longest slot rounded up to
+  ``LENGTH_BUCKET`` and each bucket is its own graph: a short context in a big buffer stays fast.
 - What leaves the device per step: the greedy token of each slot (the graph's ``next_token``,
   8 bytes a slot), or the logits when a caller samples (``logits()``).
 
@@ -42,7 +43,10 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 SKIP_GRAPH = "-1"  # ONNX Runtime's gpu_graph_id that runs without capturing or replaying a CUDA graph
-DECODE_GRAPH = "1"
+# A step's total_sequence_length: the longest slot's length rounded up to this many positions. The
+# attention kernel sizes its work split by it (the real lengths come from seqlens_k), so a small
+# value keeps short contexts fast in a big buffer; each bucket is its own captured CUDA graph.
+LENGTH_BUCKET = 128
 
 
 class SlotDecoder:
@@ -82,7 +86,7 @@ class SlotDecoder:
         self._keys = [self._buffer() for _ in range(m.num_layers)]      # (slots, kv_heads, capacity + 1, head_dim)
         self._values = [self._buffer() for _ in range(m.num_layers)]
         self._decode = self._decode_binding()
-        self._decode_runs = 0
+        self._graphs_ran: set[str] = set()  # gpu_graph_ids that have run (captured) without error
         self._last: str | None = None  # which run's logits ``logits()`` returns
         self._prefill_logits: ort.OrtValue | None = None
         log.info("Slot decoder: %s on %s, %d slots x %d tokens, KV %.1f MB, CUDA graph %s", m.name, self.device, slots,
@@ -219,17 +223,19 @@ class SlotDecoder:
         self._ids.update_inplace(ids.reshape(-1, 1))
         self._positions.update_inplace(self.lengths.reshape(-1, 1).astype(np.int64))
         self._seqlens.update_inplace(self.lengths.astype(np.int32))
-        graph = DECODE_GRAPH if self.cuda_graph else SKIP_GRAPH
+        bucket = -(-(int(self.lengths.max()) + 1) // LENGTH_BUCKET)  # 1, 2, ...: lengths + 1 in whole buckets
+        self._total_host[...] = min(self._physical, bucket * LENGTH_BUCKET)  # the bound host value (never 1)
+        graph = str(bucket) if self.cuda_graph else SKIP_GRAPH
         try:
             self.session.run_with_iobinding(self._decode, self._run_options(graph))
         except Exception as exc:
-            if not self.cuda_graph or self._decode_runs > 2:
+            if not self.cuda_graph or graph in self._graphs_ran:
                 raise GenerationError(f"The decode step failed: {exc}") from exc
-            # Capture failed (it happens on the first runs): nothing was advanced, so run plainly from now on.
+            # A new graph's first runs (capture) failed: nothing was advanced, so run plainly from now on.
             self.cuda_graph, self.fallback_reason = False, f"capture failed: {str(exc).splitlines()[0][:200]}"
             log.warning("CUDA graph %s; decoding without it.", self.fallback_reason)
             self.session.run_with_iobinding(self._decode, self._run_options(SKIP_GRAPH))
-        self._decode_runs += 1
+        self._graphs_ran.add(graph)
         self._last = "step"
         self.lengths[mask] += 1
         return self._next.numpy().reshape(-1)

@@ -155,3 +155,37 @@ def test_a_real_server_streams_two_npcs_from_slots(slots_server: ServerProcess, 
             if proc is not slots_server:
                 proc.stop()
     assert texts[True] == texts[False] and texts[True]["a"][0] == "done"
+
+
+def test_all_greedy_steps_take_the_device_argmax_and_give_the_same_replies(pair: tuple[Model, SlotModel],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain greedy rows need no logits: only the argmax leaves the device; a row with a repetition
+    penalty in the batch brings the logits back for every row. Replies equal the padded batch's."""
+    from npctalk.engine.slot_model import SlotBatch
+
+    mask, slots = pair
+    calls = {"greedy": 0, "logits": 0}
+    for name in ("forward_greedy", "forward"):
+        original = getattr(SlotBatch, name)
+
+        def counted(self, token_ids, _original=original, _name=name):  # type: ignore[no-untyped-def]
+            calls["greedy" if _name == "forward_greedy" else "logits"] += 1
+            return _original(self, token_ids)
+
+        monkeypatch.setattr(SlotBatch, name, counted)
+    for options in ([SearchOptions(max_new_tokens=20)] * 3,
+                    [SearchOptions(max_new_tokens=20)] * 2 + [SearchOptions(max_new_tokens=20, repetition_penalty=1.3)]):
+        results = []
+        for model in (mask, slots):
+            scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefix_cache_bytes=0))
+            requests = [Request(RequestKey(b"g", str(i)), model.tokenizer.encode(t), o, model.tokenizer,
+                                frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
+                        for i, (t, o) in enumerate(zip(TEXTS, options))]
+            assert all(scheduler.submit(r) for r in requests)
+            check_streams(run(scheduler), requests)
+            results.append([r.tokens for r in requests])
+        assert results[0] == results[1]
+        if options[-1].repetition_penalty == 1.0:
+            assert calls["greedy"] > 0 and calls["logits"] == 0
+        else:
+            assert calls["logits"] > 0

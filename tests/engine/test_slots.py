@@ -130,3 +130,13 @@ def test_model_runs_a_slots_bundle_one_row_per_stream(family: tuple[Path, Path])
     cache.mask = np.array([[0, 1], [1, 1]])
     with pytest.raises(GenerationError, match="slots layout"):
         model.forward(np.array([[1], [2]]), cache)
+
+
+def test_steps_across_length_buckets_match_the_model(family: tuple[Path, Path]) -> None:
+    """total_sequence_length follows the longest slot in LENGTH_BUCKET steps; crossing one changes nothing."""
+    from npctalk.engine.slots import LENGTH_BUCKET
+
+    mask, slots = family
+    prompt = [5 + i % 300 for i in range(LENGTH_BUCKET - 4)]
+    decoder = SlotDecoder(slots, slots=2, capacity=300, provider="cpu")
+    assert decoder.greedy([prompt, PROMPTS[1]], 12) == [_reference(mask, p, 12)[0] for p in (prompt, PROMPTS[1])]
