@@ -130,12 +130,17 @@ def main() -> int:
                         help="slots-layout (CUDA) bundles: tokens per stream's KV slot (serve --slot-context)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--server-log", type=Path, default=None, help="write the server's log here")
+    parser.add_argument("--sampled", action="store_true",
+                        help="the server's default sampling (temperature, top-k/p, repetition controls) instead of "
+                             "greedy; replies may then end early at EOS")
     args = parser.parse_args()
 
     endpoint = free_endpoint()
     command = [sys.executable, "-m", "npctalk.engine.cli", "serve", "--model", str(args.model), "--bind", endpoint,
                "--provider", args.provider, "--max-batch", str(max(args.streams)), "--max-new-tokens",
-               str(args.max_new_tokens), "--temperature", "0", "--no-repeat-ngram", "0", "--repetition-penalty", "1.0"]
+               str(args.max_new_tokens)]
+    if not args.sampled:
+        command += ["--temperature", "0", "--no-repeat-ngram", "0", "--repetition-penalty", "1.0"]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.slot_context:
@@ -163,10 +168,10 @@ def main() -> int:
 
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
-              "server_threads": args.threads or "server default (all cores but one)",
+              "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled,
               "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}"
+    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     rows = ["| streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms |",
             "|---:|---:|---:|---:|---:|---:|"]
@@ -175,7 +180,7 @@ def main() -> int:
     m = report["machine"]
     text = (f"# Concurrency: {hello['model']['name']} ({hello['model']['architecture']}) on {report['provider']}\n\n"
             f"{report['date']} · {m['host']} · {m['cpu']} · {m['cores']} cores · Python {m['python']}\n\n"
-            f"Greedy, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
+            f"{'The server default sampling' if args.sampled else 'Greedy'}, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
             f"threads: {report['server_threads']}. "
             f"Protocol cost per token (encode + parse): {report['protocol_us_per_token']} µs."
             + (f" Overhead per token through the server (1 stream, median gap {overhead['socket_gap_ms_p50']} ms) over "

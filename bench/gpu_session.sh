@@ -15,7 +15,7 @@
 #   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
 #               CUDA-graph token parity
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
-#               streams through the real socket (issue #4)
+#               streams through the real socket (issue #4), greedy, then with the default sampling
 # Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
 # DRY=cpu runs the same steps with the tiny test architectures on the CPU (to try the script here).
 set -u
@@ -81,6 +81,8 @@ step checks 45 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --devic
 rm -f "$RES"/profile*.json
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
+step concurrency-sampled 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --sampled
 
 set -- $MODELS; shift; rest="$*"
 set -- $LIMITS; shift
