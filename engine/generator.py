@@ -32,7 +32,7 @@ from .detokenizer import StreamingDetokenizer
 from .errors import ConfigError, ContextOverflowError, GenerationError
 from .kv_cache import KVCache
 from .sampling import Sampler, SearchOptions
-from .steering import FactSteering
+from .steering import FactSteering, SteeringCursor
 from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -86,12 +86,12 @@ class Generator:
         self._tokens: list[int] = []
         # Logits (1, vocab) predicting position len(tokens); None until the cache has caught up.
         self._logits: np.ndarray | None = None
-        self._steering: FactSteering | None = None
+        self._steering: SteeringCursor | None = None
         self._start_reply(0)
 
     def set_steering(self, steering: FactSteering | None) -> None:
         """Nudge the next replies towards stating a fact (``steering.FactSteering``; None: stop)."""
-        self._steering = steering
+        self._steering = None if steering is None else SteeringCursor(steering)
 
     def _start_reply(self, start: int) -> None:
         self._reply_start = start
@@ -99,6 +99,8 @@ class Generator:
         stops = self.options.stop_strings
         self._detok = StreamingDetokenizer(self.model.tokenizer) if stops else None
         self._stop = StopMatcher(stops) if stops else None
+        if getattr(self, "_steering", None) is not None:  # a new reply: its own steering cache
+            self._steering = SteeringCursor(self._steering.steering)
 
     @property
     def tokens(self) -> list[int]:

@@ -30,7 +30,7 @@ from .detokenizer import StreamingDetokenizer
 from .errors import RequestStateError
 from .protocol import ErrorCode
 from .sampling import Sampler, SearchOptions
-from .steering import FactSteering
+from .steering import FactSteering, SteeringCursor
 from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -121,6 +121,7 @@ class Request:
         self._stop = StopMatcher(self.options.stop_strings)
         self._chunks: list[str] = []
         self._seq = 0
+        self._steer: SteeringCursor | None = None
 
     # --- state machine: every change of ``state`` goes through here ---------------------------------
 
@@ -158,8 +159,7 @@ class Request:
     def choose(self, logits: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None]:
         """Sample the next token from ``logits`` (1, vocab); return the text events it makes and,
         when the reply is over, why (the caller then calls ``finish``)."""
-        if self.steering is not None:
-            logits = self.steering.apply(logits, self.tokens[len(self.prompt_ids):])
+        logits = self._cursor().apply(logits, self.tokens[len(self.prompt_ids):])
         token = int(self._sampler.next_tokens(logits, [self.tokens])[0])  # history: prompt + reply
         return self.accept(token, now)
 
@@ -171,7 +171,13 @@ class Request:
         o = self.options
         if not o.greedy or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size:
             return True
-        return self.steering is not None and bool(self.steering.bonus(self.tokens[len(self.prompt_ids):]))
+        return bool(self._cursor().bonus(self.tokens[len(self.prompt_ids):]))
+
+    def _cursor(self) -> SteeringCursor:
+        """The steering's per-reply cache (made again if ``steering`` was replaced)."""
+        if self._steer is None or self._steer.steering is not self.steering:
+            self._steer = SteeringCursor(self.steering)
+        return self._steer
 
     def accept(self, token: int, now: float) -> tuple[list[Event], FinishReason | None]:
         """Take ``token`` as the next one (``choose`` after sampling, or the device's greedy pick)."""

@@ -345,11 +345,15 @@ class Scheduler:
             rows = list(group.rows)
             greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
             logits: np.ndarray | None = None
+            tokens: np.ndarray | None = None
+            needs = [r.needs_logits for r in rows] if greedy is not None else [True] * len(rows)
             try:
-                if greedy is not None and not any(r.needs_logits for r in rows):
+                if not any(needs):
                     tokens = greedy([r.pending_token for r in rows])  # (rows,): no logits leave the device
                 else:
                     logits = group.forward([r.pending_token for r in rows])  # (rows, vocab)
+                    if greedy is not None:  # the device's argmax still serves the rows that need no logits
+                        tokens = group.last_argmax()
             except Exception as exc:  # a failed forward fails its rows; the server and other groups go on
                 log.exception("Decode step for %d streams failed.", len(rows))
                 for request in rows:
@@ -357,10 +361,11 @@ class Scheduler:
                 finished.update(rows)
                 continue
             for index, request in enumerate(rows):
-                if logits is not None:
-                    going = self._sample(request, logits[index:index + 1], events)
-                else:
+                if tokens is not None and not needs[index]:
                     going = self._took(request, request.accept(int(tokens[index]), self.clock()), events)
+                else:
+                    assert logits is not None
+                    going = self._sample(request, logits[index:index + 1], events)
                 if not going:
                     finished.add(request)
         self._drop_rows(finished)

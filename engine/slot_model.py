@@ -10,7 +10,8 @@ The scheduler speaks ``LanguageModel`` (``new_cache``, ``forward``) and batches 
   filled by their prefill: joining moves nothing) and one ``forward`` decodes every row in a single
   ``SlotDecoder.step`` (a CUDA graph on the GPU). When every row's next token is the plain argmax
   (greedy, no repetition controls or steering bonus), the scheduler calls ``forward_greedy`` and
-  only the argmax of each row leaves the device, not the logits.
+  only the argmax of each row leaves the device, not the logits; in a mixed batch the logits come
+  back for every row, and the plain-greedy rows still take the device's argmax (``last_argmax``).
 - A slot returns to the pool when its cache is closed: the batch closes the caches of rows that
   leave, the scheduler those of prefills that end early, and a cache nobody holds any more is
   closed when it is collected.
@@ -161,6 +162,10 @@ class SlotBatch(Generic[Row]):
         rows whose next token is the plain argmax (``Request.needs_logits`` False)."""
         slots = self._step(token_ids)
         return self._next[slots]
+
+    def last_argmax(self) -> np.ndarray:
+        """Each row's argmax token (rows,) from the last ``forward``/``forward_greedy``."""
+        return self._next[[cache.slot for cache in self._caches]]
 
     def _step(self, token_ids: Sequence[int]) -> list[int]:
         decoder = self.model.decoder

@@ -91,13 +91,41 @@ class FactSteering:
 
     def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
         """``logits`` (1, vocab) with the bonus for the next token after ``reply`` added (a copy)."""
-        bonus = self.bonus(reply)
-        if not bonus:
-            return logits
-        out = logits.copy()
-        ids = np.fromiter(bonus, dtype=np.int64)
-        out[:, ids] += np.asarray([bonus[i] for i in bonus], dtype=out.dtype)
-        return out
+        return add_bonus(logits, self.bonus(reply))
+
+
+class SteeringCursor:
+    """One growing reply's view of a ``FactSteering``: ``bonus`` is computed once per reply length,
+    and not at all once it has come back empty. Empty means the reply has a sentence end or
+    ``MAX_STATED`` answer words (an unfinished reply otherwise always gets the words' first tokens),
+    and both stay true as the reply grows, so this is exact. It keeps a server's per-token cost
+    flat: ``FactSteering.bonus`` reads the whole reply (decode, word search) every call."""
+
+    def __init__(self, steering: FactSteering | None) -> None:
+        self.steering = steering
+        self._at, self._bonus = -1, {}  # the reply length ``_bonus`` was computed for
+        self.over = steering is None
+
+    def bonus(self, reply: Sequence[int]) -> dict[int, float]:
+        if self.over or self.steering is None:
+            return {}
+        if self._at != len(reply):
+            self._at, self._bonus = len(reply), self.steering.bonus(reply)
+            self.over = not self._bonus
+        return self._bonus
+
+    def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
+        return add_bonus(logits, self.bonus(reply))
+
+
+def add_bonus(logits: np.ndarray, bonus: dict[int, float]) -> np.ndarray:
+    """``logits`` (1, vocab) plus ``bonus`` (token id → logits), a copy; ``logits`` itself when empty."""
+    if not bonus:
+        return logits
+    out = logits.copy()
+    ids = np.fromiter(bonus, dtype=np.int64)
+    out[:, ids] += np.asarray([bonus[i] for i in bonus], dtype=out.dtype)
+    return out
 
 
 def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:

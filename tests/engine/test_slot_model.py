@@ -189,3 +189,34 @@ def test_all_greedy_steps_take_the_device_argmax_and_give_the_same_replies(pair:
             assert calls["greedy"] > 0 and calls["logits"] == 0
         else:
             assert calls["logits"] > 0
+
+
+def test_a_mixed_batch_takes_device_argmax_for_plain_greedy_rows(pair: tuple[Model, SlotModel],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row needs logits (repetition penalty): the step brings them back, the other rows still
+    take the device's argmax (sampled from logits only for their first token, at prefill), and
+    every reply equals the padded batch's."""
+    from collections import Counter
+
+    mask, slots = pair
+    sampled: Counter[str] = Counter()
+    original = Request.choose
+
+    def spy(self: Request, logits: np.ndarray, now: float):  # type: ignore[no-untyped-def]
+        sampled[self.key.id] += 1
+        return original(self, logits, now)
+
+    options = [SearchOptions(max_new_tokens=12)] * 2 + [SearchOptions(max_new_tokens=12, repetition_penalty=1.3)]
+    results = []
+    for model in (mask, slots):
+        scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefix_cache_bytes=0))
+        requests = [Request(RequestKey(b"m", str(i)), model.tokenizer.encode(t), o, model.tokenizer,
+                            frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
+                    for i, (t, o) in enumerate(zip(TEXTS, options))]
+        assert all(scheduler.submit(r) for r in requests)
+        if model is slots:
+            monkeypatch.setattr(Request, "choose", spy)
+        check_streams(run(scheduler), requests)
+        results.append([r.tokens for r in requests])
+    assert results[0] == results[1]
+    assert sampled["0"] == 1 and sampled["1"] == 1 and sampled["2"] > 1

@@ -138,3 +138,19 @@ def test_two_words_said_end_the_steering(byte_tokenizer: Tokenizer) -> None:
     assert s is not None and len(s.words) == 3
     assert s.bonus(byte_tokenizer.encode(" the blacksmith")), "one word said: the others are still nudged"
     assert s.bonus(byte_tokenizer.encode(" the blacksmith of Ashford")) == {}, "two said: the reply is its own"
+
+
+def test_a_cursor_gives_the_steering_s_bonus_at_every_length_and_stops_for_good(byte_tokenizer: Tokenizer) -> None:
+    """The per-reply cache the server and Generator use: same bonus as recomputing, nothing once over."""
+    from npctalk.engine.steering import SteeringCursor
+
+    s = steering("Do you remember my name?", byte_tokenizer)
+    assert s is not None
+    for text in ("I do: Mira, of course. And Bram too.", "Mmm... let me think", "Mira and Mira and Bram"):
+        reply = byte_tokenizer.encode(text)
+        cursor = SteeringCursor(s)
+        for n in range(len(reply) + 1):
+            assert cursor.bonus(reply[:n]) == s.bonus(reply[:n]), (text, n)
+            assert cursor.bonus(reply[:n]) == s.bonus(reply[:n])  # asked twice at one length: the cached value
+        assert cursor.over == (not s.bonus(reply))
+    assert SteeringCursor(None).bonus([1, 2]) == {}
