@@ -27,6 +27,7 @@ from .errors import PromptError
 from .generator import Generator, GeneratorParams
 from .memory import fit_turns
 from .model import Model
+from .slot_model import open_model
 from .grounding import Grounding
 from .npcs import CONTEXT_QUESTION, LORE_QUESTION, render_context
 from .paths import default_bundle_path
@@ -142,7 +143,7 @@ def run_terminal_chat(
 ) -> int:
     """Interactive chat on a terminal (or piped lines). Returns an exit code."""
     persona = find_persona(npc, personas_dir)
-    model = Model(bundle or default_bundle_path(), provider=provider)
+    model = open_model(bundle or default_bundle_path(), provider=provider)  # type: ignore[arg-type]
     session = ChatSession(model, persona, options)
     interactive = stdin.isatty()
     log.info("Model %s on %s; persona prefix %d tokens.", model.manifest.name, model.provider, session.prefix_length)

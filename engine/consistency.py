@@ -256,16 +256,15 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
     from npctalk.client import Client
 
     from .memory import MemoryConfig
-    from .model import Model
-    from .server import Server, ServerConfig
+    from .server import Server, ServerConfig, load_model
 
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}.")
     if candidates < 2 and any(r == "on" for _, r in settings):
         raise ConfigError(f"Reranking needs at least 2 candidates, got {candidates}.")
-    model = Model(bundle, provider=provider, intra_op_threads=threads)  # type: ignore[arg-type]
     config = ServerConfig(bind="tcp://127.0.0.1:*", memory=MemoryConfig(path=":memory:"), request_timeout_s=600.0,
                           client_timeout_s=600.0, max_new_tokens=max(max_new_tokens, 64))
+    model, config = load_model(Path(bundle), config, provider=provider, intra_op_threads=threads)
     if fact_bias is not None:
         config = dataclasses.replace(config, defaults=dataclasses.replace(config.defaults, fact_bias=fact_bias))
     server = Server(model, config)

@@ -51,7 +51,6 @@ from .delivery import Delivery, SendResult
 from .errors import ServeError
 from .handlers import Handlers
 from .memory import MemoryConfig
-from .bundle import load_manifest
 from .model import Model
 from .npcs import NpcRegistry
 from .request import Event
@@ -59,7 +58,7 @@ from .sampling import CHAT_DEFAULTS, SearchOptions
 from .scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerConfig
 from .store import MemoryStore
 from .security import CurveServer, CurveServerConfig
-from .slot_model import SlotModel
+from .slot_model import SlotModel, open_model
 
 log = logging.getLogger(__name__)
 
@@ -313,15 +312,13 @@ CUDA_PREFILL_CHUNK = 512
 
 def load_model(bundle: Path, config: ServerConfig, *, provider: str = "auto", intra_op_threads: int | None = None,
                spin: bool = True, slot_context: int | None = None) -> tuple[Model | SlotModel, ServerConfig]:
-    """The bundle as the server runs it: a slots-layout bundle (CUDA) on the slot decoder, with a KV
-    slot of ``slot_context`` tokens (default: the model's context, at most 2048) for each of
-    ``max_batch`` streams, and the prefix cache off (a slot is not shared); anything else on ``Model``."""
-    if not load_manifest(bundle).io.get("seqlens_k"):
-        return Model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin), config  # type: ignore[arg-type]
-    manifest = load_manifest(bundle)
-    capacity = slot_context or min(manifest.max_context, 2048)
-    model = SlotModel.open(bundle, config.scheduler.max_batch + SPARE_SLOTS, capacity, provider=provider,  # type: ignore[arg-type]
-                           intra_op_threads=intra_op_threads)
+    """The bundle as the server runs it (``slot_model.open_model``): a slots-layout bundle (CUDA) on
+    the slot decoder with a KV slot for each of ``max_batch`` streams (+ spares), the prefix cache off
+    (a slot is not shared) and bigger prefill chunks on CUDA; anything else on ``Model``."""
+    model = open_model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin,  # type: ignore[arg-type]
+                       slots=config.scheduler.max_batch + SPARE_SLOTS, slot_context=slot_context)
+    if not isinstance(model, SlotModel):
+        return model, config
     scheduler = config.scheduler
     if scheduler.prefix_cache_bytes:
         log.info("Slot decoder: the persona prefix cache is off (a KV slot is not shared); prompts run whole.")

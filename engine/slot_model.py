@@ -32,8 +32,9 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
+from .bundle import load_manifest
 from .errors import ContextOverflowError, GenerationError, ServeError
-from .model import Provider
+from .model import Model, Provider
 from .slots import SlotDecoder
 
 log = logging.getLogger(__name__)
@@ -177,3 +178,18 @@ class SlotBatch(Generic[Row]):
         tokens[slots], active[slots] = token_ids, True
         self._next = decoder.step(tokens, active)  # (slots,) each slot's argmax
         return slots
+
+
+DEFAULT_SLOT_CONTEXT = 2048  # tokens per slot unless asked otherwise (the model's context when smaller)
+
+
+def open_model(bundle: str | Path, *, provider: Provider = "auto", intra_op_threads: int | None = None,
+               spin: bool = True, slots: int = 8, slot_context: int | None = None) -> Model | SlotModel:
+    """The bundle as the engine runs it: a slots-layout bundle (what ``export-onnx --device cuda``
+    writes) on the slot decoder, with ``slots`` KV slots of ``slot_context`` tokens (default: the
+    model's context, at most ``DEFAULT_SLOT_CONTEXT``); any other bundle on ``Model``."""
+    manifest = load_manifest(bundle)
+    if not manifest.io.get("seqlens_k"):
+        return Model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin)
+    capacity = slot_context or min(manifest.max_context, DEFAULT_SLOT_CONTEXT)
+    return SlotModel.open(bundle, slots, capacity, provider=provider, intra_op_threads=intra_op_threads)

@@ -29,6 +29,7 @@ from npctalk.engine.errors import ConfigError
 from npctalk.engine.generator import Generator, GeneratorParams
 from npctalk.engine.grounding import Grounding
 from npctalk.engine.model import Model
+from npctalk.engine.slot_model import open_model
 from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions
 from npctalk.engine.steering import FactSteering
 from npctalk.engine.stream import ReplyStream
@@ -133,7 +134,7 @@ def evaluate_bundle(bundle: str | Path, test_file: str | Path, options: EvalOpti
     """Generate a reply for every example of ``test_file`` with ``bundle`` and score them."""
     started = time.monotonic()
     examples = load_examples(test_file, personas_dir)[: options.limit]
-    model = Model(bundle, provider=options.provider)  # type: ignore[arg-type]
+    model = open_model(bundle, provider=options.provider)  # type: ignore[arg-type]
     encoder = ExampleEncoder(model.manifest, model.tokenizer)
     search = options.search_options()
     predictions, nll, tokens = [], 0.0, 0

@@ -10,6 +10,7 @@ import pytest
 from server_process import LONG_STREAMS, ServerProcess, recv, send
 from test_scheduler import check_streams, make_request, run
 
+from npctalk.engine.bundle import load_manifest
 from npctalk.engine.errors import ContextOverflowError, GenerationError, ServeError
 from npctalk.engine.model import Model
 from npctalk.engine.rerank import likelihood_scores
@@ -220,3 +221,27 @@ def test_a_mixed_batch_takes_device_argmax_for_plain_greedy_rows(pair: tuple[Mod
         results.append([r.tokens for r in requests])
     assert results[0] == results[1]
     assert sampled["0"] == 1 and sampled["1"] == 1 and sampled["2"] > 1
+
+
+def test_open_model_picks_the_slot_decoder_for_slots_bundles(gpt2_slots_bundle: Path, gpt2_bundle: Path) -> None:
+    from npctalk.engine.slot_model import open_model
+
+    model = open_model(gpt2_slots_bundle, provider="cpu", slots=2)
+    assert isinstance(model, SlotModel) and model.decoder.slots == 2
+    assert model.manifest.max_context == load_manifest(gpt2_slots_bundle).max_context  # under the 2048 default
+    assert isinstance(open_model(gpt2_bundle, provider="cpu"), Model)
+
+
+def test_terminal_chat_on_a_slots_bundle_says_what_the_mask_bundle_says(llama_slots_bundle: Path,
+                                                                          llama_bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    outs = []
+    for bundle in (llama_bundle, llama_slots_bundle):
+        cmd = [sys.executable, "-m", "npctalk.engine.cli", "chat", "--model", str(bundle), "--temperature", "0",
+               "--max-new-tokens", "12", "--npc", "bram", "--provider", "cpu"]
+        done = subprocess.run(cmd, input="Hello!\nWho are you?\n/quit\n", capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        outs.append(done.stdout)
+    assert outs[0] == outs[1] and outs[0].count("Bram: ") == 3  # the greeting, then two replies
