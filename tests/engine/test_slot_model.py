@@ -35,10 +35,19 @@ def pair(request: pytest.FixtureRequest) -> tuple[Model, SlotModel]:
     return mask, slots
 
 
-def _requests(model: Model | SlotModel, prefix: str = "") -> list[Request]:
-    return [Request(RequestKey(b"c", f"{prefix}{i}"), model.tokenizer.encode(t), o, model.tokenizer,
+def _requests(model: Model | SlotModel, options: list[SearchOptions] = OPTIONS) -> list[Request]:
+    return [Request(RequestKey(b"c", str(i)), model.tokenizer.encode(t), o, model.tokenizer,
                     frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
-            for i, (t, o) in enumerate(zip(TEXTS, OPTIONS))]
+            for i, (t, o) in enumerate(zip(TEXTS, options))]
+
+
+def _replies(model: Model | SlotModel, options: list[SearchOptions]) -> list[list[int]]:
+    """Every token of each request (prompt + reply), all submitted at once to a 3-row scheduler."""
+    scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefix_cache_bytes=0))
+    requests = _requests(model, options)
+    assert all(scheduler.submit(r) for r in requests)
+    check_streams(run(scheduler), requests)
+    return [r.tokens for r in requests]
 
 
 def test_scheduler_on_slots_gives_the_replies_of_the_padded_batch(pair: tuple[Model, SlotModel]) -> None:
@@ -176,16 +185,7 @@ def test_all_greedy_steps_take_the_device_argmax_and_give_the_same_replies(pair:
         monkeypatch.setattr(SlotBatch, name, counted)
     for options in ([SearchOptions(max_new_tokens=20)] * 3,
                     [SearchOptions(max_new_tokens=20)] * 2 + [SearchOptions(max_new_tokens=20, repetition_penalty=1.3)]):
-        results = []
-        for model in (mask, slots):
-            scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefix_cache_bytes=0))
-            requests = [Request(RequestKey(b"g", str(i)), model.tokenizer.encode(t), o, model.tokenizer,
-                                frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
-                        for i, (t, o) in enumerate(zip(TEXTS, options))]
-            assert all(scheduler.submit(r) for r in requests)
-            check_streams(run(scheduler), requests)
-            results.append([r.tokens for r in requests])
-        assert results[0] == results[1]
+        assert _replies(mask, options) == _replies(slots, options)
         if options[-1].repetition_penalty == 1.0:
             assert calls["greedy"] > 0 and calls["logits"] == 0
         else:
@@ -208,18 +208,9 @@ def test_a_mixed_batch_takes_device_argmax_for_plain_greedy_rows(pair: tuple[Mod
         return original(self, logits, now)
 
     options = [SearchOptions(max_new_tokens=12)] * 2 + [SearchOptions(max_new_tokens=12, repetition_penalty=1.3)]
-    results = []
-    for model in (mask, slots):
-        scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefix_cache_bytes=0))
-        requests = [Request(RequestKey(b"m", str(i)), model.tokenizer.encode(t), o, model.tokenizer,
-                            frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
-                    for i, (t, o) in enumerate(zip(TEXTS, options))]
-        assert all(scheduler.submit(r) for r in requests)
-        if model is slots:
-            monkeypatch.setattr(Request, "choose", spy)
-        check_streams(run(scheduler), requests)
-        results.append([r.tokens for r in requests])
-    assert results[0] == results[1]
+    expected = _replies(mask, options)
+    monkeypatch.setattr(Request, "choose", spy)
+    assert _replies(slots, options) == expected
     assert sampled["0"] == 1 and sampled["1"] == 1 and sampled["2"] > 1
 
 
