@@ -238,7 +238,8 @@ def _build(source: str | Path, folder: Path, options: ExportOptions, stages: Sta
     eos = end_of_turn_ids(tokenizer, config.eos_token_id) if chat else tuple(
         int(i) for i in (config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]))
     pad = next(int(p) for p in (config.pad_token_id, tokenizer.pad_token_id, eos[0]) if p is not None)
-    stages.next(f"validating against PyTorch on {options.device} (prefill + 8 decode steps, left padding)")
+    padding = ", left padding" if graph.io.get("attention_mask") else ""  # the slots layout never pads
+    stages.next(f"validating against PyTorch on {options.device} (prefill + 8 decode steps{padding})")
     decoder = OnnxDecoder(model_path, graph.io, num_layers, options.device)
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     report = validate(decoder, loaded.model, prompt_ids, pad, options.dtype, options.atol)
