@@ -101,6 +101,10 @@ class GraphIO:
 class Model:
     """A bundle ready to run. ``provider`` is ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA if it starts).
 
+    Slots-layout bundles (``export-onnx --device cuda``) run here too, one row per stream, but on CUDA
+    this plain path moves the whole cache through host memory every step; open them with
+    ``slot_model.open_model`` (the slot decoder, as chat and serve do).
+
     ``inplace_kv``: extend the KV cache in place (lean graphs on the CPU; see ``kv_cache``), its
     buffers growing ``kv_growth`` positions at a time; False: the plain path (the graph's
     ``present.*`` outputs replace the cache every step). Both give the same numbers.
