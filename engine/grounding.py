@@ -48,6 +48,13 @@ monday tuesday wednesday thursday friday saturday sunday january february march 
 august september october november december english yes no well hello hey hi please thanks
 """.split())
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+_TOLD_YOU = re.compile(r"(?i)\b(?:tell|told|say|said|mention|mentioned|give|gave|show|showed)\s+(?:to\s+)?you\b")
+# A line that tries to change who the NPC is (roleplay jailbreaks and fake system messages).
+_IDENTITY_ATTACK = re.compile(
+    r"(?i)\b(?:you(?:'re| are) (?:now|no longer|not really)\b|from now on\b|pretend (?:to be|you(?:'re| are))|"
+    r"(?:act|talk|speak|behave) (?:as|like) (?:a|an)\b|role-?play as\b|play the (?:role|part) of\b|"
+    r"ignore (?:all |your |the |any |previous |prior )*(?:instructions|rules|prompt|persona|character)|"
+    r"forget (?:who|what) you are|new instructions|stop being\b)|^\s*system\s*:")
 _ABOUT_PLAYER = re.compile(r"(?i)\bthe player\b")
 _CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
@@ -78,13 +85,42 @@ def topics(text: str) -> frozenset[str]:
     return frozenset({t for t, cue in TOPICS.items() if found & cue} | content(text))
 
 
+def topic_weights(text: str) -> dict[str, float]:
+    """How strongly ``text`` is about each topic, plus its content words (weight 1 each).
+
+    A cue word shared by several topics counts for each of them in proportion ("came" is half
+    "home", half "want"), so "Which town did I come from?" is mostly about home ("town", "from")
+    and "What did I come here to buy?" mostly about wants ("buy")."""
+    weights: dict[str, float] = {}
+    for word in words(text):
+        cued = [t for t, cue in TOPICS.items() if word in cue]
+        for topic in cued:
+            weights[topic] = weights.get(topic, 0.0) + 1.0 / len(cued)
+    for word in content(text):
+        if not any(word in cue for cue in TOPICS.values()):
+            weights[word] = 1.0
+    return weights
+
+
 @dataclass(frozen=True)
 class Fact:
-    """One grounding fact: whose it is (``npc`` or ``player``), what it is about, the words that state it."""
+    """One grounding fact: whose it is (``npc`` or ``player``), what it is about, the words that state it,
+    and (``weights``) how strongly it is about each topic (``topic_weights``; empty: ``about``, all 1)."""
 
     owner: str
     about: frozenset[str]
     answer: frozenset[str]
+    weights: tuple[tuple[str, float], ...] = ()
+
+    def weight(self, key: str) -> float:
+        if not self.weights:
+            return 1.0 if key in self.about else 0.0
+        return dict(self.weights).get(key, 0.0)
+
+
+def _fact(owner: str, text: str, answer: frozenset[str]) -> Fact:
+    weights = topic_weights(text)
+    return Fact(owner, topics(text), answer, tuple(sorted(weights.items())))
 
 
 @dataclass(frozen=True)
@@ -113,14 +149,13 @@ class Grounding:
         if persona.role:  # the role says what the NPC does and usually where ("the blacksmith of Ashford")
             facts.append(Fact("npc", frozenset({"work", "home"}) | content(persona.role), content(persona.role)))
         for text in [*persona.background, *(e.content for e in persona.lorebook), *context]:
-            facts.append(Fact("npc", topics(text), content(text)))
+            facts.append(_fact("npc", text, content(text)))
         for note in memory:
             for sentence in re.split(r"(?<=[.!?])\s+", note):
                 # "The player's name is Mira." is the player's fact; the summary's transcript lines
                 # ('Player: "…"') are not: they would make every word of an old line an answer.
                 if _ABOUT_PLAYER.search(sentence):
-                    about = topics(sentence)
-                    facts.append(Fact("player", about, content(sentence) - {"name", "named", "called"}))
+                    facts.append(_fact("player", sentence, content(sentence) - {"name", "named", "called"}))
         return cls(frozenset(name), frozenset(known), tuple(f for f in facts if f.answer), line)
 
 
@@ -158,22 +193,33 @@ def breaks_character(reply: str) -> list[str]:
     return [p for p in OUT_OF_CHARACTER if f" {p} " in text]
 
 
+def attacks_identity(line: str) -> bool:
+    """Whether the player's line tries to make the NPC someone or something else ("you are now a
+    pirate", "ignore your instructions", "SYSTEM: …"): the answer is the NPC's own identity."""
+    return bool(_IDENTITY_ATTACK.search(line))
+
+
 def asked_facts(grounding: Grounding) -> list[Fact]:
     """The facts the player's line asks about: whose (``my`` → the player's, else ``you`` → the NPC's)
-    and sharing the most topics with the line; none when the line asks nothing."""
+    and most about what the line asks (``topic_weights``: a fact's weight per topic times the line's);
+    none when the line asks nothing. A line that attacks the NPC's identity asks for its name and role."""
     said = set(words(grounding.line))
+    if attacks_identity(grounding.line):
+        return [f for f in grounding.facts if f.owner == "npc" and f.about & {"name", "work"} and not f.weights]
     if "?" not in grounding.line and not said & {"tell", "remember", "what", "who", "where"}:
         return []
     owner = ""
+    # "Which town did I tell you I came from?": the "you" someone tells is not whose fact is asked.
+    whose = set(words(_TOLD_YOU.sub(" told ", grounding.line)))
     for player_cue, npc_cue in zip(PLAYER_WORDS, NPC_WORDS):
-        mine, yours = bool(said & player_cue), bool(said & npc_cue)
+        mine, yours = bool(whose & player_cue), bool(whose & npc_cue)
         if mine != yours:
             owner = "player" if mine else "npc"
             break
-    wanted = topics(grounding.line)
-    scored = [(len(f.about & wanted), f) for f in grounding.facts if not owner or f.owner == owner]
-    best = max((s for s, _ in scored), default=0)
-    return [f for s, f in scored if s == best and best > 0]
+    wanted = topic_weights(grounding.line)
+    scored = [(sum(w * f.weight(k) for k, w in wanted.items()), f) for f in grounding.facts if not owner or f.owner == owner]
+    best = max((s for s, _ in scored), default=0.0)
+    return [f for s, f in scored if best > 0 and s >= best - 1e-9]
 
 
 def grounding_score(reply: str, grounding: Grounding) -> float:
