@@ -25,6 +25,7 @@ penalties) on the device: a step with such a row copies every slot's logits back
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -81,7 +82,8 @@ class SlotModel:
         self.manifest = dataclasses.replace(decoder.manifest, max_context=decoder.capacity)
         self.tokenizer = decoder.tokenizer
         self.provider = decoder.device
-        self._free = list(range(decoder.slots - 1, -1, -1))  # a stack: the lowest free slot is taken first
+        self._free = list(range(decoder.slots))  # a heap: the lowest free slot is taken first, so active
+        # slots stay packed at the bottom and a step runs as few rows as possible (``SlotDecoder.step``)
 
     @classmethod
     def open(cls, bundle: str | Path, slots: int, capacity: int | None = None, *, provider: Provider = "auto",
@@ -95,7 +97,7 @@ class SlotModel:
 
     def free(self, slot: int) -> None:
         self.decoder.release(slot)
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def new_cache(self, batch_size: int = 1) -> SlotCache:
         """Reserve a slot; ``ServeError`` when all are taken (the scheduler admits at most its batch)."""
@@ -103,7 +105,7 @@ class SlotModel:
             raise GenerationError("A slot cache holds one stream; batches are SlotBatch rows.")
         if not self._free:
             raise ServeError(f"All {self.decoder.slots} KV slots are in use.")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self.decoder.release(slot)
         return SlotCache(self, slot)
 

@@ -9,12 +9,14 @@ place: no cache is copied or allocated while decoding.
 - ``prefill(slot, ids)``: one stream's prompt, or a further chunk after what the slot holds, run as
   batch 1 over a view of that slot's part of every buffer (the slot axis is outermost, so the view
   is a pointer offset).
-- ``step(tokens)``: one token for every slot at once. Ids, positions and lengths sit in device
-  buffers at fixed addresses; with ``cuda_graph`` ONNX Runtime captures the step and replays it
+- ``step(tokens)``: one token for every active slot at once. Only the first ``rows`` slots run, a
+  power of two covering the last active one (streams take the lowest free slot), so one stream in a
+  64-slot decoder costs one row. Ids, positions and lengths sit in device buffers at fixed
+  addresses, one set per row count; with ``cuda_graph`` ONNX Runtime captures the step and replays it
   (fixed shapes and addresses). ``total_sequence_length``, a host value the capture bakes in, only
   sizes the attention kernel's work split in a shared-buffer decode step (each row's real length
   is read from ``seqlens_k`` on the device), so it is the longest slot rounded up to
-  ``LENGTH_BUCKET`` and each bucket is its own graph: a short context in a big buffer stays fast.
+  ``LENGTH_BUCKET``; each (rows, bucket) is its own graph: a short context in a big buffer stays fast.
 - What leaves the device per step: the greedy token of each slot (the graph's ``next_token``,
   8 bytes a slot), or the logits when a caller samples (``logits()``).
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,18 @@ from .model import CUDA, GraphIO, Provider, _create_session
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _StepBinding:
+    """A step over the first ``rows`` slots: its IOBinding and the device buffers bound in it."""
+
+    binding: Any
+    ids: ort.OrtValue
+    positions: ort.OrtValue
+    seqlens: ort.OrtValue
+    logits: ort.OrtValue
+    next: ort.OrtValue
 
 SKIP_GRAPH = "-1"  # ONNX Runtime's gpu_graph_id that runs without capturing or replaying a CUDA graph
 # A step's total_sequence_length: the longest slot's length rounded up to this many positions. The
@@ -85,7 +100,10 @@ class SlotDecoder:
         self._host: list[np.ndarray] = []  # CPU provider: the numpy arrays the buffers wrap (kept alive)
         self._keys = [self._buffer() for _ in range(m.num_layers)]      # (slots, kv_heads, capacity + 1, head_dim)
         self._values = [self._buffer() for _ in range(m.num_layers)]
-        self._decode = self._decode_binding()
+        self._total_host = np.array(self._physical, np.int32)  # total_sequence_length: () stays on the CPU
+        self._total = ort.OrtValue.ortvalue_from_numpy(self._total_host)
+        self._steps: dict[int, _StepBinding] = {}  # step bindings by row count
+        self._last_step: _StepBinding | None = None
         self._graphs_ran: set[str] = set()  # gpu_graph_ids that have run (captured) without error
         self._last: str | None = None  # which run's logits ``logits()`` returns
         self._prefill_logits: ort.OrtValue | None = None
@@ -129,28 +147,35 @@ class SlotDecoder:
             return ort.OrtValue.ortvalue_from_numpy(array)
         return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
-    def _decode_binding(self) -> Any:
-        """The step's binding, made once: every input and output at a fixed address (CUDA graphs need it)."""
-        io, n, vocab = self.io, self.slots, self.manifest.vocab_size
-        self._ids = self._device_value(np.zeros((n, 1), np.int64))                  # (slots, 1)
-        self._positions = self._device_value(np.zeros((n, 1), np.int64))            # (slots, 1)
-        self._seqlens = self._device_value(np.zeros(n, np.int32))                    # (slots,) length - 1 after the step
-        self._total_host = np.array(self._physical, np.int32)                       # () stays on the CPU
-        self._total = ort.OrtValue.ortvalue_from_numpy(self._total_host)
-        self._logits = self._device_value(np.zeros((n, 1, vocab), np.float32))      # (slots, 1, vocab)
-        self._next = self._device_value(np.zeros((n, 1, 1), np.int64))              # (slots, 1, 1)
-        binding = self.session.io_binding()
-        for name, value in ((io.input_ids, self._ids), (io.position_ids, self._positions),
-                            (io.seqlens_k, self._seqlens), (io.total_length, self._total)):
+    def _step_binding(self, rows: int) -> _StepBinding:
+        """The binding of a step over slots 0..rows-1, made once per row count: every input and output
+        at a fixed address (CUDA graphs need it); the KV buffers' first ``rows`` slots by pointer."""
+        made = self._steps.get(rows)
+        if made is not None:
+            return made
+        io, vocab = self.io, self.manifest.vocab_size
+        made = _StepBinding(
+            self.session.io_binding(),
+            ids=self._device_value(np.zeros((rows, 1), np.int64)),                  # (rows, 1)
+            positions=self._device_value(np.zeros((rows, 1), np.int64)),            # (rows, 1)
+            seqlens=self._device_value(np.zeros(rows, np.int32)),                    # (rows,) length - 1 after the step
+            logits=self._device_value(np.zeros((rows, 1, vocab), np.float32)),      # (rows, 1, vocab)
+            next=self._device_value(np.zeros((rows, 1, 1), np.int64)),              # (rows, 1, 1)
+        )
+        binding = made.binding
+        for name, value in ((io.input_ids, made.ids), (io.position_ids, made.positions),
+                            (io.seqlens_k, made.seqlens), (io.total_length, self._total)):
             binding.bind_ortvalue_input(name, value)
+        element, shape = np.dtype(self._kv_dtype).type, [rows, *self._slot_shape[1:]]
         for names, buffers in ((zip(io.past_keys, io.present_keys), self._keys),
                                (zip(io.past_values, io.present_values), self._values)):
-            for (past, present), buffer in zip(names, buffers):
-                binding.bind_ortvalue_input(past, buffer)
-                binding.bind_ortvalue_output(present, buffer)
-        binding.bind_ortvalue_output(io.logits, self._logits)
-        binding.bind_ortvalue_output(io.next_token, self._next)
-        return binding
+            for (past, present), buffer in zip(names, buffers):  # (rows, kv_heads, capacity + 1, head_dim)
+                binding.bind_input(past, self.device, 0, element, shape, buffer.data_ptr())
+                binding.bind_output(present, self.device, 0, element, shape, buffer.data_ptr())
+        binding.bind_ortvalue_output(io.logits, made.logits)
+        binding.bind_ortvalue_output(io.next_token, made.next)
+        self._steps[rows] = made
+        return made
 
     @staticmethod
     def _run_options(graph_id: str) -> ort.RunOptions:
@@ -222,33 +247,43 @@ class SlotDecoder:
         if ids[mask].min() < 0 or ids[mask].max() >= self.manifest.vocab_size:
             raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}).")
         ids = np.where(mask, ids, 0)
+        # Only slots 0..rows-1 run, rows a power of two covering the last active slot (slots are
+        # taken lowest first, so one stream costs one row, not ``slots``).
+        rows = min(self.slots, 1 << int(np.flatnonzero(mask)[-1]).bit_length())
+        step = self._step_binding(rows)
+        lengths = self.lengths[:rows]
         # Every slot writes at its own length: active ones advance past it, the others ignore it.
-        self._ids.update_inplace(ids.reshape(-1, 1))
-        self._positions.update_inplace(self.lengths.reshape(-1, 1).astype(np.int64))
-        self._seqlens.update_inplace(self.lengths.astype(np.int32))
-        bucket = -(-(int(self.lengths.max()) + 1) // LENGTH_BUCKET)  # 1, 2, ...: lengths + 1 in whole buckets
+        step.ids.update_inplace(ids[:rows].reshape(-1, 1))
+        step.positions.update_inplace(lengths.reshape(-1, 1).astype(np.int64))
+        step.seqlens.update_inplace(lengths.astype(np.int32))
+        bucket = -(-(int(lengths.max()) + 1) // LENGTH_BUCKET)  # 1, 2, ...: lengths + 1 in whole buckets
         self._total_host[...] = min(self._physical, bucket * LENGTH_BUCKET)  # the bound host value (never 1)
-        graph = str(bucket) if self.cuda_graph else SKIP_GRAPH
+        graph = str(rows * 100_000 + bucket) if self.cuda_graph else SKIP_GRAPH  # one graph per (rows, bucket)
         try:
-            self.session.run_with_iobinding(self._decode, self._run_options(graph))
+            self.session.run_with_iobinding(step.binding, self._run_options(graph))
         except Exception as exc:
             if not self.cuda_graph or graph in self._graphs_ran:
                 raise GenerationError(f"The decode step failed: {exc}") from exc
             # A new graph's first runs (capture) failed: nothing was advanced, so run plainly from now on.
             self.cuda_graph, self.fallback_reason = False, f"capture failed: {str(exc).splitlines()[0][:200]}"
             log.warning("CUDA graph %s; decoding without it.", self.fallback_reason)
-            self.session.run_with_iobinding(self._decode, self._run_options(SKIP_GRAPH))
+            self.session.run_with_iobinding(step.binding, self._run_options(SKIP_GRAPH))
         self._graphs_ran.add(graph)
-        self._last = "step"
+        self._last, self._last_step = "step", step
         self.lengths[mask] += 1
-        return self._next.numpy().reshape(-1)
+        out = np.zeros(self.slots, dtype=np.int64)
+        out[:rows] = step.next.numpy().reshape(-1)
+        return out
 
     def logits(self) -> np.ndarray:
-        """The last run's logits as float32: (slots, vocab) after ``step``, (1, vocab) after ``prefill``."""
+        """The last run's logits as float32: (rows, vocab) after ``step`` (the first ``rows`` slots,
+        every active one among them: index by slot), (1, vocab) after ``prefill``."""
         if self._last is None:
             raise GenerationError("No step has run yet.")
-        value = self._prefill_logits if self._last == "prefill" and self._prefill_logits is not None else self._logits
-        return value.numpy().reshape(-1, self.manifest.vocab_size)
+        if self._last == "prefill" and self._prefill_logits is not None:
+            return self._prefill_logits.numpy().reshape(-1, self.manifest.vocab_size)
+        assert self._last_step is not None
+        return self._last_step.logits.numpy().reshape(-1, self.manifest.vocab_size)
 
     def release(self, slot: int) -> None:
         """Empty ``slot`` (its stream ended); the next ``prefill`` there starts a new stream."""

@@ -140,3 +140,21 @@ def test_steps_across_length_buckets_match_the_model(family: tuple[Path, Path]) 
     prompt = [5 + i % 300 for i in range(LENGTH_BUCKET - 4)]
     decoder = SlotDecoder(slots, slots=2, capacity=300, provider="cpu")
     assert decoder.greedy([prompt, PROMPTS[1]], 12) == [_reference(mask, p, 12)[0] for p in (prompt, PROMPTS[1])]
+
+
+def test_a_step_runs_only_the_rows_up_to_the_last_active_slot(family: tuple[Path, Path]) -> None:
+    """Slot 0 alone runs one row; slot 5 active makes it eight (a power of two); results stay exact."""
+    mask, slots = family
+    decoder = SlotDecoder(slots, slots=8, capacity=64, provider="cpu")
+    want = _reference(mask, PROMPTS[1], 6)[0]
+    got = [decoder.prefill(0, PROMPTS[1])]
+    for _ in range(2):
+        got.append(int(decoder.step([got[-1]] + [0] * 7)[0]))
+    assert decoder.logits().shape[0] == 1
+    other = decoder.prefill(5, PROMPTS[0])
+    for _ in range(3):
+        nxt = decoder.step([got[-1], 0, 0, 0, 0, other, 0, 0])
+        got.append(int(nxt[0]))
+        other = int(nxt[5])
+    assert decoder.logits().shape[0] == 8 and got == want
+    assert sorted(decoder._steps) == [1, 8]
