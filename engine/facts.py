@@ -32,6 +32,7 @@ MIN_SIMILARITY = 0.2       # embedding cosine that makes a fact relevant without
 
 FactKind = str             # "name" | "origin" | "other"
 SOURCES = ("dialogue", "game")
+ALWAYS_RECALLED = ("name", "origin")  # fact kinds in every turn's prompt, whatever the line
 
 
 @dataclass(frozen=True)
@@ -160,17 +161,19 @@ def retrieve(facts: Sequence[Fact], query: Iterable[str], limit: int,
              similarity: Mapping[int, float] | None = None) -> list[Fact]:
     """The facts worth putting in this turn's prompt, oldest first.
 
-    Every ``name`` fact, then the best scoring up to ``limit`` in all (newer first on ties). A fact
+    Every ``name`` and ``origin`` fact (who the player is and where they come from: asked as "which
+    town did I come from?", which shares no keyword with "The player is from Dunmore."), then the
+    best scoring up to ``limit`` in all (newer first on ties). A fact
     scores one per keyword it shares with ``query``, plus its embedding similarity to the turn
     (``similarity`` by fact id, cosine in [-1, 1]) when given. A fact is left out unless it shares a
     keyword or its similarity reaches ``MIN_SIMILARITY``.
     """
     wanted, similar = set(query), similarity or {}
-    chosen = [f for f in facts if f.kind == "name"]
+    chosen = [f for f in facts if f.kind in ALWAYS_RECALLED]
     scored = []
     for f in facts:
         overlap, cosine = len(wanted.intersection(f.keywords)), similar.get(f.id, 0.0)
-        if f.kind != "name" and (overlap > 0 or cosine >= MIN_SIMILARITY):
+        if f.kind not in ALWAYS_RECALLED and (overlap > 0 or cosine >= MIN_SIMILARITY):
             scored.append((overlap + max(cosine, 0.0), f.created, f.id, f))
     scored.sort(key=lambda s: (s[0], s[1], s[2]), reverse=True)
     chosen += [s[3] for s in scored[:max(0, limit - len(chosen))]]

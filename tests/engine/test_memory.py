@@ -76,6 +76,15 @@ def test_retrieval_by_keyword_overlap_always_includes_the_name() -> None:
     assert len(retrieve(facts, keywords("sword iron goats ring"), limit=10)) == 5
 
 
+def test_where_the_player_comes_from_is_recalled_like_the_name() -> None:
+    """'Which town did I come from?' shares no keyword with 'The player is from Dunmore.'"""
+    facts = [fact(1, "The player's name is Mira.", "name"), fact(2, "The player is from Dunmore.", "origin"),
+             fact(3, "The player came to buy a plough.")]
+    chosen = retrieve(facts, keywords("And which town did I tell you I came from?"), limit=3)
+    assert [f.id for f in chosen] == [1, 2, 3]
+    assert [f.id for f in retrieve(facts, keywords("Nice weather"), limit=3)] == [1, 2]
+
+
 def test_keywords_are_content_words() -> None:
     assert keywords("The player bought the Iron Swords!") == ("bought", "iron", "sword")
 
