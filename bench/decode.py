@@ -147,7 +147,7 @@ def export(hf_folder: Path, work: Path, dtype: str, graph: str, device: str, lay
 def is_slots(bundle: Path) -> bool:
     from npctalk.engine.bundle import load_manifest
 
-    return bool(load_manifest(bundle).io.get("seqlens_k"))
+    return load_manifest(bundle).layout == "slots"
 
 
 def parameter_count(hf_folder: Path) -> int:

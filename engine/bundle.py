@@ -160,6 +160,11 @@ class Manifest:
         if problems:
             raise BundleError("Invalid bundle manifest: " + "; ".join(problems) + ".")
 
+    @property
+    def layout(self) -> str:
+        """``slots`` when the graph takes per-row lengths (lean CUDA graphs), else ``mask``."""
+        return "slots" if self.io.get("seqlens_k") else "mask"
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

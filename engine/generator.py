@@ -99,7 +99,7 @@ class Generator:
         stops = self.options.stop_strings
         self._detok = StreamingDetokenizer(self.model.tokenizer) if stops else None
         self._stop = StopMatcher(stops) if stops else None
-        if getattr(self, "_steering", None) is not None:  # a new reply: its own steering cache
+        if self._steering is not None:  # a new reply: its own steering cache
             self._steering = SteeringCursor(self._steering.steering)
 
     @property

@@ -105,12 +105,14 @@ def topic_weights(text: str) -> dict[str, float]:
 @dataclass(frozen=True)
 class Fact:
     """One grounding fact: whose it is (``npc`` or ``player``), what it is about, the words that state it,
-    and (``weights``) how strongly it is about each topic (``topic_weights``; empty: ``about``, all 1)."""
+    (``weights``) how strongly it is about each topic (``topic_weights``; empty: ``about``, all 1),
+    and whether it is the NPC's name or role (``identity``)."""
 
     owner: str
     about: frozenset[str]
     answer: frozenset[str]
     weights: tuple[tuple[str, float], ...] = ()
+    identity: bool = False  # the NPC's name or role: what a line attacking its identity asks for
 
     def weight(self, key: str) -> float:
         if not self.weights:
@@ -145,9 +147,10 @@ class Grounding:
         context = list(context)
         known = {w for text in [*persona_texts, line, *player_lines, *memory, *context, player] for w in words(text)}
         name = content(persona.name) or frozenset(words(persona.name))
-        facts = [Fact("npc", frozenset({"name"}), name)]
+        facts = [Fact("npc", frozenset({"name"}), name, identity=True)]
         if persona.role:  # the role says what the NPC does and usually where ("the blacksmith of Ashford")
-            facts.append(Fact("npc", frozenset({"work", "home"}) | content(persona.role), content(persona.role)))
+            facts.append(Fact("npc", frozenset({"work", "home"}) | content(persona.role), content(persona.role),
+                              identity=True))
         for text in [*persona.background, *(e.content for e in persona.lorebook), *context]:
             facts.append(_fact("npc", text, content(text)))
         for note in memory:
@@ -205,7 +208,7 @@ def asked_facts(grounding: Grounding) -> list[Fact]:
     none when the line asks nothing. A line that attacks the NPC's identity asks for its name and role."""
     said = set(words(grounding.line))
     if attacks_identity(grounding.line):
-        return [f for f in grounding.facts if f.owner == "npc" and f.about & {"name", "work"} and not f.weights]
+        return [f for f in grounding.facts if f.identity]
     if "?" not in grounding.line and not said & {"tell", "remember", "what", "who", "where"}:
         return []
     owner = ""

@@ -67,6 +67,7 @@ class GraphIO:
             name = io.get(key) or DEFAULT_IO[key]
             return name if name in inputs else None
 
+        argmax = io.get("next_token") or DEFAULT_IO["next_token"]
         found = cls(
             input_ids=io["input_ids"], attention_mask=optional("attention_mask"), position_ids=optional("position_ids"),
             past_keys=tuple(io["past_key"].format(layer=i) for i in layers),
@@ -76,7 +77,7 @@ class GraphIO:
             present_values=tuple(io["present_value"].format(layer=i) for i in layers),
             id_dtype=ORT_INT_TYPES.get(inputs.get(io["input_ids"], ""), np.int64),
             seqlens_k=optional("seqlens_k"), total_length=optional("total_sequence_length"),
-            next_token=next((n for n in (io.get("next_token") or DEFAULT_IO["next_token"],) if n in outputs), None),
+            next_token=argmax if argmax in outputs else None,
         )
         fed = {found.input_ids, found.attention_mask, found.position_ids, found.seqlens_k, found.total_length,
                *found.past_keys, *found.past_values}

@@ -105,9 +105,7 @@ class SlotModel:
             raise GenerationError("A slot cache holds one stream; batches are SlotBatch rows.")
         if not self._free:
             raise ServeError(f"All {self.decoder.slots} KV slots are in use.")
-        slot = heapq.heappop(self._free)
-        self.decoder.release(slot)
-        return SlotCache(self, slot)
+        return SlotCache(self, heapq.heappop(self._free))  # free slots are empty: ``free`` released them
 
     def forward(self, input_ids: np.ndarray, cache: SlotCache) -> np.ndarray:  # type: ignore[override]
         """Run (1, n) ids into ``cache``'s slot after what it holds; the last position's logits (1, vocab)."""
@@ -191,7 +189,7 @@ def open_model(bundle: str | Path, *, provider: Provider = "auto", intra_op_thre
     writes) on the slot decoder, with ``slots`` KV slots of ``slot_context`` tokens (default: the
     model's context, at most ``DEFAULT_SLOT_CONTEXT``); any other bundle on ``Model``."""
     manifest = load_manifest(bundle)
-    if not manifest.io.get("seqlens_k"):
+    if manifest.layout != "slots":
         return Model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin)
     capacity = slot_context or min(manifest.max_context, DEFAULT_SLOT_CONTEXT)
     return SlotModel.open(bundle, slots, capacity, provider=provider, intra_op_threads=intra_op_threads)

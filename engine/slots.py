@@ -57,6 +57,7 @@ class _StepBinding:
     logits: ort.OrtValue
     next: ort.OrtValue
 
+
 SKIP_GRAPH = "-1"  # ONNX Runtime's gpu_graph_id that runs without capturing or replaying a CUDA graph
 # A step's total_sequence_length: the longest slot's length rounded up to this many positions. The
 # attention kernel sizes its work split by it (the real lengths come from seqlens_k), so a small
@@ -103,10 +104,8 @@ class SlotDecoder:
         self._total_host = np.array(self._physical, np.int32)  # total_sequence_length: () stays on the CPU
         self._total = ort.OrtValue.ortvalue_from_numpy(self._total_host)
         self._steps: dict[int, _StepBinding] = {}  # step bindings by row count
-        self._last_step: _StepBinding | None = None
         self._graphs_ran: set[str] = set()  # gpu_graph_ids that have run (captured) without error
-        self._last: str | None = None  # which run's logits ``logits()`` returns
-        self._prefill_logits: ort.OrtValue | None = None
+        self._last_logits: ort.OrtValue | None = None  # the last run's logits, for ``logits()``
         log.info("Slot decoder: %s on %s, %d slots x %d tokens, KV %.1f MB, CUDA graph %s", m.name, self.device, slots,
                  capacity, self.kv_bytes / 1e6, "on" if self.cuda_graph else f"off{' (' + self.fallback_reason + ')' if self.fallback_reason else ''}")
 
@@ -166,16 +165,21 @@ class SlotDecoder:
         for name, value in ((io.input_ids, made.ids), (io.position_ids, made.positions),
                             (io.seqlens_k, made.seqlens), (io.total_length, self._total)):
             binding.bind_ortvalue_input(name, value)
-        element, shape = np.dtype(self._kv_dtype).type, [rows, *self._slot_shape[1:]]
-        for names, buffers in ((zip(io.past_keys, io.present_keys), self._keys),
-                               (zip(io.past_values, io.present_values), self._values)):
-            for (past, present), buffer in zip(names, buffers):  # (rows, kv_heads, capacity + 1, head_dim)
-                binding.bind_input(past, self.device, 0, element, shape, buffer.data_ptr())
-                binding.bind_output(present, self.device, 0, element, shape, buffer.data_ptr())
+        self._bind_cache(binding, [rows, *self._slot_shape[1:]], 0)  # slots 0..rows-1
         binding.bind_ortvalue_output(io.logits, made.logits)
         binding.bind_ortvalue_output(io.next_token, made.next)
         self._steps[rows] = made
         return made
+
+    def _bind_cache(self, binding: Any, shape: list[int], offset: int) -> None:
+        """Bind every layer's KV buffer as both past and present: ``shape`` (rows, kv_heads,
+        capacity + 1, head_dim) starting ``offset`` bytes in (the slot axis is outermost)."""
+        io, element = self.io, np.dtype(self._kv_dtype).type
+        for names, buffers in ((zip(io.past_keys, io.present_keys), self._keys),
+                               (zip(io.past_values, io.present_values), self._values)):
+            for (past, present), buffer in zip(names, buffers):
+                binding.bind_input(past, self.device, 0, element, shape, buffer.data_ptr() + offset)
+                binding.bind_output(present, self.device, 0, element, shape, buffer.data_ptr() + offset)
 
     @staticmethod
     def _run_options(graph_id: str) -> ort.RunOptions:
@@ -212,17 +216,10 @@ class SlotDecoder:
         binding.bind_cpu_input(io.total_length, np.array(total, np.int32))
         binding.bind_output(io.logits, self.device)       # outputs 0 and 1 (ONNX Runtime allocates them)
         binding.bind_output(io.next_token, self.device)
-        element = np.dtype(self._kv_dtype).type
-        for names, buffers in ((zip(io.past_keys, io.present_keys), self._keys),
-                               (zip(io.past_values, io.present_values), self._values)):
-            for (past_name, present_name), buffer in zip(names, buffers):
-                view = buffer.data_ptr() + slot * self._slot_bytes  # this slot's (1, kv_heads, capacity + 1, head_dim)
-                binding.bind_input(past_name, self.device, 0, element, self._slot_shape, view)
-                binding.bind_output(present_name, self.device, 0, element, self._slot_shape, view)
+        self._bind_cache(binding, self._slot_shape, slot * self._slot_bytes)  # this slot alone
         self.session.run_with_iobinding(binding, self._run_options(SKIP_GRAPH))
         logits, next_token = binding.get_outputs()[:2]
-        self._prefill_logits = logits  # (1, 1, vocab), kept for logits()
-        self._last = "prefill"
+        self._last_logits = logits  # (1, 1, vocab), for logits()
         self.lengths[slot] = total
         return int(next_token.numpy().reshape(-1)[0])
 
@@ -269,7 +266,7 @@ class SlotDecoder:
             log.warning("CUDA graph %s; decoding without it.", self.fallback_reason)
             self.session.run_with_iobinding(step.binding, self._run_options(SKIP_GRAPH))
         self._graphs_ran.add(graph)
-        self._last, self._last_step = "step", step
+        self._last_logits = step.logits
         self.lengths[mask] += 1
         out = np.zeros(self.slots, dtype=np.int64)
         out[:rows] = step.next.numpy().reshape(-1)
@@ -278,12 +275,9 @@ class SlotDecoder:
     def logits(self) -> np.ndarray:
         """The last run's logits as float32: (rows, vocab) after ``step`` (the first ``rows`` slots,
         every active one among them: index by slot), (1, vocab) after ``prefill``."""
-        if self._last is None:
+        if self._last_logits is None:
             raise GenerationError("No step has run yet.")
-        if self._last == "prefill" and self._prefill_logits is not None:
-            return self._prefill_logits.numpy().reshape(-1, self.manifest.vocab_size)
-        assert self._last_step is not None
-        return self._last_step.logits.numpy().reshape(-1, self.manifest.vocab_size)
+        return self._last_logits.numpy().reshape(-1, self.manifest.vocab_size)
 
     def release(self, slot: int) -> None:
         """Empty ``slot`` (its stream ended); the next ``prefill`` there starts a new stream."""

@@ -171,7 +171,7 @@ def _reusable(output: Path, requested: SourceInfo, options: ExportOptions, *, re
             f"{output} exists but is not a complete bundle (an interrupted export, or another folder); "
             "remove it or pass --force to rebuild it."
         ) from None
-    layout = "slots" if manifest.io.get("seqlens_k") else "mask"
+    layout = manifest.layout
     have = (manifest.source.kind, manifest.source.id, manifest.dtype, manifest.device, manifest.graph, layout)
     want = (requested.kind, requested.id, options.dtype, options.device, options.graph, options.resolved_layout)
     if have != want and replace_stale and have[:2] == want[:2]:
