@@ -29,7 +29,7 @@ from .memory import fit_turns
 from .model import Model
 from .slot_model import open_model
 from .grounding import Grounding
-from .npcs import CONTEXT_QUESTION, LORE_QUESTION, render_context
+from .npcs import CONTEXT_QUESTION, LORE_QUESTION, post_history, render_context
 from .paths import default_bundle_path
 from .persona import DEFAULT_USER, Persona, find_persona
 from .rerank import RerankConfig, best_index, score_candidates
@@ -133,7 +133,7 @@ class ChatSession:
         """Notes + history + post-history + generation prompt as ids, oldest turns dropped until
         prompt and reply fit (``memory.fit_turns``, the one trimming rule the server uses too)."""
         budget = self.model.manifest.max_context - len(self._prefix) - len(notes) - self.options.max_new_tokens
-        post = self._formatter.post_history_ids(self.persona.post_history_text(self.user))
+        post = self._formatter.post_history_ids(post_history(self.persona, turns[-1].text, self.user))
         tail = self._formatter.turn_ids(turns[-1]) + post + self._formatter.generation_prompt_ids()
         return notes + fit_turns(self._formatter.turn_ids, turns[:-1], tail, budget, "The player's line")
 

@@ -148,10 +148,16 @@ def load_scripts(folder: str | Path = DATA_DIR) -> list[Script]:
     return [load_script(p) for p in paths]
 
 
-def _has(text: str, word: str) -> bool:
-    """``word`` occurs whole in ``text``; a trailing ``*`` matches any ending (``arr*``: arr, arrr, …)."""
+# Endings an expected word may take and still state the fact ("blacksmithing", "Plough's", "herbs").
+INFLECTIONS = r"(?:s|es|'s|ing|ed)?"
+
+
+def _has(text: str, word: str, inflected: bool = False) -> bool:
+    """``word`` occurs whole in ``text``; a trailing ``*`` matches any ending (``arr*``: arr, arrr, …);
+    ``inflected`` also accepts ``INFLECTIONS`` (expected words only: a forbidden "ye" must not
+    forbid "yes")."""
     stem, wild = (word[:-1], True) if word.endswith("*") else (word, False)
-    tail = r"\w*" if wild else r"(?![\w'])"
+    tail = r"\w*" if wild else (INFLECTIONS if inflected else "") + r"(?![\w'])"
     return re.search(rf"(?<![\w']){re.escape(stem)}{tail}", text) is not None
 
 
@@ -159,7 +165,7 @@ def judge(reply: str, turn: Turn) -> tuple[bool, list[str]]:
     """(consistent, reasons) of one probe's reply under its keyword rules."""
     text = reply.lower()
     reasons = [f"said {w!r}" for w in turn.forbid if _has(text, w)]
-    if turn.expect_any and not any(_has(text, w) for w in turn.expect_any):
+    if turn.expect_any and not any(_has(text, w, inflected=True) for w in turn.expect_any):
         reasons.append(f"none of {list(turn.expect_any)}")
     return not reasons, reasons
 

@@ -33,6 +33,16 @@ MIN_SIMILARITY = 0.2       # embedding cosine that makes a fact relevant without
 FactKind = str             # "name" | "origin" | "other"
 SOURCES = ("dialogue", "game")
 ALWAYS_RECALLED = ("name", "origin")  # fact kinds in every turn's prompt, whatever the line
+# What a stated fact is about, from its third-person form ("The player is a carpenter." is their work).
+# Retrieval and grounding match these to the topics a line asks about (``grounding.TOPICS``): "What
+# did I say my trade was?" shares no keyword with "The player is a carpenter.", but both are "work".
+_FACT_TOPICS = (
+    ("name", re.compile(r"(?i)\bthe player's name is\b|\bthe player is called\b")),
+    ("work", re.compile(r"(?i)\bthe player (?:is an? |works\b|worked\b)|\bthe player's (?:trade|job|work|craft)\b")),
+    ("home", re.compile(r"(?i)\bthe player (?:is from|comes from|came from|lives|lived|grew up)\b")),
+    ("want", re.compile(r"(?i)\bthe player (?:came to|comes to|needs|needed|wants|wanted|is looking for|"
+                        r"would like|is after|is here to)\b")),
+)
 
 
 @dataclass(frozen=True)
@@ -157,22 +167,29 @@ def keywords(text: str) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+def fact_topics(text: str) -> frozenset[str]:
+    """The topics (``name``, ``work``, ``home``, ``want``) a fact about the player states, from its form."""
+    return frozenset(topic for topic, pattern in _FACT_TOPICS if pattern.search(text))
+
+
 def retrieve(facts: Sequence[Fact], query: Iterable[str], limit: int,
-             similarity: Mapping[int, float] | None = None) -> list[Fact]:
+             similarity: Mapping[int, float] | None = None, topics: Iterable[str] = ()) -> list[Fact]:
     """The facts worth putting in this turn's prompt, oldest first.
 
     Every ``name`` and ``origin`` fact (who the player is and where they come from: asked as "which
     town did I come from?", which shares no keyword with "The player is from Dunmore."), then the
     best scoring up to ``limit`` in all (newer first on ties). A fact
-    scores one per keyword it shares with ``query``, plus its embedding similarity to the turn
-    (``similarity`` by fact id, cosine in [-1, 1]) when given. A fact is left out unless it shares a
-    keyword or its similarity reaches ``MIN_SIMILARITY``.
+    scores one per keyword it shares with ``query``, one when it states a topic the line asks about
+    (``topics``, e.g. "work" for "what was my trade?"; see ``fact_topics``), plus its embedding
+    similarity to the turn (``similarity`` by fact id, cosine in [-1, 1]) when given. A fact is left
+    out unless it shares a keyword or a topic, or its similarity reaches ``MIN_SIMILARITY``.
     """
-    wanted, similar = set(query), similarity or {}
+    wanted, similar, asked = set(query), similarity or {}, set(topics)
     chosen = [f for f in facts if f.kind in ALWAYS_RECALLED]
     scored = []
     for f in facts:
-        overlap, cosine = len(wanted.intersection(f.keywords)), similar.get(f.id, 0.0)
+        overlap = len(wanted.intersection(f.keywords)) + bool(asked & fact_topics(f.text))
+        cosine = similar.get(f.id, 0.0)
         if f.kind not in ALWAYS_RECALLED and (overlap > 0 or cosine >= MIN_SIMILARITY):
             scored.append((overlap + max(cosine, 0.0), f.created, f.id, f))
     scored.sort(key=lambda s: (s[0], s[1], s[2]), reverse=True)

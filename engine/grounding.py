@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .facts import fact_topics
+
 if TYPE_CHECKING:
     from .persona import Persona
 
@@ -34,11 +36,19 @@ TOPICS: dict[str, frozenset[str]] = {
     "work": frozenset("job work works working do does living trade profession occupation business craft role".split()),
     "home": frozenset("live lives living home where village town city place from come came born here".split()),
     "want": frozenset("buy bought want wants need needs came come errand looking purchase sell get here".split()),
+    "price": frozenset("much cost costs price prices pay paid charge charges toll fee fees worth silver copper coppers "
+                       "gold coin coins".split()),
 }
 # Whose facts a line asks about: possessives decide first ("I forgot. What is your name?" asks the NPC's),
 # then subjects ("Where do I live?"); a line with both or neither may mean either.
 PLAYER_WORDS = (frozenset("my mine myself".split()), frozenset("i me i'm i've".split()))
 NPC_WORDS = (frozenset("your yours yourself".split()), frozenset("you you're".split()))
+# Words of a player fact's frame ("The player needs …", "… came to buy …"), not of its answer.
+FACT_FRAME = frozenset("name named called needs needed wants wanted came comes come lives lived has had owns "
+                       "likes loves hates fears carries bought".split())
+# Words that make a line without a question mark ask something ("I didn't catch your name.",
+# "Remind me what you do here.", "Tell me where I'm from.").
+ASKING_WORDS = frozenset("tell remember remind recall what who where which catch forgot forget".split())
 OUT_OF_CHARACTER = ("as an ai", "an ai", "ai language model", "language model", "chatbot", "openai",
                     "virtual assistant", "ai assistant", "computer program")
 # Capitalised words that are not names (sentence starters the heuristics might see mid-sentence).
@@ -79,10 +89,25 @@ def content(text: str) -> frozenset[str]:
     return frozenset(w for w in words(text) if len(w) >= 3 and w not in _STOP)
 
 
+def stem(word: str) -> str:
+    """``word`` without a plain English ending, so a line and a fact meet on it ("cross" and
+    "crossing", "copper" and "coppers"); crude on purpose: only ever compared with itself."""
+    for ending, keep in (("ing", 4), ("es", 4), ("ed", 4), ("s", 3)):
+        if word.endswith(ending) and len(word) - len(ending) >= keep and not word.endswith("ss"):
+            return word[:-len(ending)]
+    return word
+
+
 def topics(text: str) -> frozenset[str]:
-    """The topics (``TOPICS`` keys) and content words of ``text``."""
+    """The topics (``TOPICS`` keys) and content words (``stem``med) of ``text``."""
     found = set(words(text))
-    return frozenset({t for t, cue in TOPICS.items() if found & cue} | content(text))
+    return frozenset({t for t, cue in TOPICS.items() if found & cue} | {stem(w) for w in content(text)})
+
+
+def asked_topics(text: str) -> frozenset[str]:
+    """The ``TOPICS`` keys whose cue words ``text`` uses ("What was my trade?" → work)."""
+    found = set(words(text))
+    return frozenset(t for t, cue in TOPICS.items() if found & cue)
 
 
 def topic_weights(text: str) -> dict[str, float]:
@@ -98,7 +123,7 @@ def topic_weights(text: str) -> dict[str, float]:
             weights[topic] = weights.get(topic, 0.0) + 1.0 / len(cued)
     for word in content(text):
         if not any(word in cue for cue in TOPICS.values()):
-            weights[word] = 1.0
+            weights[stem(word)] = 1.0
     return weights
 
 
@@ -121,8 +146,13 @@ class Fact:
 
 
 def _fact(owner: str, text: str, answer: frozenset[str]) -> Fact:
+    """A fact from its sentence; a fact about the player also weighs the topic its form states
+    ("The player is a carpenter." is about work, though it names none of work's cue words)."""
     weights = topic_weights(text)
-    return Fact(owner, topics(text), answer, tuple(sorted(weights.items())))
+    stated = fact_topics(text) if owner == "player" else frozenset()
+    for topic in stated:
+        weights[topic] = max(weights.get(topic, 0.0), 1.0)
+    return Fact(owner, topics(text) | stated, answer, tuple(sorted(weights.items())))
 
 
 @dataclass(frozen=True)
@@ -158,7 +188,7 @@ class Grounding:
                 # "The player's name is Mira." is the player's fact; the summary's transcript lines
                 # ('Player: "…"') are not: they would make every word of an old line an answer.
                 if _ABOUT_PLAYER.search(sentence):
-                    facts.append(_fact("player", sentence, content(sentence) - {"name", "named", "called"}))
+                    facts.append(_fact("player", sentence, content(sentence) - FACT_FRAME))
         return cls(frozenset(name), frozenset(known), tuple(f for f in facts if f.answer), line)
 
 
@@ -209,7 +239,7 @@ def asked_facts(grounding: Grounding) -> list[Fact]:
     said = set(words(grounding.line))
     if attacks_identity(grounding.line):
         return [f for f in grounding.facts if f.identity]
-    if "?" not in grounding.line and not said & {"tell", "remember", "what", "who", "where"}:
+    if "?" not in grounding.line and not said & ASKING_WORDS:
         return []
     owner = ""
     # "Which town did I tell you I came from?": the "you" someone tells is not whose fact is asked.

@@ -39,6 +39,7 @@ from . import memory_embeddings
 from .dialogue import Turn
 from .errors import StoreError
 from .facts import Fact, NewFact, extract_facts, keywords, retrieve
+from .grounding import asked_topics
 from .memory import MemoryConfig, Recall, fold_summary, query_keywords
 from .memory_embeddings import SentenceEmbedder
 
@@ -134,7 +135,8 @@ class MemoryStore:
         """What the NPC remembers for this turn: the facts relevant to ``line`` and ``context``, the summary."""
         about = " ".join(" ".join(map(str, v)) if isinstance(v, list) else str(v) for v in (context or {}).values())
         similarity = self._similarity(npc, player, f"{line} {about}".strip()) if self.embedder else None
-        facts = retrieve(self.facts(npc, player), query_keywords(line, about), self.config.facts_per_turn, similarity)
+        facts = retrieve(self.facts(npc, player), query_keywords(line, about), self.config.facts_per_turn, similarity,
+                         topics=asked_topics(line))
         return Recall(tuple(facts), self.summary(npc, player))
 
     def _similarity(self, npc: str, player: str, query: str) -> dict[int, float]:

@@ -213,3 +213,12 @@ def run_rejudge(report: dict[str, Any], scripts: Any) -> dict[str, Any]:
     from npctalk.engine.consistency import rejudge
 
     return rejudge(report, scripts)
+
+
+def test_expected_words_may_take_an_ending_forbidden_ones_may_not() -> None:
+    job = Turn("q", "identity: job", expect_any=("blacksmith", "plough"), forbid=("ye",))
+    assert judge("Blacksmithing is my trade.", job) == (True, [])
+    assert judge("Came to buy a Plough's share.", job) == (True, [])
+    assert judge("Yes, a blacksmith.", job) == (True, []), "a forbidden 'ye' does not forbid 'yes'"
+    assert judge("Ye want a blacksmith?", job)[0] is False
+    assert judge("Blacksmithery, they call it.", job)[0] is False, "only the listed endings"

@@ -78,7 +78,7 @@ def test_a_cue_shared_by_topics_counts_in_part_so_the_question_picks_one_fact() 
         return [sorted(f.answer) for f in asked_facts(Grounding.build(find_persona("bram"), line, memory=FACTS))]
 
     assert answer("And which town did I tell you I came from?") == [["dunmore"]]
-    assert answer("What did I come here to buy?") == [["buy", "came", "plough"]]
+    assert answer("What did I come here to buy?") == [["buy", "plough"]]  # "came" frames the fact
     assert answer("What did I tell you my name was?") == [["mira"]]
     assert answer("Can you tell me your name?") == [["bram"]]
 
@@ -93,3 +93,37 @@ def test_a_line_that_attacks_the_npcs_identity_asks_for_its_name_and_role() -> N
         assert {w for f in asked for w in f.answer} >= {"tobin", "guard"}, line
     for line in ("You are a good guard.", "The system of roads is old.", "I want to talk like you do."):
         assert not attacks_identity(line), line
+
+
+def test_a_player_fact_answers_the_topic_its_form_states() -> None:
+    memory = ["What you remember about the player: The player's name is Kael. The player is a carpenter. "
+              "The player needs two sacks of rye flour."]
+
+    def answer(line: str) -> list[list[str]]:
+        return [sorted(f.answer) for f in asked_facts(Grounding.build(find_persona("bram"), line, memory=memory))]
+
+    assert answer("What did I say my trade was?") == [["carpenter"]]
+    assert answer("And what did I come here for?") == [["flour", "rye", "sacks", "two"]]  # not the frame "needs"
+
+
+def test_a_request_without_a_question_mark_still_asks() -> None:
+    def answer(line: str) -> set[str]:
+        return {w for f in asked_facts(Grounding.build(find_persona("elda"), line)) for w in f.answer}
+
+    assert answer("I'm sorry, I didn't catch your name.") == {"elda"}
+    assert "innkeeper" in answer("Remind me what your job is.")
+    assert answer("Your stew smells good.") == set()  # a remark asks nothing
+
+
+def test_a_price_question_meets_the_fact_that_names_the_price() -> None:
+    """'How much is the toll to cross?' and the lore 'The crossing costs two coppers a head' share no
+    word; they meet on the price topic and the stem of 'crossing'."""
+    from npctalk.engine.grounding import stem
+
+    assert [stem(w) for w in ("crossing", "coppers", "cross", "costs", "glass", "was")] == \
+        ["cross", "copper", "cross", "cost", "glass", "was"]
+    wren = find_persona("wren")
+    line = "How much is the toll to cross?"
+    asked = asked_facts(Grounding.build(wren, line, context=wren.lore_for([line])))
+    assert asked and all({"two", "coppers"} <= f.answer for f in asked)
+    assert not asked_facts(Grounding.build(wren, "Thick mist on the river today."))  # a remark asks nothing

@@ -110,3 +110,21 @@ def test_memory_config_is_validated() -> None:
         MemoryConfig(recent_turns=3)
     with pytest.raises(ConfigError, match="max_facts"):
         MemoryConfig(max_facts=0)
+
+
+def test_a_fact_is_recalled_by_the_topic_its_form_states() -> None:
+    """'What did I say my trade was?' shares no keyword with 'The player is a carpenter.'; both are work."""
+    from npctalk.engine.facts import fact_topics
+    from npctalk.engine.grounding import asked_topics
+
+    assert fact_topics("The player is a carpenter.") == {"work"}
+    assert fact_topics("The player needs two sacks of rye flour.") == {"want"}
+    assert fact_topics("The player lives in Millbrook.") == {"home"}
+    assert fact_topics("The player's brother is Tom.") == frozenset()
+    facts = [fact(1, "The player's name is Kael.", "name"), fact(2, "The player is a carpenter."),
+             fact(3, "The player needs two sacks of rye flour."), fact(4, "The player's brother is Tom.")]
+    for line, expected in (("What did I say my trade was?", [1, 2]), ("And what did I come here for?", [1, 3]),
+                           ("Nice weather today.", [1])):
+        chosen = retrieve(facts, keywords(line), limit=3, topics=asked_topics(line))
+        assert [f.id for f in chosen] == expected, line
+    assert [f.id for f in retrieve(facts, keywords("What did I say my trade was?"), limit=3)] == [1]  # no topics
