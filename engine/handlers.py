@@ -31,7 +31,7 @@ from .rerank import MAX_SEED, candidate_options, score_candidates
 from .sampling import SearchOptions
 from .scheduler import Scheduler
 from .steering import FactSteering
-from .store import MemoryStore
+from .store import Exchange, MemoryStore
 
 if TYPE_CHECKING:
     from .server import ServerConfig
@@ -265,23 +265,45 @@ class Handlers:
 
     def message_for(self, event: Event) -> Reply:
         """The protocol message of one scheduler event; a finished exchange is remembered."""
+        return self.messages_for([event])[0]
+
+    def messages_for(self, events: Sequence[Event]) -> list[Reply]:
+        """The protocol messages of one engine step's events, in order. The exchanges they finish are
+        remembered first, with one commit for all (``MemoryStore.record_many``): each is on disk
+        before its ``done`` is made, and one that cannot be saved becomes an ``internal`` error."""
+        saved = self._record([e for e in events if isinstance(e, DoneEvent) and self._remembers(e.request)])
+        return [self._message(e, saved.get(id(e))) for e in events]
+
+    @staticmethod
+    def _remembers(request: Request) -> bool:
+        return (isinstance(request.meta, SayMeta) and request.finish_reason not in (None, "cancelled")
+                and bool(request.text.strip()))
+
+    def _record(self, done: Sequence[Event]) -> dict[int, Exception | None]:
+        """Remember the exchanges ``done`` events finish; per event (by id) the error that kept it out, or None."""
+        if not done:
+            return {}
+        exchanges = [Exchange(m.npc, m.player, m.line, e.request.text) for e in done
+                     for m in [e.request.meta] if isinstance(m, SayMeta)]
+        try:
+            results: list[int | Exception] = self.memory.record_many(exchanges)
+        except Exception as exc:  # the commit itself failed: none of them is saved
+            results = [exc] * len(done)
+        return {id(e): r if isinstance(r, Exception) else None for e, r in zip(done, results)}
+
+    def _message(self, event: Event, failure: Exception | None) -> Reply:
         request = event.request
         if isinstance(event, TokenEvent):
             return protocol.token(request.key.id, event.seq, event.text)
         if isinstance(event, ErrorEvent):
             return protocol.error(request.key.id, event.code, event.message, seq=event.seq)
         assert isinstance(event, DoneEvent) and request.finish_reason is not None
-        meta = request.meta
-        if isinstance(meta, SayMeta) and request.finish_reason != "cancelled" and request.text.strip():
-            # Committed before done is sent: a game that saw done can count on the turn being saved.
-            try:
-                self.memory.record(meta.npc, meta.player, meta.line, request.text)
-            except Exception:
-                log.exception("Saving the exchange of request %r failed.", request.key.id)
-                self.counters["internal_errors"] += 1
-                return protocol.error(request.key.id, ErrorCode.INTERNAL, "The reply could not be saved to the "
-                                      "memory database (the error is in the server's log); it is not remembered.",
-                                      seq=event.seq)
+        if failure is not None:
+            log.error("Saving the exchange of request %r failed.", request.key.id, exc_info=failure)
+            self.counters["internal_errors"] += 1
+            return protocol.error(request.key.id, ErrorCode.INTERNAL, "The reply could not be saved to the "
+                                  "memory database (the error is in the server's log); it is not remembered.",
+                                  seq=event.seq)
         timings = request.timings_ms()
         return protocol.done(
             request.key.id, event.seq, request.text, request.finish_reason, prompt_tokens=request.prompt_tokens,

@@ -171,7 +171,8 @@ class Request:
         o = self.options
         if not o.greedy or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size:
             return True
-        return bool(self._cursor().bonus(self.tokens[len(self.prompt_ids):]))
+        cursor = self._cursor()
+        return not cursor.over and bool(cursor.bonus(self.tokens[len(self.prompt_ids):]))  # no reply copy once over
 
     def _cursor(self) -> SteeringCursor:
         """The steering's per-reply cache (made again if ``steering`` was replaced)."""

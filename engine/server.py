@@ -215,8 +215,8 @@ class Server:
             log.exception("The engine step failed; failing every live stream.")
             events = self.scheduler.abort_all("The engine failed; the error is in the server's log.")
         now = time.monotonic()
-        for event in events:
-            message = self.handlers.message_for(event)  # also records finished exchanges
+        messages = self.handlers.messages_for(events)  # also records the finished exchanges, one commit for all
+        for event, message in zip(events, messages):
             key = event.request.key
             if key.client not in self._gone:
                 self._after_send(key.client, self._delivery.stream(key, message, now))

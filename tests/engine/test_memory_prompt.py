@@ -15,7 +15,7 @@ from npctalk.engine.npcs import NpcRegistry
 from npctalk.engine.persona import Persona
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.server import ServerConfig
-from npctalk.engine.store import MemoryStore
+from npctalk.engine.store import Exchange, MemoryStore
 
 MIRA = Persona(name="Mira", role="the herbalist of Ashford")
 
@@ -65,25 +65,58 @@ def test_done_is_sent_only_after_the_turn_is_saved(gpt2_model: Model, monkeypatc
     assert handlers.handle(b"c", frame(id="a", op="say", npc="mira", player="p", text="I have a red hat.",
                                        max_new_tokens=4, temperature=0)) is None
     saved: list[str] = []
-    real_record = handlers.memory.record
+    real_record = handlers.memory.record_many
 
-    def record(*args: str) -> int:
-        saved.append(args[2])
-        return real_record(*args)
+    def record(exchanges: list[Exchange]) -> list[int | Exception]:
+        saved.extend(e.line for e in exchanges)
+        return real_record(exchanges)
 
-    monkeypatch.setattr(handlers.memory, "record", record)
+    monkeypatch.setattr(handlers.memory, "record_many", record)
     done = [m for m in finish(handlers) if m["type"] == "done"]
     assert len(done) == 1 and saved == ["I have a red hat."]
     assert [t.reply for t in handlers.memory.turns("mira", "p")] == [done[0]["text"].strip()]
 
-    def broken(*args: str) -> int:
+    def broken(exchanges: list[Exchange]) -> list[int | Exception]:
         raise OSError("disk full")
 
-    monkeypatch.setattr(handlers.memory, "record", broken)
+    monkeypatch.setattr(handlers.memory, "record_many", broken)
     handlers.handle(b"c", frame(id="b", op="say", npc="mira", player="q", text="Hello.", max_new_tokens=4, temperature=0))
     terminal = finish(handlers)[-1]
     assert terminal["type"] == "error" and terminal["code"] == "internal" and "not remembered" in terminal["message"]
     assert handlers.counters["internal_errors"] == 1 and handlers.memory.turns("mira", "q") == []
+
+
+def test_turns_ending_in_one_step_are_saved_with_one_commit_and_a_bad_one_alone_is_left_out(
+        gpt2_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    handlers = make(gpt2_model)
+    statements: list[str] = []
+    handlers.memory.db.set_trace_callback(statements.append)
+    for player in ("p", "q"):
+        handlers.handle(b"c", frame(id=player, op="say", npc="mira", player=player, text=f"I am {player.upper()}ada.",
+                                    max_new_tokens=4, temperature=0))
+    ends = []  # per step: how many turns it ended, how many commits it made
+    while handlers.scheduler.has_work:
+        statements.clear()
+        ended = [m for m in handlers.messages_for(handlers.scheduler.step()) if m["type"] == "done"]
+        ends.append((len(ended), sum(s.strip().upper() == "COMMIT" for s in statements)))
+    assert sum(n for n, _ in ends) == 2 and (2, 1) in ends, ends  # both ended in one step: one commit (one fsync)
+    assert [[t.line for t in handlers.memory.turns("mira", p)] for p in ("p", "q")] == [["I am Pada."], ["I am Qada."]]
+
+    real_fold = handlers.memory._fold
+
+    def fold(npc: str, player: str, now: float) -> None:  # the summary update of one pair fails mid-turn
+        if player == "q":
+            raise RuntimeError("corrupt summary")
+        real_fold(npc, player, now)
+
+    monkeypatch.setattr(handlers.memory, "_fold", fold)
+    for player in ("p", "q"):
+        handlers.handle(b"c", frame(id=f"{player}2", op="say", npc="mira", player=player, text="My name is Bo.",
+                                    max_new_tokens=4, temperature=0))
+    terminal = {m["id"]: m for m in finish(handlers) if m["type"] in ("done", "error")}
+    assert terminal["p2"]["type"] == "done" and terminal["q2"]["code"] == "internal"
+    assert [handlers.memory.turns("mira", p)[-1].line for p in ("p", "q")] == ["My name is Bo.", "I am Qada."]
+    assert [f.text for f in handlers.memory.facts("mira", "q")] == ["The player's name is Qada."]  # not Bo
 
 
 def test_a_failed_or_cancelled_turn_writes_nothing(gpt2_model: Model) -> None:
