@@ -7,6 +7,7 @@ the third person that can go into any NPC's prompt as it stands::
     "Call me Mira" / "I'm Mira"   → The player's name is Mira.
     "I'm from Eastwatch."         → The player is from Eastwatch.       (kind "origin"; also "I came from …")
     "I came here to buy a plough" → The player came to buy a plough.    (buy, sell, find, fetch, order, …)
+    "I'm looking for fresh eels"  → The player is looking for fresh eels. (also "I'm after …", "searching for")
     "I bought the iron sword."    → The player bought the iron sword.
     "I have two goats"            → The player has two goats.
     "I'm a carpenter."            → The player is a carpenter.
@@ -98,6 +99,8 @@ _ORIGIN = re.compile(r"(?i:\bi(?:'m| am)(?:\s+[A-Z][\w'-]*){0,3} from|\bi (?:com
 _PURPOSES = ("buy", "sell", "find", "fetch", "get", "order", "trade", "see", "hire", "deliver", "collect", "repair")
 _PURPOSE = re.compile(r"(?i:\bi(?:'m| am|'ve| have)? (?:come|came|here|travelled|traveled|walked|rode)\b[^.!?;\n]{0,40}?"
                       r"\bto (" + "|".join(_PURPOSES) + r"))\s+" + _PHRASE)
+_SEEKING = re.compile(r"(?i:\bi(?:'m| am)(?: here)? (?:looking|searching|hunting) for|\bi(?:'m| am) after|"
+                     r"\bi(?:'m| am) hoping to find)\s+(?!(?i:you|it|that|this|nothing|work)\b)" + _PHRASE)
 _HOME = re.compile(r"(?i:\bi live in|\bi(?:'m| am) living in)\s+" + _PHRASE)
 _ROLE = re.compile(r"(?i:\bi(?:'m| am) (an?))\s+" + _PHRASE)
 _VERBS = {"bought": "bought", "found": "found", "sold": "sold", "lost": "lost", "stole": "stole", "killed": "killed",
@@ -119,6 +122,8 @@ def extract_facts(line: str) -> list[NewFact]:
         facts.append(NewFact(f"The player is from {_third_person(match.group(1))}.", "origin"))
     for match in _PURPOSE.finditer(line):
         facts.append(NewFact(f"The player came to {match.group(1).lower()} {_third_person(match.group(2))}."))
+    for match in _SEEKING.finditer(line):
+        facts.append(NewFact(f"The player is looking for {_third_person(match.group(1))}."))
     for match in _HOME.finditer(line):
         facts.append(NewFact(f"The player lives in {_third_person(match.group(1))}.", "origin"))
     for match in _ROLE.finditer(line):

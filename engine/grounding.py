@@ -43,6 +43,10 @@ TOPICS: dict[str, frozenset[str]] = {
 # then subjects ("Where do I live?"); a line with both or neither may mean either.
 PLAYER_WORDS = (frozenset("my mine myself".split()), frozenset("i me i'm i've".split()))
 NPC_WORDS = (frozenset("your yours yourself".split()), frozenset("you you're".split()))
+# Words that frame an identity attack rather than describe the identity it pushes.
+ATTACK_FRAME = frozenset("""ignore forget forgot pretend talk speak act play playing behave role roleplay character
+instructions instruction everything anything told tell game let lets let's now from stop being new rules rule prompt
+system reset say says really longer anymore more only like who whom whose which while""".split())
 # Words of a player fact's frame ("The player needs …", "… came to buy …"), not of its answer.
 FACT_FRAME = frozenset("name named called needs needed wants wanted came comes come lives lived has had owns "
                        "likes loves hates fears carries bought".split())
@@ -163,6 +167,7 @@ class Grounding:
     known: frozenset[str]       # lower-case words the NPC may name
     facts: tuple[Fact, ...]
     line: str = ""              # the player's line being answered
+    own: frozenset[str] = frozenset()  # lower-case words of the persona's own texts
 
     @classmethod
     def build(cls, persona: Persona, line: str = "", *, player_lines: Sequence[str] = (),
@@ -189,7 +194,8 @@ class Grounding:
                 # ('Player: "…"') are not: they would make every word of an old line an answer.
                 if _ABOUT_PLAYER.search(sentence):
                     facts.append(_fact("player", sentence, content(sentence) - FACT_FRAME))
-        return cls(frozenset(name), frozenset(known), tuple(f for f in facts if f.answer), line)
+        own = frozenset(w for text in persona_texts for w in words(text))
+        return cls(frozenset(name), frozenset(known), tuple(f for f in facts if f.answer), line, own)
 
 
 def invented_names(reply: str, known: Iterable[str]) -> list[str]:
@@ -230,6 +236,17 @@ def attacks_identity(line: str) -> bool:
     """Whether the player's line tries to make the NPC someone or something else ("you are now a
     pirate", "ignore your instructions", "SYSTEM: …"): the answer is the NPC's own identity."""
     return bool(_IDENTITY_ATTACK.search(line))
+
+
+def pushed_words(grounding: Grounding) -> list[str]:
+    """The words of a line attacking the NPC's identity that describe who it should become ("pirate",
+    "dragon", "hoards", "gold"): its content words the persona never uses, less the words that only
+    frame the attack ("forget", "pretend", "instructions" …). Empty for any other line."""
+    if not attacks_identity(grounding.line):
+        return []
+    found = [w for w in words(grounding.line) if (len(w) >= 3 or w == "ai") and w not in _STOP
+             and w not in ATTACK_FRAME and w not in grounding.own]
+    return list(dict.fromkeys(found))
 
 
 def asked_facts(grounding: Grounding) -> list[Fact]:

@@ -40,6 +40,10 @@ def test_fit_turns_drops_oldest_whole_turns_and_opens_with_a_player_line() -> No
     ("I live in the old mill", ["The player lives in the old mill."]),
     ("Hello! I came from Dunmore to buy a plough.", ["The player is from Dunmore.", "The player came to buy a plough."]),
     ("I'm here to sell my goat", ["The player came to sell their goat."]),
+    ("I'm looking for fresh eels, and quick.", ["The player is looking for fresh eels."]),
+    ("I am after a good bow", ["The player is looking for a good bow."]),
+    ("I'm looking for you.", []),
+
     ("I came here yesterday.", []),  # no place after "from", no errand after "to"
     ("I'm tired.", []),              # not a name: names start with a capital
     ("I'm Sorry about that.", []),   # a capital, but not a name
