@@ -219,9 +219,11 @@ def run_script(client: Any, script: Script, memory: str, rerank: str, candidates
 
 def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str, candidates: int,
                 max_new_tokens: int, run_id: str, *, connect: Callable[[], Any] | None = None,
-                salts: Sequence[int] = (0,)) -> SettingResult:
+                salts: Sequence[int] = (0,), capacity: int = 96) -> SettingResult:
     """Say every script's turns; judge the probes. With ``connect`` (a factory of clients), the scripts
-    run concurrently, one client each, so the server batches them (replies stay seeded per turn)."""
+    run concurrently, one client each, so the server batches them (replies stay seeded per turn); at
+    most as many at once as the server's ``capacity`` (streams running + queued) takes, counting a
+    reranked say as its ``candidates`` streams, so no say is refused as ``busy``."""
     result = SettingResult(memory, rerank)
     jobs = [(script, salt) for salt in salts for script in scripts]
     if connect is None:
@@ -233,7 +235,8 @@ def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str
         with connect() as own:
             return run_script(own, job[0], memory, rerank, candidates, max_new_tokens, run_id, job[1])
 
-    with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+    streams = candidates if rerank == "on" else 1
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), capacity // streams))) as pool:
         for probes in pool.map(one, jobs):
             result.probes += probes
     return result
@@ -286,7 +289,8 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
         with connect() as client:
             for memory, rerank in settings:
                 results.append(run_setting(client, scripts, memory, rerank, candidates, max_new_tokens, run_id,
-                                           connect=connect if concurrent else None, salts=range(seeds)))
+                                           connect=connect if concurrent else None, salts=range(seeds),
+                                           capacity=config.scheduler.max_batch + config.scheduler.max_queue))
     finally:
         server.request_stop()
         thread.join(60)

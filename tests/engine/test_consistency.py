@@ -222,3 +222,34 @@ def test_expected_words_may_take_an_ending_forbidden_ones_may_not() -> None:
     assert judge("Yes, a blacksmith.", job) == (True, []), "a forbidden 'ye' does not forbid 'yes'"
     assert judge("Ye want a blacksmith?", job)[0] is False
     assert judge("Blacksmithery, they call it.", job)[0] is False, "only the listed endings"
+
+
+def test_concurrent_scripts_stay_within_what_the_server_takes(tmp_path: Path) -> None:
+    """Fifteen scripts x two seeds with four candidates each would be 120 streams against a server
+    that takes 96: the run would end in 'busy'. The scripts at once are capped by capacity // candidates."""
+    import threading
+    import time
+
+    (tmp_path / "small.toml").write_text(SMALL, encoding="utf-8")
+    scripts = load_scripts(tmp_path) * 6
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    class Counting(FakeClient):
+        def __enter__(self) -> Counting:
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            time.sleep(0.02)  # long enough for the pool to start every worker it has
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            with lock:
+                now[0] -= 1
+
+    result = run_setting(FakeClient("Bram."), scripts, "on", "on", 4, 8, "r1", connect=lambda: Counting("Bram."),
+                         salts=range(2), capacity=12)
+    assert len(result.probes) == 2 * 6 * 2 and peak[0] == 3  # 12 streams / 4 candidates
+    peak[0] = 0
+    run_setting(FakeClient("Bram."), scripts, "on", "off", 4, 8, "r1", connect=lambda: Counting("Bram."),
+                salts=range(2), capacity=12)
+    assert peak[0] == 12  # without reranking a say is one stream
