@@ -155,9 +155,14 @@ def _consistency_main(argv: Sequence[str]) -> int:
             sys.stdout.write(markdown(report).split("\n## ")[0] + f"\n→ {json_path}\n")
             return 0
         for bundle in args.bundles or [default_bundle_path()]:
+            def checkpoint(partial: dict) -> None:
+                path, _ = write_report(partial, args.output, tag=args.tag)
+                logging.getLogger(__name__).info("%d of %d settings done: report so far in %s",
+                                                 len(partial["settings"]), len(settings), path)
+
             report = evaluate(bundle, scripts, settings=settings, candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, provider=args.provider, threads=args.threads,
-                              seeds=args.seeds, fact_bias=args.fact_bias)
+                              seeds=args.seeds, fact_bias=args.fact_bias, checkpoint=checkpoint)
             json_path, _ = write_report(report, args.output, tag=args.tag)
             sys.stdout.write(markdown(report).split("\n## ")[0] + f"\n→ {json_path}\n")
     except NpctalkError as exc:

@@ -223,7 +223,7 @@ def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str
     """Say every script's turns; judge the probes. With ``connect`` (a factory of clients), the scripts
     run concurrently, one client each, so the server batches them (replies stay seeded per turn); at
     most as many at once as the server's ``capacity`` (streams running + queued) takes, counting a
-    reranked say as its ``candidates`` streams, so no say is refused as ``busy``."""
+    reranked say as its ``candidates`` streams and itself, so no say is refused as ``busy``."""
     result = SettingResult(memory, rerank)
     jobs = [(script, salt) for salt in salts for script in scripts]
     if connect is None:
@@ -235,7 +235,7 @@ def run_setting(client: Any, scripts: Sequence[Script], memory: str, rerank: str
         with connect() as own:
             return run_script(own, job[0], memory, rerank, candidates, max_new_tokens, run_id, job[1])
 
-    streams = candidates if rerank == "on" else 1
+    streams = candidates + 1 if rerank == "on" else 1  # a reranked say is live itself, and so is each candidate
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), capacity // streams))) as pool:
         for probes in pool.map(one, jobs):
             result.probes += probes
@@ -257,11 +257,14 @@ def summarize(result: SettingResult) -> dict[str, Any]:
 def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequence[tuple[str, str]] = SETTINGS,
              candidates: int = 4, max_new_tokens: int = 48, provider: str = "auto",
              threads: int | None = None, concurrent: bool = True, seeds: int = 1,
-             fact_bias: float | None = None) -> dict[str, Any]:
+             fact_bias: float | None = None,
+             checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every setting on one bundle through an in-process server; the report as a dict.
     ``concurrent``: the scripts of a setting talk to the server at once (batched decoding);
     ``seeds``: each script is run that many times per setting with other fixed seeds (shares pool them);
-    ``fact_bias``: the server's fact steering bias (None: the server default; 0: off)."""
+    ``fact_bias``: the server's fact steering bias (None: the server default; 0: off);
+    ``checkpoint``: called with the report so far after each setting (a long run that fails later
+    keeps the settings it finished)."""
     from npctalk.client import Client
 
     from .memory import MemoryConfig
@@ -280,8 +283,23 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
     thread = threading.Thread(target=server.run, name="consistency-server", daemon=True)
     thread.start()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%H%M%S")
-    results = []
+    results: list[SettingResult] = []
     started = time.perf_counter()
+
+    def report() -> dict[str, Any]:
+        m = model.manifest
+        return {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": m.name, "architecture": m.architecture, "dtype": m.dtype, "provider": model.provider},
+            "machine": machine(), "wall_s": round(time.perf_counter() - started, 1),
+            "scripts": [s.name for s in scripts], "heldout_scripts": [s.name for s in scripts if s.heldout],
+            "probes_per_setting": sum(s.probes for s in scripts) * seeds, "seeds": seeds,
+            "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens,
+            "fact_bias": config.defaults.fact_bias,
+            "sampling": "server defaults, fixed seed per turn" + (f", {seeds} seeds" if seeds > 1 else ""),
+            "settings": [summarize(r) for r in results],
+        }
+
     try:
         def connect() -> Any:
             return Client(server.endpoint, timeout=600.0)
@@ -291,21 +309,12 @@ def evaluate(bundle: str | Path, scripts: Sequence[Script], *, settings: Sequenc
                 results.append(run_setting(client, scripts, memory, rerank, candidates, max_new_tokens, run_id,
                                            connect=connect if concurrent else None, salts=range(seeds),
                                            capacity=config.scheduler.max_batch + config.scheduler.max_queue))
+                if checkpoint is not None and len(results) < len(settings):
+                    checkpoint(report())
     finally:
         server.request_stop()
         thread.join(60)
-    m = model.manifest
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": m.name, "architecture": m.architecture, "dtype": m.dtype, "provider": model.provider},
-        "machine": machine(), "wall_s": round(time.perf_counter() - started, 1),
-        "scripts": [s.name for s in scripts], "heldout_scripts": [s.name for s in scripts if s.heldout],
-        "probes_per_setting": sum(s.probes for s in scripts) * seeds, "seeds": seeds,
-        "candidates": candidates, "rerank_method": RERANK_METHOD, "max_new_tokens": max_new_tokens,
-        "fact_bias": config.defaults.fact_bias,
-        "sampling": "server defaults, fixed seed per turn" + (f", {seeds} seeds" if seeds > 1 else ""),
-        "settings": [summarize(r) for r in results],
-    }
+    return report()
 
 
 def machine() -> dict[str, Any]:

@@ -135,8 +135,8 @@ class Scheduler:
         keys = [request.key, *(c.key for c in candidates)]
         if any(key in self._live for key in keys) or len(set(keys)) != len(keys):
             raise ServeError(f"Request {request.key.id!r} or one of its candidates is already live; ids must be unique.")
-        if not candidates or len(self._live) + len(candidates) > self.config.max_batch + self.config.max_queue:
-            return False
+        if not candidates or len(self._live) + 1 + len(candidates) > self.config.max_batch + self.config.max_queue:
+            return False  # the say is live itself, and every candidate must fit: none is dropped on the way
         group = Candidates(request, list(candidates), scorer)
         self._live[request.key] = request
         self._reranked[request.key] = group

@@ -225,8 +225,9 @@ def test_expected_words_may_take_an_ending_forbidden_ones_may_not() -> None:
 
 
 def test_concurrent_scripts_stay_within_what_the_server_takes(tmp_path: Path) -> None:
-    """Fifteen scripts x two seeds with four candidates each would be 120 streams against a server
-    that takes 96: the run would end in 'busy'. The scripts at once are capped by capacity // candidates."""
+    """Fifteen scripts x two seeds reranking four candidates each would be 150 live requests (each say
+    and its candidates) against a server that takes 96: the run would end in 'busy'. The scripts at
+    once are capped by capacity // (candidates + 1)."""
     import threading
     import time
 
@@ -247,9 +248,9 @@ def test_concurrent_scripts_stay_within_what_the_server_takes(tmp_path: Path) ->
                 now[0] -= 1
 
     result = run_setting(FakeClient("Bram."), scripts, "on", "on", 4, 8, "r1", connect=lambda: Counting("Bram."),
-                         salts=range(2), capacity=12)
-    assert len(result.probes) == 2 * 6 * 2 and peak[0] == 3  # 12 streams / 4 candidates
+                         salts=range(2), capacity=15)
+    assert len(result.probes) == 2 * 6 * 2 and peak[0] == 3  # 15 live / (4 candidates + the say)
     peak[0] = 0
     run_setting(FakeClient("Bram."), scripts, "on", "off", 4, 8, "r1", connect=lambda: Counting("Bram."),
-                salts=range(2), capacity=12)
-    assert peak[0] == 12  # without reranking a say is one stream
+                salts=range(2), capacity=15)
+    assert peak[0] == 12  # without reranking a say is one stream (12 jobs)

@@ -387,8 +387,11 @@ def test_a_reranked_say_times_out_and_a_failing_scorer_fails_only_it(counting: C
 def test_reranked_candidates_count_against_capacity(counting: CountingModel) -> None:
     scheduler = Scheduler(counting, SchedulerConfig(max_batch=2, max_queue=1))
     say = make_request(counting, "say", [FIRST])
-    assert not scheduler.submit_reranked(say, _candidates(counting, "say", [2, 2, 2, 2]), lambda t: [0.0] * len(t))
+    # The say is live itself: with room for 3, three candidates would leave the third out unqueued.
+    assert not scheduler.submit_reranked(say, _candidates(counting, "say", [2, 2, 2]), lambda t: [0.0] * len(t))
     assert not scheduler.has_work
-    assert scheduler.submit_reranked(say, _candidates(counting, "say", [2, 2, 2]), lambda t: [0.0] * len(t))
+    two = _candidates(counting, "say", [2, 2])
+    assert scheduler.submit_reranked(say, two, lambda t: [0.0] * len(t))
+    assert all(scheduler.has_live(c.key) for c in two) and scheduler.stats()["queued"] == 2
     with pytest.raises(ServeError, match="already live"):
         scheduler.submit_reranked(say, _candidates(counting, "say", [2]), lambda t: [0.0])
