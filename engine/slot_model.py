@@ -77,6 +77,8 @@ class SlotCache:
 class SlotModel:
     """A ``SlotDecoder`` behind the ``LanguageModel`` interface, plus ``new_batch`` for the scheduler."""
 
+    inplace_kv = True  # every KV slot is bound as both past and present: new positions are written in place
+
     def __init__(self, decoder: SlotDecoder) -> None:
         self.decoder = decoder
         self.manifest = dataclasses.replace(decoder.manifest, max_context=decoder.capacity)

@@ -149,6 +149,7 @@ def test_a_real_server_streams_two_npcs_from_slots(slots_server: ServerProcess, 
     """The same greedy replies from a slots bundle as from the mask bundle, two NPCs at once."""
     hello = slots_server.request("hello")
     assert hello["model"]["max_context"] == 500  # the slot capacity, not the model's 512
+    assert hello["model"]["inplace_kv"] is True  # the slots are written in place
     texts = {}
     for proc in (slots_server, ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS).start()):
         try:
