@@ -70,7 +70,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         for repeat in range(args.repeats):
             for name, way in WAYS.items():
-                path = os.path.join(folder, f"{repeat}-{len(runs[name])}-{name[:8].replace(' ', '_')}.sqlite3")
+                path = os.path.join(folder, f"{repeat}-{name[:8].replace(' ', '_')}.sqlite3")
                 store = MemoryStore(MemoryConfig(path=path, synchronous=args.sync))
                 start = time.perf_counter()
                 way(store, exchanges)

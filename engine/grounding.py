@@ -102,16 +102,15 @@ def stem(word: str) -> str:
     return word
 
 
-def topics(text: str) -> frozenset[str]:
-    """The topics (``TOPICS`` keys) and content words (``stem``med) of ``text``."""
-    found = set(words(text))
-    return frozenset({t for t, cue in TOPICS.items() if found & cue} | {stem(w) for w in content(text)})
-
-
 def asked_topics(text: str) -> frozenset[str]:
     """The ``TOPICS`` keys whose cue words ``text`` uses ("What was my trade?" → work)."""
     found = set(words(text))
     return frozenset(t for t, cue in TOPICS.items() if found & cue)
+
+
+def topics(text: str) -> frozenset[str]:
+    """The topics (``asked_topics``) and content words (``stem``med) of ``text``."""
+    return asked_topics(text) | {stem(w) for w in content(text)}
 
 
 def topic_weights(text: str) -> dict[str, float]:

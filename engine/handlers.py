@@ -271,25 +271,28 @@ class Handlers:
         """The protocol messages of one engine step's events, in order. The exchanges they finish are
         remembered first, with one commit for all (``MemoryStore.record_many``): each is on disk
         before its ``done`` is made, and one that cannot be saved becomes an ``internal`` error."""
-        saved = self._record([e for e in events if isinstance(e, DoneEvent) and self._remembers(e.request)])
+        done = [(e, x) for e in events if (x := self._exchange(e)) is not None]
+        saved = self._record(done)
         return [self._message(e, saved.get(id(e))) for e in events]
 
     @staticmethod
-    def _remembers(request: Request) -> bool:
-        return (isinstance(request.meta, SayMeta) and request.finish_reason not in (None, "cancelled")
-                and bool(request.text.strip()))
+    def _exchange(event: Event) -> Exchange | None:
+        """The exchange a ``done`` event finishes, when it is one to remember (a say's, not cancelled, not empty)."""
+        request, meta = event.request, event.request.meta
+        if (not isinstance(event, DoneEvent) or not isinstance(meta, SayMeta)
+                or request.finish_reason in (None, "cancelled") or not request.text.strip()):
+            return None
+        return Exchange(meta.npc, meta.player, meta.line, request.text)
 
-    def _record(self, done: Sequence[Event]) -> dict[int, Exception | None]:
-        """Remember the exchanges ``done`` events finish; per event (by id) the error that kept it out, or None."""
+    def _record(self, done: Sequence[tuple[Event, Exchange]]) -> dict[int, Exception | None]:
+        """Remember the ``done`` exchanges; per event (by id) the error that kept it out, or None."""
         if not done:
             return {}
-        exchanges = [Exchange(m.npc, m.player, m.line, e.request.text) for e in done
-                     for m in [e.request.meta] if isinstance(m, SayMeta)]
         try:
-            results: list[int | Exception] = self.memory.record_many(exchanges)
+            results: list[int | Exception] = self.memory.record_many([x for _, x in done])
         except Exception as exc:  # the commit itself failed: none of them is saved
             results = [exc] * len(done)
-        return {id(e): r if isinstance(r, Exception) else None for e, r in zip(done, results)}
+        return {id(e): r if isinstance(r, Exception) else None for (e, _), r in zip(done, results)}
 
     def _message(self, event: Event, failure: Exception | None) -> Reply:
         request = event.request

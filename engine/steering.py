@@ -76,14 +76,18 @@ class FactSteering:
             return tuple(tuple(sorted({tuple(tokenizer.encode(f"{lead}{form}")) for form in (w, w.capitalize())} - {()}))
                          for w in some)
 
-        kept = {s[0] for group in spell(" ", answer) + spell("", answer) for s in group}  # an answer's first token wins
+        spaced, bare = spell(" ", answer), spell("", answer)
+        kept = {s[0] for group in spaced + bare for s in group}  # an answer's first token wins
         penalty = {s[0]: -float(bias) for group in spell(" ", pushed) + spell("", pushed) for s in group
                    if s[0] not in kept}
-        return cls(spell(" ", answer), spell("", answer), tuple(answer), float(bias), tokenizer, penalty)
+        return cls(spaced, bare, tuple(answer), float(bias), tokenizer, penalty)
 
     def bonus(self, reply: Sequence[int]) -> dict[int, float]:
         """Token id → logit bonus (or penalty) for the next token after ``reply`` (the reply's ids so far)."""
-        nudge = self.nudge(reply)
+        return self.with_penalty(self.nudge(reply))
+
+    def with_penalty(self, nudge: dict[int, float]) -> dict[int, float]:
+        """``nudge`` over the penalty (a token both nudged and penalised gets the nudge)."""
         return {**self.penalty, **nudge} if self.penalty else nudge
 
     def nudge(self, reply: Sequence[int]) -> dict[int, float]:
@@ -134,7 +138,7 @@ class SteeringCursor:
         if self._at != len(reply):
             nudge = self.steering.nudge(reply)
             self._at, self._nudging = len(reply), bool(nudge)
-            self._bonus = {**self.steering.penalty, **nudge} if self.steering.penalty else nudge
+            self._bonus = self.steering.with_penalty(nudge)
             self.over = not self._bonus
         return self._bonus
 
