@@ -67,6 +67,7 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
         replies = await asyncio.gather(*(one_reply(client, i, max_new_tokens) for i in range(streams)))
         wall = time.perf_counter() - start
         stats = await client.stats()
+    sampled = stats.get("sampled", {})  # cumulative over the server's life: the caller takes differences
     tokens = sum(r["tokens"] for r in replies)
     prompt_tokens = statistics.median(r["prompt_tokens"] for r in replies)
     ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in replies if r["arrivals"]]
@@ -78,7 +79,7 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
         "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3),
         "server_ttft_ms_p50": round(statistics.median(r["server_ttft_ms"] for r in replies), 2),
         "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": stats["batched"],
-        "prompt_tokens_p50": prompt_tokens,
+        "prompt_tokens_p50": prompt_tokens, "sampled_total": sampled,
     }
 
 
@@ -130,6 +131,9 @@ def main() -> int:
                         help="slots-layout (CUDA) bundles: tokens per stream's KV slot (serve --slot-context)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--server-log", type=Path, default=None, help="write the server's log here")
+    parser.add_argument("--top-tokens", type=int, default=None,
+                        help="serve --top-tokens (candidates per row for sampled steps; 0: whole rows)")
+    parser.add_argument("--tag", default="", help="appended to the result file names")
     parser.add_argument("--sampled", action="store_true",
                         help="the server's default sampling (temperature, top-k/p, repetition controls) instead of "
                              "greedy; replies may then end early at EOS")
@@ -145,6 +149,8 @@ def main() -> int:
         command += ["--threads", str(args.threads)]
     if args.slot_context:
         command += ["--slot-context", str(args.slot_context)]
+    if args.top_tokens is not None:
+        command += ["--top-tokens", str(args.top_tokens)]
     scratch = tempfile.TemporaryDirectory(prefix="npctalk-concurrency-")  # a memory database of its own
     command += ["--memory-db", str(Path(scratch.name) / "memory.sqlite3"), "--memory-embeddings", "off"]
     server = subprocess.Popen(command, stderr=subprocess.DEVNULL if not args.server_log else open(args.server_log, "wb"))
@@ -153,6 +159,11 @@ def main() -> int:
             hello = probe.hello()
         asyncio.run(run_level(endpoint, 2, 8))  # warm-up
         levels = [asyncio.run(run_level(endpoint, n, args.max_new_tokens)) for n in args.streams]
+        before: dict[str, int] = {}
+        for level in levels:  # each level's own counts of tokens sampled from candidates / full rows
+            total = level.pop("sampled_total")
+            level["sampled"] = {k: v - before.get(k, 0) for k, v in total.items()}
+            before = total
     finally:
         server.terminate()
         server.wait(30)
@@ -168,20 +179,22 @@ def main() -> int:
 
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
-              "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled,
+              "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled, "top_tokens": args.top_tokens,
               "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}"
+    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    rows = ["| streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms |",
-            "|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms | from top / full rows |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
     rows += [f"| {r['streams']} | {r['aggregate_tok_s']} | {r['ttft_ms_p50']} | {r['ttft_ms_p99']} | "
-             f"{r['gap_ms_p50']} | {r['gap_ms_p99']} |" for r in levels]
+             f"{r['gap_ms_p50']} | {r['gap_ms_p99']} | "
+             f"{r['sampled'].get('from_top', '–')} / {r['sampled'].get('from_full', '–')} |" for r in levels]
     m = report["machine"]
     text = (f"# Concurrency: {hello['model']['name']} ({hello['model']['architecture']}) on {report['provider']}\n\n"
             f"{report['date']} · {m['host']} · {m['cpu']} · {m['cores']} cores · Python {m['python']}\n\n"
             f"{'The server default sampling' if args.sampled else 'Greedy'}, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
-            f"threads: {report['server_threads']}. "
+            f"threads: {report['server_threads']}"
+            + (f", top tokens {args.top_tokens}" if args.top_tokens is not None else "") + ". "
             f"Protocol cost per token (encode + parse): {report['protocol_us_per_token']} µs."
             + (f" Overhead per token through the server (1 stream, median gap {overhead['socket_gap_ms_p50']} ms) over "
                f"the engine alone in-process (median step {overhead['engine_step_ms_p50']} ms): "

@@ -16,6 +16,7 @@
 #               CUDA-graph token parity
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
 #               streams through the real socket (issue #4), greedy, then with the default sampling
+#               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other)
 # Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
 # DRY=cpu runs the same steps with the tiny test architectures on the CPU (to try the script here).
 set -u
@@ -82,7 +83,9 @@ rm -f "$RES"/profile*.json
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
 step concurrency-sampled 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
-    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --sampled
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --sampled --top-tokens 64 --tag top64
+step concurrency-sampled-full 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --sampled --top-tokens 0 --tag full-rows
 
 set -- $MODELS; shift; rest="$*"
 set -- $LIMITS; shift

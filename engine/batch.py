@@ -26,6 +26,7 @@ import numpy as np
 
 from .generator import LanguageModel
 from .kv_cache import KVCache
+from .topk import TopTokens, host_topk
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,12 @@ class DecodeBatch(Generic[Row]):
         """Feed one token per row (row order); return next-token logits (rows, vocab)."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(len(self.rows), 1)  # (rows, 1)
         return self.model.forward(ids, self.cache)
+
+    def forward_top(self, token_ids: Sequence[int], k: int) -> TopTokens:
+        """``forward``, then each row's ``k`` best logits (``topk.TopTokens``; ``full`` is the logits)."""
+        logits = self.forward(token_ids)  # (rows, vocab), on the host already
+        ids, values = host_topk(k).of_array(logits)
+        return TopTokens(ids, values, lambda: logits)
 
 
 def _pad_left(array: np.ndarray, length: int) -> np.ndarray:

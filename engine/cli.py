@@ -78,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         bind=args.bind,
         scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                                  prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024),
+                                  prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024, top_tokens=args.top_tokens),
         defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
@@ -173,6 +173,7 @@ def _consistency_main(argv: Sequence[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .scheduler import DEFAULT_PREFILL_CHUNK
+    from .topk import DEFAULT_TOP_TOKENS
 
     parser = argparse.ArgumentParser(prog="npctalk", description="NPC dialogue engine for games.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
@@ -211,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                      help="prompt tokens prefilled per engine step, so a long prompt never stalls running streams "
                      "(default %(default)s; 0: whole prompts)")
+    srv.add_argument("--top-tokens", type=int, default=DEFAULT_TOP_TOKENS,
+                     help="a sampled decode step takes each stream's this many best logits instead of the whole "
+                          "vocabulary (on the GPU only these leave the device; the whole row only where they cannot "
+                          "decide the token; same tokens either way); 0: always the whole row (default %(default)s)")
     srv.add_argument("--prefix-cache-mb", type=int, default=256,
                      help="memory for the NPCs' persona-prefix KV caches in MiB (0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")

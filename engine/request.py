@@ -163,6 +163,14 @@ class Request:
         token = int(self._sampler.next_tokens(logits, [self.tokens])[0])  # history: prompt + reply
         return self.accept(token, now)
 
+    def choose_from(self, ids: np.ndarray, values: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None] | None:
+        """``choose`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)):
+        the same token as from the full row, or None when the candidates cannot tell (nothing is
+        drawn or taken then; call ``choose`` with the full row)."""
+        bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
+        token = self._sampler.pick(ids, values, self.tokens, bonus)
+        return None if token is None else self.accept(token, now)
+
     @property
     def needs_logits(self) -> bool:
         """False when the next token is just the argmax of the raw logits (greedy, no repetition

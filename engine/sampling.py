@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,9 +208,59 @@ class Sampler:
             return logits.argmax(axis=-1).astype(np.int64)
         picks = np.empty(len(histories), dtype=np.int64)  # (batch,)
         for row, rng in enumerate(self._rngs[: len(histories)]):
-            allowed = np.flatnonzero(np.isfinite(logits[row]))  # (n,): after top-k, only k tokens
-            cdf = np.cumsum(softmax(logits[row, allowed][None])[0])  # (n,)
-            # Inverse CDF: the first token whose cumulative probability exceeds a uniform draw.
-            index = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
-            picks[row] = allowed[min(index, allowed.size - 1)]
+            picks[row] = _draw(logits[row], rng)
         return picks
+
+    def pick(self, ids: np.ndarray, values: np.ndarray, history: Sequence[int],
+             bonus: Mapping[int, float] | None = None) -> int | None:
+        """Row 0's next token from its top candidates (``topk.TopTokens``: ``ids`` and raw ``values``
+        (k,), any order), after adding ``bonus`` (token → logits, as ``steering.add_bonus``): the
+        token ``next_tokens`` would pick from the whole logits row, with the same draw of the row's
+        generator. None when the candidates cannot decide that exactly (then nothing is drawn: call
+        ``next_tokens`` with the full row).
+
+        Exact because a token outside the candidates has a raw logit <= the smallest candidate's
+        (``floor``); the processors only lower it (penalty > 1, bans) or add its ``bonus``. So when at
+        least ``top_k`` candidates (1 when greedy) end above ``floor`` + the largest outside bonus,
+        the full row's top-k set is among them, and top-p and the draw then see the same values in
+        the same (token id) order."""
+        o = self.options
+        need = 1 if o.greedy else o.top_k
+        if need < 1 or need >= ids.size or o.repetition_penalty < 1.0:
+            return None  # top-k off (top-p over the whole vocabulary), or too few candidates
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]  # (k,) ascending, as np.flatnonzero lists a full row's survivors
+        x = np.array(values[order], dtype=np.float32)[None]  # (1, k)
+        bound = np.float32(x.min())  # every outside token's raw logit is at most this
+        if bonus:
+            keys = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
+            adds = np.fromiter(bonus.values(), dtype=np.float32, count=len(bonus))
+            at = np.minimum(np.searchsorted(ids, keys), ids.size - 1)
+            inside = ids[at] == keys
+            x[0, at[inside]] += adds[inside]
+            lift = adds[~inside]
+            if (lift > 0).any():
+                bound = np.float32(bound + lift.max())
+        if o.repetition_penalty != 1.0:
+            seen = np.isin(ids, np.asarray(history, dtype=np.int64))
+            scores = x[0, seen]
+            x[0, seen] = np.where(scores < 0, scores * o.repetition_penalty, scores / o.repetition_penalty)
+        if o.no_repeat_ngram_size:
+            x[0, np.isin(ids, banned_ngram_tokens(history, o.no_repeat_ngram_size))] = -np.inf
+        if o.greedy:
+            best = int(np.argmax(x[0]))
+            return int(ids[best]) if x[0, best] > bound else None
+        x = x / np.float32(o.temperature)
+        if np.count_nonzero(x[0] > bound / np.float32(o.temperature)) < need:
+            return None
+        x = apply_top_p(apply_top_k(x, o.top_k), o.top_p)
+        return int(ids[_draw(x[0], self._rngs[0])])
+
+
+def _draw(row: np.ndarray, rng: np.random.Generator) -> int:
+    """Index of a token drawn from one processed logits row (-inf where banned)."""
+    allowed = np.flatnonzero(np.isfinite(row))  # (n,): after top-k, only k tokens
+    cdf = np.cumsum(softmax(row[allowed][None])[0])  # (n,)
+    # Inverse CDF: the first token whose cumulative probability exceeds a uniform draw.
+    index = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
+    return int(allowed[min(index, allowed.size - 1)])

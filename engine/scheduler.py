@@ -54,6 +54,7 @@ from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, FinishReason, Request, RequestKey, RequestState
 from .reranked import Candidates, Scorer, answer
+from .topk import DEFAULT_TOP_TOKENS, TopTokens
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,19 @@ class SchedulerConfig:
     """Capacity: ``max_batch`` streams decode (or prefill) together, ``max_queue`` more may wait (counts);
     ``prefill_chunk`` caps the prompt tokens run per step (tokens; a longer prompt continues next
     step; 0: prompts run whole, then ``prefill_tokens`` caps a step's prompts and one always goes);
-    ``prefix_cache_bytes`` bounds the persona-prefix KV cache (0: off)."""
+    ``prefix_cache_bytes`` bounds the persona-prefix KV cache (0: off); ``top_tokens``: a decode step
+    that samples takes each row's this many best logits (``topk``) instead of the whole row, and
+    the full row only where they cannot decide (0: always the full row)."""
 
     max_batch: int = 32
     max_queue: int = 64
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prefill_tokens: int = 2048
     prefix_cache_bytes: int = 256 * 1024 * 1024
+    top_tokens: int = DEFAULT_TOP_TOKENS
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_tokens", "prefix_cache_bytes"):
+        for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_tokens", "prefix_cache_bytes", "top_tokens"):
             value = getattr(self, name)
             low = 1 if name in ("max_batch", "prefill_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -108,6 +112,8 @@ class Scheduler:
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+        # Sampled tokens of decode steps: picked from the top candidates, or from the full logits row.
+        self.sampled = {"from_top": 0, "from_full": 0}
 
     # --- intake ----------------------------------------------------------------------------------------
 
@@ -341,19 +347,25 @@ class Scheduler:
     def _decode(self, events: list[Event]) -> None:
         """One token for every row of every group."""
         finished: set[Request] = set()
+        k = self.config.top_tokens
         for group in self._groups:
             rows = list(group.rows)
             greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
+            top = getattr(group, "forward_top", None) if k else None  # one that gives each row's best logits
             logits: np.ndarray | None = None
             tokens: np.ndarray | None = None
+            best: TopTokens | None = None
             needs = [r.needs_logits for r in rows] if greedy is not None else [True] * len(rows)
+            pending = [r.pending_token for r in rows]
             try:
                 if not any(needs):
-                    tokens = greedy([r.pending_token for r in rows])  # (rows,): no logits leave the device
+                    tokens = greedy(pending)  # (rows,): no logits leave the device
+                elif top is not None:
+                    best = top(pending, k)  # (rows, k) candidates; the full rows only on demand
                 else:
-                    logits = group.forward([r.pending_token for r in rows])  # (rows, vocab)
-                    if greedy is not None:  # the device's argmax still serves the rows that need no logits
-                        tokens = group.last_argmax()
+                    logits = group.forward(pending)  # (rows, vocab)
+                if greedy is not None and any(needs) and not all(needs):
+                    tokens = group.last_argmax()  # the device's argmax still serves the plain rows
             except Exception as exc:  # a failed forward fails its rows; the server and other groups go on
                 log.exception("Decode step for %d streams failed.", len(rows))
                 for request in rows:
@@ -361,12 +373,23 @@ class Scheduler:
                 finished.update(rows)
                 continue
             for index, request in enumerate(rows):
+                now = self.clock()
                 if tokens is not None and not needs[index]:
-                    going = self._took(request, request.accept(int(tokens[index]), self.clock()), events)
+                    outcome = request.accept(int(tokens[index]), now)
+                elif best is not None:
+                    picked = request.choose_from(best.ids[index], best.values[index], now)
+                    if picked is None:  # the candidates cannot decide this row: its full logits can
+                        logits = best.full() if logits is None else logits
+                        picked = request.choose(logits[index:index + 1], now)
+                        self.sampled["from_full"] += 1
+                    else:
+                        self.sampled["from_top"] += 1
+                    outcome = picked
                 else:
                     assert logits is not None
-                    going = self._sample(request, logits[index:index + 1], events)
-                if not going:
+                    outcome = request.choose(logits[index:index + 1], now)
+                    self.sampled["from_full"] += 1
+                if not self._took(request, outcome, events):
                     finished.add(request)
         self._drop_rows(finished)
 
@@ -432,6 +455,6 @@ class Scheduler:
             "active": self.active_count, "prefilling": self.prefilling_count, "queued": self.queued_count,
             "max_batch": self.config.max_batch, "max_queue": self.config.max_queue, "batched": self.batched,
             "prefill_chunk": self.config.prefill_chunk,
-            "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters,
+            "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters, "sampled": dict(self.sampled),
             "prefix_cache": self.prefix_cache.stats(),
         }

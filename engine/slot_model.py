@@ -37,6 +37,7 @@ from .bundle import load_manifest
 from .errors import ContextOverflowError, GenerationError, ServeError
 from .model import Model, Provider
 from .slots import SlotDecoder
+from .topk import TopK, TopTokens
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class SlotModel:
         self.manifest = dataclasses.replace(decoder.manifest, max_context=decoder.capacity)
         self.tokenizer = decoder.tokenizer
         self.provider = decoder.device
+        self._topk: dict[int, TopK] = {}
         self._free = list(range(decoder.slots))  # a heap: the lowest free slot is taken first, so active
         # slots stay packed at the bottom and a step runs as few rows as possible (``SlotDecoder.step``)
 
@@ -121,6 +123,12 @@ class SlotModel:
                                        f"slot's {self.decoder.capacity} tokens.")
         self.decoder.prefill(cache.slot, ids[0])
         return self.decoder.logits()  # (1, vocab)
+
+    def topk(self, k: int) -> TopK:
+        """The ``k``-largest session on the decoder's device (made once per ``k``)."""
+        if k not in self._topk:
+            self._topk[k] = TopK(k, self.decoder.device)
+        return self._topk[k]
 
     def new_batch(self) -> SlotBatch:
         return SlotBatch(self)
@@ -165,6 +173,14 @@ class SlotBatch(Generic[Row]):
         rows whose next token is the plain argmax (``Request.needs_logits`` False)."""
         slots = self._step(token_ids)
         return self._next[slots]
+
+    def forward_top(self, token_ids: Sequence[int], k: int) -> TopTokens:
+        """Like ``forward``, but only each row's ``k`` best logits leave the device (``topk.TopTokens``;
+        ``full`` copies the whole logits back, for a row those cannot decide)."""
+        slots = self._step(token_ids)
+        decoder = self.model.decoder
+        ids, values = self.model.topk(k).of_value(decoder.logits_value, decoder.manifest.vocab_size)
+        return TopTokens(ids[slots], values[slots], lambda: decoder.logits()[slots])
 
     def last_argmax(self) -> np.ndarray:
         """Each row's argmax token (rows,) from the last ``forward``/``forward_greedy``."""

@@ -279,6 +279,14 @@ class SlotDecoder:
             raise GenerationError("No step has run yet.")
         return self._last_logits.numpy().reshape(-1, self.manifest.vocab_size)
 
+    @property
+    def logits_value(self) -> ort.OrtValue:
+        """The last run's logits where the session left them (on the GPU under CUDA), unconverted:
+        (rows, 1, vocab) after ``step``; for work on the device (``topk.TopK.of_value``)."""
+        if self._last_logits is None:
+            raise GenerationError("No step has run yet.")
+        return self._last_logits
+
     def release(self, slot: int) -> None:
         """Empty ``slot`` (its stream ended); the next ``prefill`` there starts a new stream."""
         self.rewind(slot, 0)

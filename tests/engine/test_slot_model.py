@@ -171,17 +171,18 @@ def test_a_real_server_streams_two_npcs_from_slots(slots_server: ServerProcess, 
 def test_all_greedy_steps_take_the_device_argmax_and_give_the_same_replies(pair: tuple[Model, SlotModel],
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain greedy rows need no logits: only the argmax leaves the device; a row with a repetition
-    penalty in the batch brings the logits back for every row. Replies equal the padded batch's."""
+    penalty in the batch brings each row's top logits back (``forward_top``). Replies equal the
+    padded batch's."""
     from npctalk.engine.slot_model import SlotBatch
 
     mask, slots = pair
     calls = {"greedy": 0, "logits": 0}
-    for name in ("forward_greedy", "forward"):
+    for name in ("forward_greedy", "forward", "forward_top"):
         original = getattr(SlotBatch, name)
 
-        def counted(self, token_ids, _original=original, _name=name):  # type: ignore[no-untyped-def]
+        def counted(self, *args, _original=original, _name=name):  # type: ignore[no-untyped-def]
             calls["greedy" if _name == "forward_greedy" else "logits"] += 1
-            return _original(self, token_ids)
+            return _original(self, *args)
 
         monkeypatch.setattr(SlotBatch, name, counted)
     for options in ([SearchOptions(max_new_tokens=20)] * 3,
@@ -202,15 +203,20 @@ def test_a_mixed_batch_takes_device_argmax_for_plain_greedy_rows(pair: tuple[Mod
 
     mask, slots = pair
     sampled: Counter[str] = Counter()
-    original = Request.choose
+    original, original_from = Request.choose, Request.choose_from
 
     def spy(self: Request, logits: np.ndarray, now: float):  # type: ignore[no-untyped-def]
         sampled[self.key.id] += 1
         return original(self, logits, now)
 
+    def spy_from(self: Request, ids: np.ndarray, values: np.ndarray, now: float):  # type: ignore[no-untyped-def]
+        sampled[self.key.id] += 1
+        return original_from(self, ids, values, now)
+
     options = [SearchOptions(max_new_tokens=12)] * 2 + [SearchOptions(max_new_tokens=12, repetition_penalty=1.3)]
     expected = _replies(mask, options)
     monkeypatch.setattr(Request, "choose", spy)
+    monkeypatch.setattr(Request, "choose_from", spy_from)
     assert _replies(slots, options) == expected
     assert sampled["0"] == 1 and sampled["1"] == 1 and sampled["2"] > 1
 

@@ -1,0 +1,185 @@
+"""Sampling from each row's top candidates: the same tokens as from the full logits, or a clear "cannot"."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_scheduler import check_streams, run
+
+from npctalk.engine.model import Model
+from npctalk.engine.request import Request, RequestKey
+from npctalk.engine.sampling import CHAT_DEFAULTS, Sampler, SearchOptions
+from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+from npctalk.engine.slot_model import SlotModel
+from npctalk.engine.steering import add_bonus
+from npctalk.engine.topk import TopK, host_topk
+
+VOCAB = 5000
+K = 64
+
+
+def _logits(rng: np.random.Generator, rows: int = 1) -> np.ndarray:
+    """Peaked like a language model's: a few likely tokens over a long flat tail, (rows, VOCAB) float32."""
+    base = rng.standard_normal((rows, VOCAB)).astype(np.float32) * 2
+    hot = rng.integers(0, VOCAB, (rows, 30))
+    for r in range(rows):
+        base[r, hot[r]] += rng.uniform(4, 10, 30).astype(np.float32)
+    return base
+
+
+def test_topk_returns_the_k_largest_of_each_row() -> None:
+    logits = _logits(np.random.default_rng(0), rows=5)
+    ids, values = TopK(K).of_array(logits)
+    assert ids.shape == values.shape == (5, K)
+    for r in range(5):
+        assert set(ids[r].tolist()) == set(np.argsort(-logits[r])[:K].tolist())
+        np.testing.assert_array_equal(values[r], logits[r, ids[r]])
+
+
+def test_topk_of_a_vocabulary_smaller_than_k_gives_every_token() -> None:
+    logits = np.arange(12, dtype=np.float32).reshape(2, 6)
+    ids, values = TopK(K).of_array(logits)
+    assert ids.tolist() == [list(range(6))] * 2
+    np.testing.assert_array_equal(values, logits)
+
+
+OPTIONS = {
+    "chat defaults": CHAT_DEFAULTS,
+    "greedy": SearchOptions(),
+    "greedy, penalties": SearchOptions(repetition_penalty=1.3, no_repeat_ngram_size=2),
+    "hot, narrow top-k": SearchOptions(do_sample=True, temperature=1.5, top_k=8, top_p=1.0),
+    "cold, tight top-p": SearchOptions(do_sample=True, temperature=0.3, top_k=50, top_p=0.5, repetition_penalty=1.1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_pick_draws_the_token_the_full_row_draws(name: str) -> None:
+    """Two samplers of one seed decode 200 steps, one from the full rows and one from the top 64
+    (full rows where ``pick`` says it cannot tell): every token is the same, and most come from the
+    candidates. Histories repeat likely tokens so penalties and n-gram bans hit candidates; some
+    steps add a steering bonus inside and outside the candidates."""
+    options = dataclasses.replace(OPTIONS[name], seed=11)
+    full, top = Sampler(options), Sampler(options)
+    rng = np.random.default_rng(1)
+    history = list(rng.integers(0, VOCAB, 40))
+    topk, decided = TopK(K), 0
+    for step in range(200):
+        logits = _logits(rng)
+        if step % 3 == 0:  # history takes some of this row's likely tokens
+            history += np.argsort(-logits[0])[: rng.integers(1, 6)].tolist()
+        bonus = {int(rng.integers(0, VOCAB)): 8.0, int(np.argmax(logits[0])): -8.0} if step % 5 == 0 else {}
+        steered = add_bonus(logits, bonus)
+        expected = int(full.next_tokens(steered, [history])[0])
+        ids, values = topk.of_array(logits)
+        picked = top.pick(ids[0], values[0], history, bonus)
+        if picked is None:
+            picked = int(top.next_tokens(steered, [history])[0])
+        else:
+            decided += 1
+        assert picked == expected, f"step {step}"
+        history.append(expected)
+    assert decided >= 150, f"only {decided} of 200 steps decided from the candidates"
+
+
+def test_pick_declines_when_penalties_push_the_pick_outside_the_candidates() -> None:
+    """Every candidate already said and heavily penalised: the full row's argmax is an outside
+    token, and ``pick`` must say it cannot tell rather than answer from the candidates."""
+    logits = _logits(np.random.default_rng(2))
+    ids, values = TopK(K).of_array(logits)
+    options = SearchOptions(repetition_penalty=50.0)
+    history = ids[0].tolist()
+    expected = int(Sampler(options).next_tokens(logits, [history])[0])
+    assert expected not in set(history)
+    assert Sampler(options).pick(ids[0], values[0], history) is None
+
+
+def test_pick_declines_when_a_bonus_may_lift_an_outside_token() -> None:
+    logits = _logits(np.random.default_rng(3))
+    ids, values = TopK(K).of_array(logits)
+    outside = int(np.argsort(-logits[0])[K + 10])
+    bonus = {outside: 40.0}
+    assert int(Sampler(SearchOptions()).next_tokens(add_bonus(logits, bonus), [[]])[0]) == outside
+    assert Sampler(SearchOptions()).pick(ids[0], values[0], [], bonus) is None
+
+
+def test_pick_declines_without_top_k_and_draws_nothing() -> None:
+    """top-k off means top-p over the whole vocabulary: no candidate set can decide it, and the
+    declined call must not consume the generator (the full-row call that follows draws as usual)."""
+    logits = _logits(np.random.default_rng(4))
+    ids, values = TopK(K).of_array(logits)
+    options = SearchOptions(do_sample=True, top_k=0, top_p=0.9, seed=5)
+    a, b = Sampler(options), Sampler(options)
+    assert a.pick(ids[0], values[0], []) is None
+    assert a.next_tokens(logits, [[]]).tolist() == b.next_tokens(logits, [[]]).tolist()
+
+
+def _scheduled(model: Model | SlotModel, top_tokens: int) -> tuple[list[list[int]], dict[str, int]]:
+    """Three sampled replies with penalties (chat defaults, a fixed seed each), decoded together."""
+    scheduler = Scheduler(model, SchedulerConfig(max_batch=3, prefix_cache_bytes=0, top_tokens=top_tokens))
+    texts = ["Hello traveller", "The blacksmith forges swords all day long.", "Any news from the mill?"]
+    requests = [Request(RequestKey(b"c", str(i)), model.tokenizer.encode(t),
+                        dataclasses.replace(CHAT_DEFAULTS, max_new_tokens=40, seed=i), model.tokenizer,
+                        frozenset(model.manifest.eos_token_ids), model.manifest.max_context)
+                for i, t in enumerate(texts)]
+    assert all(scheduler.submit(r) for r in requests)
+    check_streams(run(scheduler), requests)
+    return [r.tokens for r in requests], scheduler.stats()["sampled"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_scheduler_samples_from_candidates_with_the_full_rows_replies(family: str,
+                                                                          request: pytest.FixtureRequest) -> None:
+    """Padded batch (host logits) and slot decoder (device logits): the same replies with
+    candidates on and off, and with them on, the decode steps' tokens come from the candidates."""
+    bundle: Path = request.getfixturevalue(f"{family}_bundle")
+    slots_bundle: Path = request.getfixturevalue(f"{family}_slots_bundle")
+    for model in (Model(bundle, provider="cpu", intra_op_threads=1),
+                  SlotModel.open(slots_bundle, 4, 128, provider="cpu", intra_op_threads=1)):
+        off, off_counts = _scheduled(model, 0)
+        on, on_counts = _scheduled(model, K)
+        assert on == off
+        assert off_counts["from_top"] == 0 and off_counts["from_full"] > 0
+        assert on_counts["from_top"] > 0.8 * (on_counts["from_top"] + on_counts["from_full"])
+
+
+def test_host_topk_is_shared_per_k() -> None:
+    assert host_topk(K) is host_topk(K)
+    assert host_topk(8).k == 8
+
+
+def test_the_generator_picks_from_candidates_with_the_full_rows_tokens(gpt2_bundle: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampled reply with penalties and fact steering: the same tokens when every pick is forced
+    through the whole row (``pick`` declining), and most picks are taken from the candidates."""
+    from npctalk.engine.generator import Generator, GeneratorParams
+    from npctalk.engine.steering import FactSteering
+
+    model = Model(gpt2_bundle, provider="cpu", intra_op_threads=1)
+    prompt = model.tokenizer.encode("The smith said hello to the traveller")
+    steering = FactSteering((((int(prompt[1]),),),), (((int(prompt[1]),),),), ("smith",), 6.0, model.tokenizer,
+                            {int(prompt[2]): -6.0})
+
+    def reply() -> list[int]:
+        generator = Generator(model, GeneratorParams(model, dataclasses.replace(CHAT_DEFAULTS, max_new_tokens=40, seed=7)))
+        generator.set_steering(steering)
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return generator.reply_tokens
+
+    original = Sampler.pick
+    counts = {"top": 0}
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        token = original(self, *args, **kwargs)
+        counts["top"] += token is not None
+        return token
+
+    monkeypatch.setattr(Sampler, "pick", counted)
+    with_candidates = reply()
+    monkeypatch.setattr(Sampler, "pick", lambda self, *args, **kwargs: None)
+    assert reply() == with_candidates
+    assert counts["top"] > 0.8 * len(with_candidates)
