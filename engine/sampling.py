@@ -177,6 +177,45 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return x / x.sum(axis=-1, keepdims=True)
 
 
+class HistoryIndex:
+    """What the processors ask of one growing history, kept up to date as tokens are appended: the
+    set of tokens seen, and each (n-1)-gram's next tokens (the n-gram ban). ``sync`` follows the
+    caller's history list; when it is not an extension of what was indexed (a rewind), it starts
+    again. Costs O(new tokens) per call instead of O(history)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens: list[int] = []
+        self.seen: set[int] = set()
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+
+    def sync(self, history: Sequence[int]) -> None:
+        history = history if isinstance(history, list) else [int(t) for t in history]
+        done = len(self.tokens)
+        if len(history) < done or history[:done] != self.tokens:
+            self._reset()
+            done = 0
+        n = self.n
+        for token in history[done:]:
+            token = int(token)
+            self.tokens.append(token)
+            self.seen.add(token)
+            if n > 1 and len(self.tokens) >= n:
+                self.followers.setdefault(tuple(self.tokens[-n:-1]), set()).add(token)
+
+    def banned(self) -> set[int]:
+        """``banned_ngram_tokens`` of the indexed history, as a set."""
+        n = self.n
+        if n <= 0 or len(self.tokens) < n:
+            return set()
+        if n == 1:
+            return self.seen
+        return self.followers.get(tuple(self.tokens[len(self.tokens) - n + 1:]), set())
+
+
 class Sampler:
     """Picks next tokens for ``batch_size`` streams sharing one ``SearchOptions``.
 
@@ -186,6 +225,7 @@ class Sampler:
     def __init__(self, options: SearchOptions, batch_size: int = 1) -> None:
         self.options = options
         self._rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(batch_size)]
+        self._index = HistoryIndex(options.no_repeat_ngram_size)  # row 0's history, for ``pick``
 
     def process(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """Logits (batch, vocab) after every processor the options enable, -inf where banned."""
@@ -241,12 +281,15 @@ class Sampler:
             lift = adds[~inside]
             if (lift > 0).any():
                 bound = np.float32(bound + lift.max())
+        if o.repetition_penalty != 1.0 or o.no_repeat_ngram_size:
+            self._index.sync(history)
+            listed = ids.tolist()
         if o.repetition_penalty != 1.0:
-            seen = np.isin(ids, np.asarray(history, dtype=np.int64))
+            seen = [j for j, token in enumerate(listed) if token in self._index.seen]
             scores = x[0, seen]
             x[0, seen] = np.where(scores < 0, scores * o.repetition_penalty, scores / o.repetition_penalty)
-        if o.no_repeat_ngram_size:
-            x[0, np.isin(ids, banned_ngram_tokens(history, o.no_repeat_ngram_size))] = -np.inf
+        if o.no_repeat_ngram_size and (banned := self._index.banned()):
+            x[0, [j for j, token in enumerate(listed) if token in banned]] = -np.inf
         if o.greedy:
             best = int(np.argmax(x[0]))
             return int(ids[best]) if x[0, best] > bound else None

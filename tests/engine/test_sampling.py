@@ -160,3 +160,23 @@ def test_greedy_applies_penalties() -> None:
     assert sampler.next_tokens(logits, [[0]])[0] == 1
     sampler = Sampler(SearchOptions(no_repeat_ngram_size=2))
     assert sampler.next_tokens(logits, [[7, 0, 7]])[0] == 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4])
+def test_history_index_follows_a_growing_history_and_a_rewind(n: int) -> None:
+    """The index's seen set and n-gram bans equal those computed from scratch after every append,
+    after a rewind to an earlier length, and after a rewritten history of the same length."""
+    from npctalk.engine.sampling import HistoryIndex
+
+    rng = np.random.default_rng(n)
+    index, history = HistoryIndex(n), []
+    for step in range(120):
+        if step == 60:
+            history = history[:25]  # rewound
+        elif step == 90:
+            history = [t + 1 for t in history]  # same length, other tokens
+        else:
+            history.append(int(rng.integers(0, 6)))  # a small vocabulary, so n-grams repeat
+        index.sync(history)
+        assert index.seen == set(history)
+        assert index.banned() == set(banned_ngram_tokens(history, n).tolist())
