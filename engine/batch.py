@@ -100,10 +100,10 @@ class DecodeBatch(Generic[Row]):
         return self.model.forward(ids, self.cache)
 
     def forward_top(self, token_ids: Sequence[int], k: int) -> TopTokens:
-        """``forward``, then each row's ``k`` best logits (``topk.TopTokens``; ``full`` is the logits)."""
+        """``forward``, then each row's ``k`` best logits (``topk.TopTokens``; ``row`` slices the logits)."""
         logits = self.forward(token_ids)  # (rows, vocab), on the host already
         ids, values = host_topk(k).of_array(logits)
-        return TopTokens(ids, values, lambda: logits)
+        return TopTokens(ids, values, lambda index: logits[index:index + 1])
 
 
 def _pad_left(array: np.ndarray, length: int) -> np.ndarray:

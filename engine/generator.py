@@ -32,10 +32,9 @@ from .detokenizer import StreamingDetokenizer
 from .errors import ConfigError, ContextOverflowError, GenerationError
 from .kv_cache import KVCache
 from .sampling import Sampler, SearchOptions
-from .steering import FactSteering, SteeringCursor, add_bonus
+from .steering import FactSteering, SteeringCursor
 from .stop import StopMatcher
 from .tokenizer import Tokenizer
-from .topk import DEFAULT_TOP_TOKENS, host_topk
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +146,9 @@ class Generator:
         # 1. Logits for the next position: run the token(s) the cache has not seen yet.
         if self._logits is None:
             self._logits = self._forward_pending()  # (1, vocab)
-        # 2. Process and sample with the whole conversation as history (after fact steering's bonus):
-        #    from the row's top candidates (``topk``), or the whole row when they cannot decide.
+        # 2. Process and sample with the whole conversation as history (after fact steering's bonus).
         bonus = {} if self._steering is None else self._steering.bonus(self.reply_tokens)
-        ids, values = host_topk(DEFAULT_TOP_TOKENS).of_array(self._logits)
-        picked = self._sampler.pick(ids[0], values[0], self._tokens, bonus)
-        token = picked if picked is not None else int(
-            self._sampler.next_tokens(add_bonus(self._logits, bonus), [self._tokens])[0])
+        token = self._sampler.next_token(self._logits, self._tokens, bonus)
         # 3. Record it; its KV is computed lazily by the next step (never for a reply's last token).
         self._tokens.append(token)
         self._logits = None

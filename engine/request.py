@@ -159,9 +159,8 @@ class Request:
     def choose(self, logits: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None]:
         """Sample the next token from ``logits`` (1, vocab); return the text events it makes and,
         when the reply is over, why (the caller then calls ``finish``)."""
-        logits = self._cursor().apply(logits, self.tokens[len(self.prompt_ids):])
-        token = int(self._sampler.next_tokens(logits, [self.tokens])[0])  # history: prompt + reply
-        return self.accept(token, now)
+        bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
+        return self.accept(self._sampler.next_token(logits, self.tokens, bonus), now)  # history: prompt + reply
 
     def choose_from(self, ids: np.ndarray, values: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None] | None:
         """``choose`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)):

@@ -22,6 +22,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_FACT_BIAS = 100.0
+WIDE_TOP = 256  # candidates ``Sampler.next_token`` takes from a whole row before it falls back to all of it
 
 
 @dataclass(frozen=True)
@@ -251,19 +252,38 @@ class Sampler:
             picks[row] = _draw(logits[row], rng)
         return picks
 
-    def pick(self, ids: np.ndarray, values: np.ndarray, history: Sequence[int],
-             bonus: Mapping[int, float] | None = None) -> int | None:
-        """Row 0's next token from its top candidates (``topk.TopTokens``: ``ids`` and raw ``values``
-        (k,), any order), after adding ``bonus`` (token → logits, as ``steering.add_bonus``): the
-        token ``next_tokens`` would pick from the whole logits row, with the same draw of the row's
-        generator. None when the candidates cannot decide that exactly (then nothing is drawn: call
-        ``next_tokens`` with the full row).
+    def next_token(self, logits: np.ndarray, history: Sequence[int], bonus: Mapping[int, float] | None = None) -> int:
+        """Row 0's next token from its whole logits row (1, vocab) plus ``bonus`` (token → logits, as
+        ``steering.add_bonus``): ``next_tokens`` of the bonused row, the same token and draw, but by
+        way of the row's ``WIDE_TOP`` best logits and the bonus tokens' own (``pick``), and over the
+        whole vocabulary only when those cannot decide."""
+        from .topk import host_topk  # ONNX Runtime's TopK; this module stays importable without it
 
-        Exact because a token outside the candidates has a raw logit <= the smallest candidate's
-        (``floor``); the processors only lower it (penalty > 1, bans) or add its ``bonus``. So when at
-        least ``top_k`` candidates (1 when greedy) end above ``floor`` + the largest outside bonus,
-        the full row's top-k set is among them, and top-p and the draw then see the same values in
-        the same (token id) order."""
+        ids, values = host_topk(WIDE_TOP).of_array(logits)
+        ids, values, floor = ids[0], values[0], np.float32(values.min())
+        if bonus:
+            extra = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
+            ids, first = np.unique(np.concatenate([ids, extra]), return_index=True)
+            values = np.concatenate([values, logits[0, extra]])[first]
+        token = self.pick(ids, values, history, bonus, floor=floor)
+        if token is None:
+            token = int(self.next_tokens(add_bonus(logits, bonus or {}), [history])[0])
+        return token
+
+    def pick(self, ids: np.ndarray, values: np.ndarray, history: Sequence[int],
+             bonus: Mapping[int, float] | None = None, *, floor: float | None = None) -> int | None:
+        """Row 0's next token from candidates: distinct ``ids`` with their raw logits ``values``
+        (any order; ``topk.TopTokens``), after adding ``bonus`` (token → logits, as
+        ``steering.add_bonus``): the token ``next_tokens`` would pick from the whole logits row, with
+        the same draw of the row's generator. ``floor``: no token outside ``ids`` has a raw logit
+        above it (default: the smallest of ``values``, right when they are a row's top k). None when
+        the candidates cannot decide that exactly; then nothing is drawn (call ``next_tokens`` with
+        the full row).
+
+        Exact because the processors only lower an outside token (penalty > 1, bans) or add its
+        ``bonus``. So when at least ``top_k`` candidates (1 when greedy) end above ``floor`` + the
+        largest outside bonus, the full row's top-k set is among them, and top-p and the draw then
+        see the same values in the same (token id) order."""
         o = self.options
         need = 1 if o.greedy else o.top_k
         if need < 1 or need >= ids.size or o.repetition_penalty < 1.0:
@@ -271,7 +291,7 @@ class Sampler:
         order = np.argsort(ids, kind="stable")
         ids = ids[order]  # (k,) ascending, as np.flatnonzero lists a full row's survivors
         x = np.array(values[order], dtype=np.float32)[None]  # (1, k)
-        bound = np.float32(x.min())  # every outside token's raw logit is at most this
+        bound = np.float32(x.min() if floor is None else floor)  # no outside token's raw logit is above it
         if bonus:
             keys = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
             adds = np.fromiter(bonus.values(), dtype=np.float32, count=len(bonus))
@@ -298,6 +318,17 @@ class Sampler:
             return None
         x = apply_top_p(apply_top_k(x, o.top_k), o.top_p)
         return int(ids[_draw(x[0], self._rngs[0])])
+
+
+def add_bonus(logits: np.ndarray, bonus: Mapping[int, float]) -> np.ndarray:
+    """``logits`` (1, vocab) plus ``bonus`` (token id → logits; fact steering's), a copy; ``logits``
+    itself when empty."""
+    if not bonus:
+        return logits
+    out = logits.copy()
+    ids = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
+    out[:, ids] += np.fromiter(bonus.values(), dtype=out.dtype, count=len(bonus))
+    return out
 
 
 def _draw(row: np.ndarray, rng: np.random.Generator) -> int:

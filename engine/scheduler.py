@@ -378,9 +378,8 @@ class Scheduler:
                     outcome = request.accept(int(tokens[index]), now)
                 elif best is not None:
                     picked = request.choose_from(best.ids[index], best.values[index], now)
-                    if picked is None:  # the candidates cannot decide this row: its full logits can
-                        logits = best.full() if logits is None else logits
-                        picked = request.choose(logits[index:index + 1], now)
+                    if picked is None:  # the candidates cannot decide this row: its whole row can
+                        picked = request.choose(best.row(index), now)
                         self.sampled["from_full"] += 1
                     else:
                         self.sampled["from_top"] += 1

@@ -176,11 +176,12 @@ class SlotBatch(Generic[Row]):
 
     def forward_top(self, token_ids: Sequence[int], k: int) -> TopTokens:
         """Like ``forward``, but only each row's ``k`` best logits leave the device (``topk.TopTokens``;
-        ``full`` copies the whole logits back, for a row those cannot decide)."""
+        ``row`` copies one row's whole logits back, for a row those cannot decide)."""
         slots = self._step(token_ids)
         decoder = self.model.decoder
-        ids, values = self.model.topk(k).of_value(decoder.logits_value, decoder.manifest.vocab_size)
-        return TopTokens(ids[slots], values[slots], lambda: decoder.logits()[slots])
+        topk, logits, vocab = self.model.topk(k), decoder.logits_value, decoder.manifest.vocab_size
+        ids, values = topk.of_value(logits, vocab)
+        return TopTokens(ids[slots], values[slots], lambda index: topk.row_of_value(logits, slots[index], vocab))
 
     def last_argmax(self) -> np.ndarray:
         """Each row's argmax token (rows,) from the last ``forward``/``forward_greedy``."""

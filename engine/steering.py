@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .grounding import Grounding, asked_facts, pushed_words, words
-from .sampling import CHAT_DEFAULTS
+from .sampling import CHAT_DEFAULTS, add_bonus
 from .tokenizer import Tokenizer
 
 DEFAULT_BIAS = CHAT_DEFAULTS.fact_bias  # logits
@@ -144,16 +144,6 @@ class SteeringCursor:
 
     def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
         return add_bonus(logits, self.bonus(reply))
-
-
-def add_bonus(logits: np.ndarray, bonus: dict[int, float]) -> np.ndarray:
-    """``logits`` (1, vocab) plus ``bonus`` (token id → logits), a copy; ``logits`` itself when empty."""
-    if not bonus:
-        return logits
-    out = logits.copy()
-    ids = np.fromiter(bonus, dtype=np.int64)
-    out[:, ids] += np.asarray([bonus[i] for i in bonus], dtype=out.dtype)
-    return out
 
 
 def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:

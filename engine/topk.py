@@ -34,26 +34,35 @@ _IR_VERSION = 10  # what ONNX Runtime 1.31 loads (onnx 1.23 would write a newer 
 @dataclass
 class TopTokens:
     """Rows' ``k`` largest logits: ``ids`` int64 and ``values`` float32, (rows, k), in no set order.
-    ``full()`` gives the whole logits (rows, vocab) for a row the candidates cannot decide."""
+    ``row(i)`` gives row ``i``'s whole logits (1, vocab), for a row the candidates cannot decide."""
 
     ids: np.ndarray
     values: np.ndarray
-    full: Callable[[], np.ndarray]
+    row: Callable[[int], np.ndarray]
 
 
-def _graph(k: int) -> bytes:
-    """logits (..., vocab) float32 → values, ids (..., k): ONNX TopK on the last axis."""
-    node = helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)
-    graph = helper.make_graph(
-        [node], "npctalk_topk",
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
-        [helper.make_tensor("k", TensorProto.INT64, [1], [k])],
-    )
+def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any]) -> bytes:
+    graph = helper.make_graph(nodes, "npctalk_topk", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = _IR_VERSION
     return model.SerializeToString()
+
+
+def _topk_graph(k: int) -> bytes:
+    """logits (..., vocab) float32 → values, ids (..., k): ONNX TopK on the last axis."""
+    return _model([helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                  [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                  [helper.make_tensor("k", TensorProto.INT64, [1], [k])])
+
+
+def _row_graph() -> bytes:
+    """logits (rows, ..., vocab), index (1,) → that row (1, ..., vocab): one row off the device."""
+    return _model([helper.make_node("Gather", ["logits", "index"], ["row"], axis=0)],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info("index", TensorProto.INT64, [1])],
+                  [helper.make_tensor_value_info("row", TensorProto.FLOAT, None)], [])
 
 
 class TopK:
@@ -70,7 +79,8 @@ class TopK:
         providers: list[Any] = (
             [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"] if device == "cuda"
             else ["CPUExecutionProvider"])
-        self.session = ort.InferenceSession(_graph(k), options, providers=providers)
+        self.session = ort.InferenceSession(_topk_graph(k), options, providers=providers)
+        self._rows = ort.InferenceSession(_row_graph(), options, providers=providers)
 
     def of_array(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Host logits (rows, vocab) → (ids, values), each (rows, min(k, vocab))."""
@@ -93,6 +103,15 @@ class TopK:
         self.session.run_with_iobinding(binding)
         values, ids = binding.copy_outputs_to_cpu()
         return ids.reshape(-1, self.k), values.reshape(-1, self.k)
+
+    def row_of_value(self, logits: ort.OrtValue, index: int, vocab: int) -> np.ndarray:
+        """Row ``index`` of logits left on the device, as host (1, vocab): one row copied, not all."""
+        binding = self._rows.io_binding()
+        binding.bind_ortvalue_input("logits", logits)
+        binding.bind_cpu_input("index", np.array([index], dtype=np.int64))
+        binding.bind_output("row", "cpu")
+        self._rows.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].reshape(1, vocab)
 
 
 @lru_cache(maxsize=4)

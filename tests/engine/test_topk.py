@@ -14,7 +14,7 @@ from npctalk.engine.request import Request, RequestKey
 from npctalk.engine.sampling import CHAT_DEFAULTS, Sampler, SearchOptions
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.slot_model import SlotModel
-from npctalk.engine.steering import add_bonus
+from npctalk.engine.sampling import add_bonus
 from npctalk.engine.topk import TopK, host_topk
 
 VOCAB = 5000
@@ -183,3 +183,46 @@ def test_the_generator_picks_from_candidates_with_the_full_rows_tokens(gpt2_bund
     monkeypatch.setattr(Sampler, "pick", lambda self, *args, **kwargs: None)
     assert reply() == with_candidates
     assert counts["top"] > 0.8 * len(with_candidates)
+
+
+def test_next_token_from_a_whole_row_equals_next_tokens_of_the_bonused_row() -> None:
+    """``Sampler.next_token`` goes by way of the row's wide top and the bonus tokens' own logits:
+    the same tokens as ``next_tokens`` on the bonused row, also with bonuses far outside the top
+    and penalties that push every candidate down (then it falls back to the whole row)."""
+    rng = np.random.default_rng(6)
+    for options in (dataclasses.replace(CHAT_DEFAULTS, seed=2), SearchOptions(repetition_penalty=3.0),
+                    dataclasses.replace(CHAT_DEFAULTS, repetition_penalty=3.0, seed=3),
+                    SearchOptions(do_sample=True, top_k=0, top_p=0.8, seed=4)):
+        full, wide = Sampler(options), Sampler(options)
+        history = list(rng.integers(0, VOCAB, 30))
+        for step in range(120):
+            logits = _logits(rng)
+            order = np.argsort(-logits[0])
+            bonus = {int(order[300 + step]): 12.0, int(order[0]): -8.0} if step % 2 else {}
+            if step % 7 == 0:  # the wide top (256) already said: penalised below the tokens after it
+                history += order[:256].tolist()
+            expected = int(full.next_tokens(add_bonus(logits, bonus), [history])[0])
+            assert wide.next_token(logits, history, bonus) == expected, f"{options} step {step}"
+            history.append(expected)
+
+
+def test_row_of_a_device_value_is_that_row() -> None:
+    import onnxruntime as ort
+
+    logits = _logits(np.random.default_rng(7), rows=4).reshape(4, 1, VOCAB)
+    row = TopK(K).row_of_value(ort.OrtValue.ortvalue_from_numpy(logits), 2, VOCAB)
+    np.testing.assert_array_equal(row, logits[2].reshape(1, VOCAB))
+
+
+def test_bonus_tokens_joining_the_candidates_do_not_lower_the_floor() -> None:
+    """A bonus token far below the wide top joins the candidates with its own logit, but tokens
+    between it and the top are still unseen: with the top 256 penalised hard, the argmax is the
+    257th token, which only the whole row shows."""
+    perm = np.random.default_rng(8).permutation(VOCAB)
+    logits = np.empty((1, VOCAB), dtype=np.float32)
+    logits[0, perm] = 10 - np.arange(VOCAB, dtype=np.float32) * 0.01  # perm[i] has the i-th largest logit
+    history = perm[:256].tolist()
+    bonus = {int(perm[1000]): 0.5}
+    options = SearchOptions(repetition_penalty=3.0)
+    assert int(Sampler(options).next_tokens(add_bonus(logits, bonus), [history])[0]) == perm[256]
+    assert Sampler(options).next_token(logits, history, bonus) == perm[256]
