@@ -23,6 +23,7 @@ import asyncio
 import datetime as dt
 import json
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -134,6 +135,7 @@ def main() -> int:
     parser.add_argument("--top-tokens", type=int, default=None,
                         help="serve --top-tokens (candidates per row for sampled steps; 0: whole rows)")
     parser.add_argument("--tag", default="", help="appended to the result file names")
+    parser.add_argument("--server-args", default="", help="more `npctalk serve` options, one string (shell words)")
     parser.add_argument("--sampled", action="store_true",
                         help="the server's default sampling (temperature, top-k/p, repetition controls) instead of "
                              "greedy; replies may then end early at EOS")
@@ -151,6 +153,7 @@ def main() -> int:
         command += ["--slot-context", str(args.slot_context)]
     if args.top_tokens is not None:
         command += ["--top-tokens", str(args.top_tokens)]
+    command += shlex.split(args.server_args)
     scratch = tempfile.TemporaryDirectory(prefix="npctalk-concurrency-")  # a memory database of its own
     command += ["--memory-db", str(Path(scratch.name) / "memory.sqlite3"), "--memory-embeddings", "off"]
     server = subprocess.Popen(command, stderr=subprocess.DEVNULL if not args.server_log else open(args.server_log, "wb"))
@@ -179,7 +182,7 @@ def main() -> int:
 
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
-              "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled, "top_tokens": args.top_tokens,
+              "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled, "top_tokens": args.top_tokens, "server_args": args.server_args,
               "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}{'-' + args.tag if args.tag else ''}"
@@ -194,7 +197,8 @@ def main() -> int:
             f"{report['date']} · {m['host']} · {m['cpu']} · {m['cores']} cores · Python {m['python']}\n\n"
             f"{'The server default sampling' if args.sampled else 'Greedy'}, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
             f"threads: {report['server_threads']}"
-            + (f", top tokens {args.top_tokens}" if args.top_tokens is not None else "") + ". "
+            + (f", top tokens {args.top_tokens}" if args.top_tokens is not None else "")
+            + (f", serve {args.server_args}" if args.server_args else "") + ". "
             f"Protocol cost per token (encode + parse): {report['protocol_us_per_token']} µs."
             + (f" Overhead per token through the server (1 stream, median gap {overhead['socket_gap_ms_p50']} ms) over "
                f"the engine alone in-process (median step {overhead['engine_step_ms_p50']} ms): "

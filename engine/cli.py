@@ -78,7 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         bind=args.bind,
         scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                                  prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024, top_tokens=args.top_tokens),
+                                  prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024, top_tokens=args.top_tokens,
+                                  decode_ahead=args.decode_ahead),
         defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a sampled decode step takes each stream's this many best logits instead of the whole "
                           "vocabulary (on the GPU only these leave the device; the whole row only where they cannot "
                           "decide the token; same tokens either way); 0: always the whole row (default %(default)s)")
+    srv.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_false",
+                     help="run each decode step in the engine loop instead of on a worker thread while the loop turns "
+                          "the last step's tokens into messages (same replies; for comparison)")
     srv.add_argument("--prefix-cache-mb", type=int, default=256,
                      help="memory for the NPCs' persona-prefix KV caches in MiB (0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")

@@ -122,6 +122,7 @@ class Request:
         self._chunks: list[str] = []
         self._seq = 0
         self._steer: SteeringCursor | None = None
+        self._unbooked: int | None = None  # taken by ``take``, not yet turned into text by ``book``
 
     # --- state machine: every change of ``state`` goes through here ---------------------------------
 
@@ -159,16 +160,20 @@ class Request:
     def choose(self, logits: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None]:
         """Sample the next token from ``logits`` (1, vocab); return the text events it makes and,
         when the reply is over, why (the caller then calls ``finish``)."""
-        bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
-        return self.accept(self._sampler.next_token(logits, self.tokens, bonus), now)  # history: prompt + reply
+        return self.accept(self.pick(logits), now)
 
-    def choose_from(self, ids: np.ndarray, values: np.ndarray, now: float) -> tuple[list[Event], FinishReason | None] | None:
-        """``choose`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)):
-        the same token as from the full row, or None when the candidates cannot tell (nothing is
-        drawn or taken then; call ``choose`` with the full row)."""
+    def pick(self, logits: np.ndarray) -> int:
+        """The next token from the whole logits row (1, vocab): steering's bonus, then the sampler
+        (history: prompt + reply). Draws from the request's generator; takes nothing."""
         bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
-        token = self._sampler.pick(ids, values, self.tokens, bonus)
-        return None if token is None else self.accept(token, now)
+        return self._sampler.next_token(logits, self.tokens, bonus)
+
+    def pick_from(self, ids: np.ndarray, values: np.ndarray) -> int | None:
+        """``pick`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)): the
+        same token as from the whole row, or None when the candidates cannot tell (nothing is drawn
+        then; ``pick`` with the whole row)."""
+        bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
+        return self._sampler.pick(ids, values, self.tokens, bonus)
 
     @property
     def needs_logits(self) -> bool:
@@ -189,9 +194,24 @@ class Request:
 
     def accept(self, token: int, now: float) -> tuple[list[Event], FinishReason | None]:
         """Take ``token`` as the next one (``choose`` after sampling, or the device's greedy pick)."""
+        self.take(token, now)
+        return self.book()
+
+    def take(self, token: int, now: float) -> bool:
+        """Append ``token`` to the reply (the next decode step may feed it before ``book`` turns it
+        into text); True when the reply ends with it whatever its text says (EOS or length: a stop
+        string is only found by ``book``)."""
         self.tokens.append(token)
+        self._unbooked = token
         if self.first_token_at is None:
             self.first_token_at = now
+        return token in self.eos_ids or self._at_length()
+
+    def book(self) -> tuple[list[Event], FinishReason | None]:
+        """The text events of the token ``take`` appended, and why the reply ends with it (or None)."""
+        token, self._unbooked = self._unbooked, None
+        if token is None:
+            raise RequestStateError(f"Request {self.key.id!r} has no taken token to book.")
         text = "" if token in self.eos_ids else self._stop.push(self._detok.push(token))
         reason = self._finish_reason_after(token)
         if reason is not None:
@@ -199,12 +219,13 @@ class Request:
             text += self._stop.push(self._detok.flush()) + self._stop.flush()
         return self._text_events(text), reason
 
+    def _at_length(self) -> bool:
+        return self.completion_tokens >= self.options.max_new_tokens or len(self.tokens) >= self.max_context
+
     def _finish_reason_after(self, token: int) -> FinishReason | None:
         if token in self.eos_ids or self._stop.stopped:
             return "stop"
-        if self.completion_tokens >= self.options.max_new_tokens or len(self.tokens) >= self.max_context:
-            return "length"
-        return None
+        return "length" if self._at_length() else None
 
     def emit_text(self, text: str) -> list[Event]:
         """Text decided outside this request's own decoding (a reranked say's chosen candidate) as its

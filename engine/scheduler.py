@@ -2,8 +2,12 @@
 
 One ``step()`` does, in order::
 
-    1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
-    2. prefill  queued requests are prefilled in arrival order (a short one may overtake a long
+    1. join     wait for the decode step launched by the previous call (one forward for every row
+                of the batch, (B, 1) → argmax tokens, each row's top logits, or logits (B, vocab))
+    2. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
+    3. take     each row still live takes its next token from that step (``Request.take``); rows
+                whose reply ends with it (EOS, length) leave the batch
+    4. prefill  queued requests are prefilled in arrival order (a short one may overtake a long
                 prefill in progress: ``_overtake``), each in its own single-row cache
                 (``prefill.Prefill``), at most ``prefill_chunk`` prompt tokens per step: a long
                 prompt takes several steps, and the streams already decoding get a token after
@@ -11,8 +15,15 @@ One ``step()`` does, in order::
                 samples its first token and joins the batch. A request submitted with a persona
                 prefix starts from the prefix cache's KV snapshot (``prefix_cache``) and prefills
                 only the rest; on a miss the prefix is prefilled first and stored
-    3. decode   one forward for every row of the batch (B, 1) → logits (B, vocab); each row samples
-                its next token; finished rows leave
+    5. launch   the next decode step for every row, on a worker thread (``decode_ahead``, the
+                default) or at once
+    6. book     the tokens taken in 3 become text and events (``Request.book``: detokenization,
+                stop strings); a reply that ends on a stop string ends here, and its row's extra
+                step is dropped at the next join
+
+Steps 6 and the server's sending of the events run while the launched step runs on the device:
+the host work per token overlaps the model. Nothing touches the model or the batch between 5 and
+the next 1, so the worker needs no locks.
 
 and returns the events (token / done / error) the step produced, in order. A request is cancelled
 within one step of ``cancel``. The queue is bounded: ``submit`` refuses at once when it is full, so
@@ -40,6 +51,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +83,8 @@ class SchedulerConfig:
     step; 0: prompts run whole, then ``prefill_tokens`` caps a step's prompts and one always goes);
     ``prefix_cache_bytes`` bounds the persona-prefix KV cache (0: off); ``top_tokens``: a decode step
     that samples takes each row's this many best logits (``topk``) instead of the whole row, and
-    the full row only where they cannot decide (0: always the full row)."""
+    the full row only where they cannot decide (0: always the full row); ``decode_ahead``: the next
+    decode step runs on a worker thread while the last one's tokens become text and messages."""
 
     max_batch: int = 32
     max_queue: int = 64
@@ -79,6 +92,7 @@ class SchedulerConfig:
     prefill_tokens: int = 2048
     prefix_cache_bytes: int = 256 * 1024 * 1024
     top_tokens: int = DEFAULT_TOP_TOKENS
+    decode_ahead: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_tokens", "prefix_cache_bytes", "top_tokens"):
@@ -86,6 +100,24 @@ class SchedulerConfig:
             low = 1 if name in ("max_batch", "prefill_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"SchedulerConfig.{name} must be an integer >= {low}, got {value!r}.")
+
+
+@dataclass
+class _StepOutput:
+    """What a decode step gives back: argmax tokens (rows,), top candidates, or logits (rows, vocab)."""
+
+    tokens: np.ndarray | None = None
+    best: TopTokens | None = None
+    logits: np.ndarray | None = None
+
+
+@dataclass
+class _Flight:
+    """A decode step launched for ``rows`` (``needs``: which of them need more than the argmax)."""
+
+    rows: list[Request]
+    needs: list[bool]
+    result: Future[_StepOutput]
 
 
 class Scheduler:
@@ -112,6 +144,9 @@ class Scheduler:
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+        self._flights: list[_Flight] = []  # decode steps launched, not yet joined
+        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="npctalk-decode")
+                        if config.decode_ahead else None)
         # Sampled tokens of decode steps: picked from the top candidates, or from the full logits row.
         self.sampled = {"from_top": 0, "from_full": 0}
 
@@ -181,6 +216,7 @@ class Scheduler:
 
     def abort_all(self, message: str) -> list[Event]:
         """Fail every live request with ``internal`` and empty the batch (after an unexpected error)."""
+        self._join()  # the step in flight ends before its rows go
         now, events = self.clock(), list[Event]()
         for request in list(self._live.values()):
             if request.live:
@@ -203,13 +239,26 @@ class Scheduler:
     # --- the step ----------------------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        """Reap, admit, decode once; the events in the order they happened."""
+        """Reap, admit, decode once; the events in the order they happened.
+
+        Decode is split around the device: the step launched at the end of the previous call is
+        joined first, each row's next token is chosen from it (``Request.take``), and the next step
+        is launched for every row before the chosen tokens become text and events
+        (``Request.book``). With ``decode_ahead`` the launch runs on a worker thread, so that step
+        runs on the device while this call books tokens and the server sends them."""
         events: list[Event] = []
         self._step_tokens = 0
+        outputs = self._join()
         self._reap(self.clock(), events)
+        taken = self._take(outputs, events)
+        self._drop_rows({request for request, ending in taken if ending})  # EOS or length: no further step
         self._admit(events)
-        self._decode(events)
         events = self._settle_reranked(events)
+        self._launch()
+        booked: list[Event] = []
+        for request, _ in taken:
+            self._took(request, request.book(), booked)
+        events += [e for e in booked if e.request not in self._candidate_of]  # candidates' messages are internal
         now = self.clock()
         self.counters["steps"] += 1
         self.counters["tokens"] += self._step_tokens
@@ -344,53 +393,82 @@ class Scheduler:
         self._retire(group.parent)
         return events
 
-    def _decode(self, events: list[Event]) -> None:
-        """One token for every row of every group."""
-        finished: set[Request] = set()
+    def _launch(self) -> None:
+        """Start one decode step for every row of every group (on the worker with ``decode_ahead``)."""
         k = self.config.top_tokens
         for group in self._groups:
             rows = list(group.rows)
             greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
             top = getattr(group, "forward_top", None) if k else None  # one that gives each row's best logits
-            logits: np.ndarray | None = None
-            tokens: np.ndarray | None = None
-            best: TopTokens | None = None
             needs = [r.needs_logits for r in rows] if greedy is not None else [True] * len(rows)
             pending = [r.pending_token for r in rows]
-            try:
+
+            def run(group: DecodeBatch[Request] = group, greedy: Any = greedy, top: Any = top,
+                    needs: list[bool] = needs, pending: list[int] = pending) -> _StepOutput:
+                out = _StepOutput()
                 if not any(needs):
-                    tokens = greedy(pending)  # (rows,): no logits leave the device
+                    out.tokens = greedy(pending)  # (rows,): no logits leave the device
                 elif top is not None:
-                    best = top(pending, k)  # (rows, k) candidates; the full rows only on demand
+                    out.best = top(pending, k)  # (rows, k) candidates; a whole row only on demand
                 else:
-                    logits = group.forward(pending)  # (rows, vocab)
+                    out.logits = group.forward(pending)  # (rows, vocab)
                 if greedy is not None and any(needs) and not all(needs):
-                    tokens = group.last_argmax()  # the device's argmax still serves the plain rows
-            except Exception as exc:  # a failed forward fails its rows; the server and other groups go on
-                log.exception("Decode step for %d streams failed.", len(rows))
-                for request in rows:
-                    self._fail(request, ErrorCode.INTERNAL, f"The engine failed while generating: {exc}.", events)
-                finished.update(rows)
+                    out.tokens = group.last_argmax()  # the device's argmax still serves the plain rows
+                return out
+
+            self._flights.append(_Flight(rows, needs, self._submit(run)))
+
+    def _submit(self, run: Callable[[], _StepOutput]) -> Future[_StepOutput]:
+        if self._worker is not None:
+            return self._worker.submit(run)
+        future: Future[_StepOutput] = Future()
+        try:
+            future.set_result(run())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def _join(self) -> list[tuple[_Flight, _StepOutput | Exception]]:
+        """Wait for the steps in flight; nothing runs on the model after this until ``_launch``."""
+        flights, self._flights = self._flights, []
+        outputs: list[tuple[_Flight, _StepOutput | Exception]] = []
+        for flight in flights:
+            try:
+                outputs.append((flight, flight.result.result()))
+            except Exception as exc:  # reported by _take, for the rows still live
+                outputs.append((flight, exc))
+        return outputs
+
+    def _take(self, outputs: list[tuple[_Flight, _StepOutput | Exception]], events: list[Event]) -> list[tuple[Request, bool]]:
+        """Each live row's next token from its step's output, taken (not yet text): (request, reply
+        ends with it) per row. A failed step fails its rows; the server and other groups go on."""
+        taken: list[tuple[Request, bool]] = []
+        for flight, out in outputs:
+            if isinstance(out, Exception):
+                log.error("Decode step for %d streams failed.", len(flight.rows), exc_info=out)
+                for request in flight.rows:
+                    if request.live:
+                        self._fail(request, ErrorCode.INTERNAL, f"The engine failed while generating: {out}.", events)
                 continue
-            for index, request in enumerate(rows):
-                now = self.clock()
-                if tokens is not None and not needs[index]:
-                    outcome = request.accept(int(tokens[index]), now)
-                elif best is not None:
-                    picked = request.choose_from(best.ids[index], best.values[index], now)
+            for index, request in enumerate(flight.rows):
+                if not request.live:
+                    continue  # ended since the step was launched (cancelled, timed out, a stop string)
+                if out.tokens is not None and not flight.needs[index]:
+                    token = int(out.tokens[index])
+                elif out.best is not None:
+                    picked = request.pick_from(out.best.ids[index], out.best.values[index])
                     if picked is None:  # the candidates cannot decide this row: its whole row can
-                        picked = request.choose(best.row(index), now)
+                        picked = request.pick(out.best.row(index))
                         self.sampled["from_full"] += 1
                     else:
                         self.sampled["from_top"] += 1
-                    outcome = picked
+                    token = picked
                 else:
-                    assert logits is not None
-                    outcome = request.choose(logits[index:index + 1], now)
+                    assert out.logits is not None
+                    token = request.pick(out.logits[index:index + 1])
                     self.sampled["from_full"] += 1
-                if not self._took(request, outcome, events):
-                    finished.add(request)
-        self._drop_rows(finished)
+                taken.append((request, request.take(token, self.clock())))
+        return taken
 
     def _sample(self, request: Request, logits: np.ndarray, events: list[Event]) -> bool:
         """Sample ``request``'s next token from (1, vocab) logits; False when its reply has ended."""

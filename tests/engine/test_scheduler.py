@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from types import SimpleNamespace
 
@@ -29,7 +30,8 @@ class CountingModel:
     """Batch-aware fake: each row's next token is its last input token + 1 (cycling FIRST..LAST).
 
     Rows are independent and the KV cache has no layers, so only the mask (padding) is exercised;
-    ``batch_sizes`` records every forward's batch size and ``fail_next`` makes the next one raise.
+    ``batch_sizes`` records every forward's batch size; ``fail_next`` makes the next one raise,
+    ``fail_batch`` every one of that many rows.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, eos: int = 0, max_context: int = 256) -> None:
@@ -42,15 +44,16 @@ class CountingModel:
         )
         self.batch_sizes: list[int] = []
         self.fail_next = False
+        self.fail_batch: int | None = None  # every forward of this many rows raises
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
         return KVCache(0, batch_size, 1, 1, np.float32)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        if self.fail_next:
+        batch, seq = input_ids.shape
+        if self.fail_next or batch == self.fail_batch:
             self.fail_next = False
             raise RuntimeError("scripted failure")
-        batch, seq = input_ids.shape
         mask = np.concatenate([cache.mask, np.ones((batch, seq), dtype=np.int64)], axis=1)
         if mask.shape[1] > self.manifest.max_context:
             raise ContextOverflowError("counting model context exceeded")
@@ -254,15 +257,20 @@ def test_eos_stops_and_is_never_text(byte_tokenizer: Tokenizer) -> None:
     assert request.text == byte_tokenizer.decode([FIRST + 1, FIRST + 2]).replace("\ufffd", "")  # EOS not shown
 
 
-def test_a_failing_forward_fails_its_rows_and_the_scheduler_goes_on(counting: CountingModel) -> None:
-    scheduler = Scheduler(counting)
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_failing_forward_fails_its_rows_and_the_scheduler_goes_on(counting: CountingModel, ahead: bool) -> None:
+    """The decode step of the two rows fails (on the worker thread with ``decode_ahead``): the step
+    that joins it fails both rows with ``internal``, and a later request runs as usual."""
+    scheduler = Scheduler(counting, SchedulerConfig(decode_ahead=ahead))
     first = [make_request(counting, str(i), [FIRST], max_new_tokens=10) for i in range(2)]
     for r in first:
         scheduler.submit(r)
-    events = scheduler.step()
-    counting.fail_next = True
-    events += scheduler.step()
+    counting.fail_batch = 2  # prompts are prefilled one by one: only the decode step has two rows
+    events = scheduler.step()  # prefills, first tokens, the decode step launched (and failing)
+    assert not any(isinstance(e, ErrorEvent) for e in events)
+    events += scheduler.step()  # joins the failed step
     assert all(r.state is RequestState.FAILED for r in first)
+    counting.fail_batch = None
     assert {e.code for e in events if isinstance(e, ErrorEvent)} == {ErrorCode.INTERNAL}
     later = make_request(counting, "later", [FIRST], max_new_tokens=4)
     scheduler.submit(later)
@@ -395,3 +403,62 @@ def test_reranked_candidates_count_against_capacity(counting: CountingModel) -> 
     assert all(scheduler.has_live(c.key) for c in two) and scheduler.stats()["queued"] == 2
     with pytest.raises(ServeError, match="already live"):
         scheduler.submit_reranked(say, _candidates(counting, "say", [2]), lambda t: [0.0])
+
+
+class GatedModel(CountingModel):
+    """A CountingModel whose decode steps (one token after a cached prompt) wait for ``gate`` and
+    record the thread they ran on."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        super().__init__(tokenizer)
+
+        self.gate = threading.Event()
+        self.threads: list[str] = []
+        self.waiting = threading.Event()
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        if input_ids.shape[1] == 1 and cache.length > 0:  # a decode step, not a prompt
+            self.threads.append(threading.current_thread().name)
+            self.waiting.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+        return super().forward(input_ids, cache)
+
+
+def test_decode_ahead_returns_the_tokens_while_the_next_step_runs(byte_tokenizer: Tokenizer) -> None:
+    """With ``decode_ahead`` a step returns its events while the decode step it launched is still
+    running on the worker thread (here: held at a gate), and the next step joins it."""
+    model = GatedModel(byte_tokenizer)
+    scheduler = Scheduler(model, SchedulerConfig(decode_ahead=True))
+    request = make_request(model, "r", [FIRST, FIRST + 1], max_new_tokens=3)
+    scheduler.submit(request)
+    events = scheduler.step()  # prompt, first token, decode step launched
+    assert model.waiting.wait(10)  # the launched step is running and blocked ...
+    assert request.completion_tokens == 1 and scheduler.has_work  # ... and the step returned without it
+    model.gate.set()
+    events += run(scheduler)
+    check_streams(events, [request])
+    assert request.completion_tokens == 3 and set(model.threads) == {"npctalk-decode_0"}
+
+
+@pytest.mark.parametrize("options", [dict(max_new_tokens=30), dict(max_new_tokens=30, stop_strings=["h"]),
+                                     dict(max_new_tokens=30, do_sample=True, temperature=0.9, seed=3,
+                                          repetition_penalty=1.2, no_repeat_ngram_size=2)])
+def test_decode_ahead_gives_the_replies_of_the_plain_loop(gpt2_model: Model, options: dict[str, object]) -> None:
+    """Same tokens, text and finish reasons with and without ``decode_ahead``: greedy, a stop string
+    found only when a token becomes text (the step launched past it is dropped), sampling with
+    penalties; one stream cancelled mid-reply and one joining late."""
+    replies = []
+    for ahead in (True, False):
+        scheduler = Scheduler(gpt2_model, SchedulerConfig(max_batch=4, decode_ahead=ahead, prefix_cache_bytes=0))
+        requests = [make_request(gpt2_model, str(i), gpt2_model.tokenizer.encode(text), **options)
+                    for i, text in enumerate(["Hello there", "The smith works iron", "Dragons fly", "Late one"])]
+        for r in requests[:3]:
+            scheduler.submit(r)
+        events = scheduler.step() + scheduler.step() + scheduler.step()
+        scheduler.cancel(requests[2].key)
+        scheduler.submit(requests[3])
+        events += run(scheduler)
+        check_streams(events, requests)
+        replies.append([(r.tokens, r.text, r.finish_reason) for r in requests])
+        assert requests[2].finish_reason == "cancelled"
+    assert replies[0] == replies[1]
