@@ -16,7 +16,8 @@
 #               CUDA-graph token parity
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
 #               streams through the real socket (issue #4), greedy, then with the default sampling
-#               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other)
+#               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other);
+#               the greedy run again with serve --decode-ahead (the next step on a worker thread)
 # Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
 # DRY=cpu runs the same steps with the tiny test architectures on the CPU (to try the script here).
 set -u
@@ -82,6 +83,8 @@ step checks 45 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --devic
 rm -f "$RES"/profile*.json
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
+step concurrency-ahead 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--decode-ahead --tag ahead
 step concurrency-sampled 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --sampled --top-tokens 64 --tag top64
 step concurrency-sampled-full 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \

@@ -217,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a sampled decode step takes each stream's this many best logits instead of the whole "
                           "vocabulary (on the GPU only these leave the device; the whole row only where they cannot "
                           "decide the token; same tokens either way); 0: always the whole row (default %(default)s)")
-    srv.add_argument("--no-decode-ahead", dest="decode_ahead", action="store_false",
-                     help="run each decode step in the engine loop instead of on a worker thread while the loop turns "
-                          "the last step's tokens into messages (same replies; for comparison)")
+    srv.add_argument("--decode-ahead", action="store_true",
+                     help="run each decode step on a worker thread while the engine loop turns the last step's tokens "
+                          "into messages (same replies; meant for a GPU, where the step is device time; on a 2-core CPU "
+                          "it measured slower)")
     srv.add_argument("--prefix-cache-mb", type=int, default=256,
                      help="memory for the NPCs' persona-prefix KV caches in MiB (0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")

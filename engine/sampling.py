@@ -257,9 +257,11 @@ class Sampler:
         ``steering.add_bonus``): ``next_tokens`` of the bonused row, the same token and draw, but by
         way of the row's ``WIDE_TOP`` best logits and the bonus tokens' own (``pick``), and over the
         whole vocabulary only when those cannot decide."""
-        from .topk import host_topk  # ONNX Runtime's TopK; this module stays importable without it
+        from . import topk  # ONNX Runtime's TopK; this module stays importable without it
 
-        ids, values = host_topk(WIDE_TOP).of_array(logits)
+        if logits.shape[-1] <= max(topk.MIN_VOCAB, WIDE_TOP):  # a small vocabulary costs less whole
+            return int(self.next_tokens(add_bonus(logits, bonus or {}), [history])[0])
+        ids, values = topk.host_topk(WIDE_TOP).of_array(logits)
         ids, values, floor = ids[0], values[0], np.float32(values.min())
         if bonus:
             extra = np.fromiter(bonus, dtype=np.int64, count=len(bonus))

@@ -2,12 +2,8 @@
 
 One ``step()`` does, in order::
 
-    1. join     wait for the decode step launched by the previous call (one forward for every row
-                of the batch, (B, 1) → argmax tokens, each row's top logits, or logits (B, vocab))
-    2. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
-    3. take     each row still live takes its next token from that step (``Request.take``); rows
-                whose reply ends with it (EOS, length) leave the batch
-    4. prefill  queued requests are prefilled in arrival order (a short one may overtake a long
+    1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
+    2. prefill  queued requests are prefilled in arrival order (a short one may overtake a long
                 prefill in progress: ``_overtake``), each in its own single-row cache
                 (``prefill.Prefill``), at most ``prefill_chunk`` prompt tokens per step: a long
                 prompt takes several steps, and the streams already decoding get a token after
@@ -15,19 +11,25 @@ One ``step()`` does, in order::
                 samples its first token and joins the batch. A request submitted with a persona
                 prefix starts from the prefix cache's KV snapshot (``prefix_cache``) and prefills
                 only the rest; on a miss the prefix is prefilled first and stored
-    5. launch   the next decode step for every row, on a worker thread (``decode_ahead``, the
-                default) or at once
-    6. book     the tokens taken in 3 become text and events (``Request.book``: detokenization,
-                stop strings); a reply that ends on a stop string ends here, and its row's extra
-                step is dropped at the next join
-
-Steps 6 and the server's sending of the events run while the launched step runs on the device:
-the host work per token overlaps the model. Nothing touches the model or the batch between 5 and
-the next 1, so the worker needs no locks.
+    3. decode   one decode step for every row (``_launch``: (B, 1) → argmax tokens, each row's top
+                logits, or logits (B, vocab)); each row takes its next token from it
+                (``Request.take``; rows whose reply ends with it by EOS or length leave the batch),
+                and the taken tokens become text and events (``Request.book``: detokenization,
+                stop strings); finished rows leave
 
 and returns the events (token / done / error) the step produced, in order. A request is cancelled
 within one step of ``cancel``. The queue is bounded: ``submit`` refuses at once when it is full, so
 the caller answers ``busy`` instead of letting latency grow without limit.
+
+With ``decode_ahead`` (``serve --decode-ahead``) the order changes so that host work overlaps the
+model: a call first joins the step the previous call launched on a worker thread and takes its
+tokens (rows whose reply ends with one, by EOS or length, leave the batch), then reaps, prefills,
+launches the next step and books the taken tokens while it runs; the server sends them while it
+runs too. A reply that ends on a stop string (found when booking) has one extra step run, dropped
+at the next join. Nothing touches the model or the batch between a launch and the next join, so
+the worker needs no locks. On the 2-core CPU VM the thread hand-offs cost more than the overlap
+saves (tiny model, one stream: 0.30–0.36 → 0.64–0.83 ms per token through the socket), so it is
+off by default; on a GPU the step is device time the host could use (not measured yet).
 
 Reranked says (``submit_reranked``): the client's request never decodes itself; its N candidate
 requests (same prompt, different seeds) do, batched like any others, and their messages are
@@ -66,6 +68,7 @@ from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, FinishReason, Request, RequestKey, RequestState
 from .reranked import Candidates, Scorer, answer
+from . import topk
 from .topk import DEFAULT_TOP_TOKENS, TopTokens
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,8 @@ class SchedulerConfig:
     ``prefix_cache_bytes`` bounds the persona-prefix KV cache (0: off); ``top_tokens``: a decode step
     that samples takes each row's this many best logits (``topk``) instead of the whole row, and
     the full row only where they cannot decide (0: always the full row); ``decode_ahead``: the next
-    decode step runs on a worker thread while the last one's tokens become text and messages."""
+    decode step runs on a worker thread while the last one's tokens become text and messages
+    (see the module doc; off by default)."""
 
     max_batch: int = 32
     max_queue: int = 64
@@ -92,7 +96,7 @@ class SchedulerConfig:
     prefill_tokens: int = 2048
     prefix_cache_bytes: int = 256 * 1024 * 1024
     top_tokens: int = DEFAULT_TOP_TOKENS
-    decode_ahead: bool = True
+    decode_ahead: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_tokens", "prefix_cache_bytes", "top_tokens"):
@@ -241,24 +245,31 @@ class Scheduler:
     def step(self) -> list[Event]:
         """Reap, admit, decode once; the events in the order they happened.
 
-        Decode is split around the device: the step launched at the end of the previous call is
-        joined first, each row's next token is chosen from it (``Request.take``), and the next step
-        is launched for every row before the chosen tokens become text and events
-        (``Request.book``). With ``decode_ahead`` the launch runs on a worker thread, so that step
-        runs on the device while this call books tokens and the server sends them."""
+        Decode is split around the model: a step is launched for every row, each row takes its next
+        token from it (``Request.take``), and the taken tokens become text and events
+        (``Request.book``). Plainly, the step runs and is joined at once, after prefill. With
+        ``decode_ahead`` the step is launched on a worker thread at the end of the call and joined
+        at the start of the next, and the tokens taken from the previous step are booked while it
+        runs (and while the server sends them)."""
         events: list[Event] = []
         self._step_tokens = 0
-        outputs = self._join()
+        ahead = self._worker is not None
+        outputs = self._join()  # with decode_ahead, the step the last call launched
         self._reap(self.clock(), events)
         taken = self._take(outputs, events)
-        self._drop_rows({request for request, ending in taken if ending})  # EOS or length: no further step
         self._admit(events)
-        events = self._settle_reranked(events)
-        self._launch()
-        booked: list[Event] = []
-        for request, _ in taken:
-            self._took(request, request.book(), booked)
-        events += [e for e in booked if e.request not in self._candidate_of]  # candidates' messages are internal
+        if ahead:
+            events = self._settle_reranked(events)  # scoring runs the model: before the launch
+            self._launch()
+            booked: list[Event] = []
+            for request, _ in taken:
+                self._took(request, request.book(), booked)
+            events += [e for e in booked if e.request not in self._candidate_of]  # candidates' messages are internal
+        else:
+            self._launch()
+            for request, _ in self._take(self._join(), events):
+                self._took(request, request.book(), events)
+            events = self._settle_reranked(events)
         now = self.clock()
         self.counters["steps"] += 1
         self.counters["tokens"] += self._step_tokens
@@ -395,7 +406,7 @@ class Scheduler:
 
     def _launch(self) -> None:
         """Start one decode step for every row of every group (on the worker with ``decode_ahead``)."""
-        k = self.config.top_tokens
+        k = self.config.top_tokens if self.model.manifest.vocab_size > topk.MIN_VOCAB else 0
         for group in self._groups:
             rows = list(group.rows)
             greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
@@ -468,6 +479,7 @@ class Scheduler:
                     token = request.pick(out.logits[index:index + 1])
                     self.sampled["from_full"] += 1
                 taken.append((request, request.take(token, self.clock())))
+        self._drop_rows({request for request, ending in taken if ending})  # EOS or length: no further step
         return taken
 
     def _sample(self, request: Request, logits: np.ndarray, events: list[Event]) -> bool:

@@ -28,6 +28,10 @@ from onnx import TensorProto, helper
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_TOKENS = 64  # candidates per row: covers the chat default top_k 40 with room for penalised ones
+# Vocabularies up to this size are processed whole: through the socket, greedy with steering, a
+# 1,000-token tiny model ran 10-25% slower by way of candidates (bench/results/concurrency-*-topk-*).
+# The real models' 32k-50k vocabularies are far above it.
+MIN_VOCAB = 4096
 _IR_VERSION = 10  # what ONNX Runtime 1.31 loads (onnx 1.23 would write a newer one)
 
 
@@ -68,7 +72,8 @@ def _row_graph() -> bytes:
 class TopK:
     """A ``k``-largest session on ``device`` (``"cpu"`` or ``"cuda"``). Not thread-safe."""
 
-    def __init__(self, k: int, device: str = "cpu", *, device_id: int = 0, threads: int = 1) -> None:
+    def __init__(self, k: int, device: str = "cpu", *, device_id: int = 0, threads: int = 1,
+                 gather: bool | None = None) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
         self.k, self.device = k, device
@@ -80,7 +85,10 @@ class TopK:
             [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"] if device == "cuda"
             else ["CPUExecutionProvider"])
         self.session = ort.InferenceSession(_topk_graph(k), options, providers=providers)
-        self._rows = ort.InferenceSession(_row_graph(), options, providers=providers)
+        # Off the host, a row the candidates cannot decide is gathered on the device (one row copied);
+        # ``gather``: whether to (default: unless on the CPU, where the logits are host memory already).
+        gather = device != "cpu" if gather is None else gather
+        self._rows = ort.InferenceSession(_row_graph(), options, providers=providers) if gather else None
 
     def of_array(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Host logits (rows, vocab) → (ids, values), each (rows, min(k, vocab))."""
@@ -106,6 +114,8 @@ class TopK:
 
     def row_of_value(self, logits: ort.OrtValue, index: int, vocab: int) -> np.ndarray:
         """Row ``index`` of logits left on the device, as host (1, vocab): one row copied, not all."""
+        if self._rows is None:  # host memory already
+            return logits.numpy().reshape(-1, vocab)[index:index + 1]
         binding = self._rows.io_binding()
         binding.bind_ortvalue_input("logits", logits)
         binding.bind_cpu_input("index", np.array([index], dtype=np.int64))

@@ -259,16 +259,17 @@ def test_eos_stops_and_is_never_text(byte_tokenizer: Tokenizer) -> None:
 
 @pytest.mark.parametrize("ahead", [True, False])
 def test_a_failing_forward_fails_its_rows_and_the_scheduler_goes_on(counting: CountingModel, ahead: bool) -> None:
-    """The decode step of the two rows fails (on the worker thread with ``decode_ahead``): the step
-    that joins it fails both rows with ``internal``, and a later request runs as usual."""
+    """The decode step of the two rows fails (on the worker thread with ``decode_ahead``, joined by
+    the next step): both rows fail with ``internal``, and a later request runs as usual."""
     scheduler = Scheduler(counting, SchedulerConfig(decode_ahead=ahead))
     first = [make_request(counting, str(i), [FIRST], max_new_tokens=10) for i in range(2)]
     for r in first:
         scheduler.submit(r)
     counting.fail_batch = 2  # prompts are prefilled one by one: only the decode step has two rows
-    events = scheduler.step()  # prefills, first tokens, the decode step launched (and failing)
-    assert not any(isinstance(e, ErrorEvent) for e in events)
-    events += scheduler.step()  # joins the failed step
+    events = scheduler.step()  # prefills, first tokens, the decode step (failing)
+    if ahead:  # launched on the worker: the next step joins it
+        assert not any(isinstance(e, ErrorEvent) for e in events)
+        events += scheduler.step()
     assert all(r.state is RequestState.FAILED for r in first)
     counting.fail_batch = None
     assert {e.code for e in events if isinstance(e, ErrorEvent)} == {ErrorCode.INTERNAL}
@@ -461,4 +462,8 @@ def test_decode_ahead_gives_the_replies_of_the_plain_loop(gpt2_model: Model, opt
         check_streams(events, requests)
         replies.append([(r.tokens, r.text, r.finish_reason) for r in requests])
         assert requests[2].finish_reason == "cancelled"
+    (ahead_cancelled, plain_cancelled) = (replies[0].pop(2), replies[1].pop(2))
     assert replies[0] == replies[1]
+    # The cancel lands within one step either way; ahead, one token fewer may have been taken.
+    shorter, longer = sorted((ahead_cancelled[0], plain_cancelled[0]), key=len)
+    assert longer[:len(shorter)] == shorter and len(longer) - len(shorter) <= 1

@@ -15,6 +15,7 @@ from npctalk.engine.sampling import CHAT_DEFAULTS, Sampler, SearchOptions
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.slot_model import SlotModel
 from npctalk.engine.sampling import add_bonus
+from npctalk.engine import topk
 from npctalk.engine.topk import TopK, host_topk
 
 VOCAB = 5000
@@ -131,9 +132,12 @@ def _scheduled(model: Model | SlotModel, top_tokens: int) -> tuple[list[list[int
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_the_scheduler_samples_from_candidates_with_the_full_rows_replies(family: str,
-                                                                          request: pytest.FixtureRequest) -> None:
+                                                                          request: pytest.FixtureRequest,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Padded batch (host logits) and slot decoder (device logits): the same replies with
-    candidates on and off, and with them on, the decode steps' tokens come from the candidates."""
+    candidates on and off, and with them on, the decode steps' tokens come from the candidates
+    (allowed for the tiny models' 1,000-token vocabulary, which would otherwise be taken whole)."""
+    monkeypatch.setattr(topk, "MIN_VOCAB", 0)
     bundle: Path = request.getfixturevalue(f"{family}_bundle")
     slots_bundle: Path = request.getfixturevalue(f"{family}_slots_bundle")
     for model in (Model(bundle, provider="cpu", intra_op_threads=1),
@@ -153,9 +157,14 @@ def test_host_topk_is_shared_per_k() -> None:
 def test_the_generator_picks_from_candidates_with_the_full_rows_tokens(gpt2_bundle: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A sampled reply with penalties and fact steering: the same tokens when every pick is forced
-    through the whole row (``pick`` declining), and most picks are taken from the candidates."""
+    through the whole row (``pick`` declining), and most picks are taken from the candidates (a
+    wide top of 64, and no vocabulary too small for candidates: the tiny model has 1,000 tokens)."""
+    from npctalk.engine import sampling
     from npctalk.engine.generator import Generator, GeneratorParams
     from npctalk.engine.steering import FactSteering
+
+    monkeypatch.setattr(sampling, "WIDE_TOP", 64)
+    monkeypatch.setattr(topk, "MIN_VOCAB", 0)  # the tiny model's vocabulary would be taken whole
 
     model = Model(gpt2_bundle, provider="cpu", intra_op_threads=1)
     prompt = model.tokenizer.encode("The smith said hello to the traveller")
@@ -210,8 +219,10 @@ def test_row_of_a_device_value_is_that_row() -> None:
     import onnxruntime as ort
 
     logits = _logits(np.random.default_rng(7), rows=4).reshape(4, 1, VOCAB)
-    row = TopK(K).row_of_value(ort.OrtValue.ortvalue_from_numpy(logits), 2, VOCAB)
-    np.testing.assert_array_equal(row, logits[2].reshape(1, VOCAB))
+    value = ort.OrtValue.ortvalue_from_numpy(logits)
+    for gather in (True, False):  # the Gather graph a GPU uses, and the host slice
+        row = TopK(K, gather=gather).row_of_value(value, 2, VOCAB)
+        np.testing.assert_array_equal(row, logits[2].reshape(1, VOCAB))
 
 
 def test_bonus_tokens_joining_the_candidates_do_not_lower_the_floor() -> None:
@@ -226,3 +237,10 @@ def test_bonus_tokens_joining_the_candidates_do_not_lower_the_floor() -> None:
     options = SearchOptions(repetition_penalty=3.0)
     assert int(Sampler(options).next_tokens(add_bonus(logits, bonus), [history])[0]) == perm[256]
     assert Sampler(options).next_token(logits, history, bonus) == perm[256]
+
+
+def test_a_small_vocabulary_is_sampled_whole(gpt2_bundle: Path) -> None:
+    """The tiny model's 1,000 tokens are under ``MIN_VOCAB``: decode steps bring whole rows, none
+    from candidates, with top tokens on."""
+    _, counts = _scheduled(Model(gpt2_bundle, provider="cpu", intra_op_threads=1), K)
+    assert counts["from_top"] == 0 and counts["from_full"] > 0
