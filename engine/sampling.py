@@ -254,29 +254,28 @@ class Sampler:
 
     def next_token(self, logits: np.ndarray, history: Sequence[int], bonus: Mapping[int, float] | None = None) -> int:
         """Row 0's next token from its whole logits row (1, vocab) plus ``bonus`` (token → logits, as
-        ``steering.add_bonus``): ``next_tokens`` of the bonused row, the same token and draw, but by
+        ``add_bonus``): ``next_tokens`` of the bonused row, the same token and draw, but by
         way of the row's ``WIDE_TOP`` best logits and the bonus tokens' own (``pick``), and over the
         whole vocabulary only when those cannot decide."""
         from . import topk  # ONNX Runtime's TopK; this module stays importable without it
 
-        if logits.shape[-1] <= max(topk.MIN_VOCAB, WIDE_TOP):  # a small vocabulary costs less whole
-            return int(self.next_tokens(add_bonus(logits, bonus or {}), [history])[0])
-        ids, values = topk.host_topk(WIDE_TOP).of_array(logits)
-        ids, values, floor = ids[0], values[0], np.float32(values.min())
-        if bonus:
-            extra = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
-            ids, first = np.unique(np.concatenate([ids, extra]), return_index=True)
-            values = np.concatenate([values, logits[0, extra]])[first]
-        token = self.pick(ids, values, history, bonus, floor=floor)
-        if token is None:
-            token = int(self.next_tokens(add_bonus(logits, bonus or {}), [history])[0])
-        return token
+        if logits.shape[-1] > max(topk.MIN_VOCAB, WIDE_TOP):  # a small vocabulary costs less whole
+            ids, values = topk.host_topk(WIDE_TOP).of_array(logits)
+            ids, values, floor = ids[0], values[0], np.float32(values.min())
+            if bonus:  # the bonus tokens join with their own logits; the floor stays the top's
+                extra = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
+                ids, first = np.unique(np.concatenate([ids, extra]), return_index=True)
+                values = np.concatenate([values, logits[0, extra]])[first]
+            token = self.pick(ids, values, history, bonus, floor=floor)
+            if token is not None:
+                return token
+        return int(self.next_tokens(add_bonus(logits, bonus or {}), [history])[0])
 
     def pick(self, ids: np.ndarray, values: np.ndarray, history: Sequence[int],
              bonus: Mapping[int, float] | None = None, *, floor: float | None = None) -> int | None:
         """Row 0's next token from candidates: distinct ``ids`` with their raw logits ``values``
         (any order; ``topk.TopTokens``), after adding ``bonus`` (token → logits, as
-        ``steering.add_bonus``): the token ``next_tokens`` would pick from the whole logits row, with
+        ``add_bonus``): the token ``next_tokens`` would pick from the whole logits row, with
         the same draw of the row's generator. ``floor``: no token outside ``ids`` has a raw logit
         above it (default: the smallest of ``values``, right when they are a row's top k). None when
         the candidates cannot decide that exactly; then nothing is drawn (call ``next_tokens`` with
