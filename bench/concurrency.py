@@ -48,10 +48,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def one_reply(client: AsyncClient, index: int, max_new_tokens: int) -> dict[str, Any]:
+async def one_reply(client: AsyncClient, index: int, max_new_tokens: int, turn: int = 0) -> dict[str, Any]:
+    """Stream ``index``'s reply number ``turn``: each turn has a player of its own, so every prompt is
+    the same length (no conversation history builds up)."""
     sent = time.perf_counter()
-    reply = await client.say(NPCS[index % len(NPCS)], "Hello! What news from the village?", player=f"bench-{index}",
-                             max_new_tokens=max_new_tokens, seed=index)
+    player = f"bench-{index}" if turn == 0 else f"bench-{index}-{turn}"
+    reply = await client.say(NPCS[index % len(NPCS)], "Hello! What news from the village?", player=player,
+                             max_new_tokens=max_new_tokens, seed=index + 1000 * turn)
     arrivals = []
     async for _ in reply:
         arrivals.append(time.perf_counter())
@@ -81,6 +84,47 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
         "server_ttft_ms_p50": round(statistics.median(r["server_ttft_ms"] for r in replies), 2),
         "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": stats["batched"],
         "prompt_tokens_p50": prompt_tokens, "sampled_total": sampled,
+    }
+
+
+async def run_steady(endpoint: str, streams: int, max_new_tokens: int, window_s: float, warmup_s: float) -> dict[str, Any]:
+    """``streams`` NPC streams that each say again as soon as their reply is done, for ``warmup_s`` +
+    ``window_s`` seconds: what a village of NPCs talking keeps up. Tokens/s is the server's own token
+    count over the window (``stats``), so the start-up burst of prompts is outside it; TTFT and gaps
+    count replies sent, and gaps seen, inside the window."""
+    async with AsyncClient(endpoint, timeout=30.0) as client:
+        await client.ping()
+        start = time.perf_counter()
+        opens, closes = start + warmup_s, start + warmup_s + window_s
+        replies: list[dict[str, Any]] = []
+
+        async def npc(index: int) -> None:
+            turn = 0
+            while time.perf_counter() < closes:
+                replies.append(await one_reply(client, index, max_new_tokens, turn))
+                turn += 1
+
+        async def window() -> tuple[dict[str, Any], float, dict[str, Any], float]:
+            await asyncio.sleep(max(0.0, opens - time.perf_counter()))
+            first, t0 = await client.stats(), time.perf_counter()
+            await asyncio.sleep(max(0.0, closes - time.perf_counter()))
+            last, t1 = await client.stats(), time.perf_counter()
+            return first, t0, last, t1
+
+        measured, *_ = await asyncio.gather(window(), *(npc(i) for i in range(streams)))
+    first, t0, last, t1 = measured
+    inside = [r for r in replies if t0 <= r["sent"] <= t1]
+    ttft = [(r["arrivals"][0] - r["sent"]) * 1000 for r in inside if r["arrivals"]]
+    gaps = [(b - a) * 1000 for r in replies for a, b in zip(r["arrivals"], r["arrivals"][1:]) if t0 <= a and b <= t1]
+    return {
+        "streams": streams, "mode": "steady", "window_s": round(t1 - t0, 3), "replies_in_window": len(inside),
+        "completion_tokens": last["tokens"] - first["tokens"],
+        "aggregate_tok_s": round((last["tokens"] - first["tokens"]) / (t1 - t0), 1),
+        "ttft_ms_p50": round(percentile(ttft, 50), 2), "ttft_ms_p99": round(percentile(ttft, 99), 2),
+        "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3),
+        "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": last["batched"],
+        "prompt_tokens_p50": statistics.median(r["prompt_tokens"] for r in replies),
+        "sampled": {k: v - first.get("sampled", {}).get(k, 0) for k, v in last.get("sampled", {}).items()},
     }
 
 
@@ -136,6 +180,10 @@ def main() -> int:
                         help="serve --top-tokens (candidates per row for sampled steps; 0: whole rows)")
     parser.add_argument("--tag", default="", help="appended to the result file names")
     parser.add_argument("--server-args", default="", help="more `npctalk serve` options, one string (shell words)")
+    parser.add_argument("--steady", type=float, default=0.0, metavar="SECONDS",
+                        help="steady state instead of one burst: each stream says again when its reply ends, and "
+                             "tokens/s is the server's count over a SECONDS window after --warmup")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the --steady window opens")
     parser.add_argument("--sampled", action="store_true",
                         help="the server's default sampling (temperature, top-k/p, repetition controls) instead of "
                              "greedy; replies may then end early at EOS")
@@ -161,9 +209,15 @@ def main() -> int:
         with Client(endpoint, timeout=2.0, retries=30) as probe:  # Lazy Pirate retries while the server starts
             hello = probe.hello()
         asyncio.run(run_level(endpoint, 2, 8))  # warm-up
-        levels = [asyncio.run(run_level(endpoint, n, args.max_new_tokens)) for n in args.streams]
+        if args.steady:
+            levels = [asyncio.run(run_steady(endpoint, n, args.max_new_tokens, args.steady, args.warmup))
+                      for n in args.streams]
+        else:
+            levels = [asyncio.run(run_level(endpoint, n, args.max_new_tokens)) for n in args.streams]
         before: dict[str, int] = {}
         for level in levels:  # each level's own counts of tokens sampled from candidates / full rows
+            if "sampled_total" not in level:
+                continue  # a steady level counted its own window
             total = level.pop("sampled_total")
             level["sampled"] = {k: v - before.get(k, 0) for k, v in total.items()}
             before = total
@@ -183,9 +237,10 @@ def main() -> int:
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
               "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled, "top_tokens": args.top_tokens, "server_args": args.server_args,
+              "steady_window_s": args.steady or None, "warmup_s": args.warmup if args.steady else None,
               "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}{'-' + args.tag if args.tag else ''}"
+    stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}{'-steady' if args.steady else ''}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     rows = ["| streams | aggregate tok/s | TTFT p50 ms | TTFT p99 ms | gap p50 ms | gap p99 ms | from top / full rows |",
             "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -195,7 +250,10 @@ def main() -> int:
     m = report["machine"]
     text = (f"# Concurrency: {hello['model']['name']} ({hello['model']['architecture']}) on {report['provider']}\n\n"
             f"{report['date']} · {m['host']} · {m['cpu']} · {m['cores']} cores · Python {m['python']}\n\n"
-            f"{'The server default sampling' if args.sampled else 'Greedy'}, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
+            + (f"Steady state: each stream says again when its reply ends; tokens/s is the server's count over a "
+               f"{args.steady:g} s window after {args.warmup:g} s of warm-up. " if args.steady else
+               "One burst: every stream says at once; tokens/s runs from the first send to the last done. ")
+            + f"{'The server default sampling' if args.sampled else 'Greedy'}, {args.max_new_tokens} new tokens per reply, one AsyncClient, loopback TCP, server ONNX Runtime "
             f"threads: {report['server_threads']}"
             + (f", top tokens {args.top_tokens}" if args.top_tokens is not None else "")
             + (f", serve {args.server_args}" if args.server_args else "") + ". "

@@ -17,7 +17,8 @@
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
 #               streams through the real socket (issue #4), greedy, then with the default sampling
 #               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other);
-#               the greedy run again with serve --decode-ahead (the next step on a worker thread)
+#               the greedy run again with serve --decode-ahead (the next step on a worker thread);
+#               and a steady state (each stream says again when done; tokens/s over an 8 s window)
 # Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
 # DRY=cpu runs the same steps with the tiny test architectures on the CPU (to try the script here).
 set -u
@@ -41,10 +42,10 @@ except Exception as exc:  # reported by the env step
 PY
 export PYTHONPATH=/tmp/site:$SHIM:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 if [ "${DRY:-}" = cpu ]; then
-    DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"; CONC="1 4"; SLOTCTX=500
+    DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"; CONC="1 4"; SLOTCTX=500; STEADY="1 4"
 else
     DEVICE=cuda; MODELS="dialogpt-medium smollm2-135m dialogpt-small dialogpt-large"; LIMITS="100 70 60 100"
-    STREAMS="1 16 64"; EXTRA=""; CONC="1 8 32 64"; SLOTCTX=1024
+    STREAMS="1 16 64"; EXTRA=""; CONC="1 8 32 64"; SLOTCTX=1024; STEADY="1 64"
 fi
 
 pack() { tar czf "$OUT/gpu-results.tgz" -C "$RES" . 2>/dev/null; }
@@ -83,6 +84,8 @@ step checks 45 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --devic
 rm -f "$RES"/profile*.json
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
+step concurrency-steady 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $STEADY --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --steady 8 --warmup 3 --tag steady
 step concurrency-ahead 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--decode-ahead --tag ahead
 step concurrency-sampled 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
