@@ -7,8 +7,10 @@ Streams of different lengths share one ``KVCache``::
 
 ``Model.forward`` feeds the mask and computes position ids from it (position = real tokens before),
 so a padded row gives the same logits as that stream alone. The batch is re-packed only when rows
-join or leave (one copy of the KV then); a plain step copies nothing of ours, because ONNX Runtime
-returns the grown ``present.*`` arrays and the cache simply takes them. After every re-pack the
+join or leave: one copy of the KV then, into buffers with ``kv_growth`` positions of room when the
+model extends caches in place (``Model.inplace_kv``), so the next steps write into them without a
+second copy to grow. Otherwise a step copies nothing of ours: ONNX Runtime returns the grown
+``present.*`` arrays and the cache simply takes them. After every re-pack the
 padding every row shares is trimmed, so ``length`` is the longest row's real length and never
 exceeds the model's context while every row fits.
 
@@ -73,11 +75,19 @@ class DecodeBatch(Generic[Row]):
             return
         caches = [self.cache, *(cache for _, cache in joiners)]
         length = max(c.length for c in caches)
-        # Every cache left-padded to the common length, then stacked along the batch axis (one copy).
-        keys = [np.concatenate([_pad_left(c.keys[i], length) for c in caches], axis=0) for i in range(self.cache.num_layers)]
-        values = [np.concatenate([_pad_left(c.values[i], length) for c in caches], axis=0) for i in range(self.cache.num_layers)]
+        # Every cache left-padded to the common length and stacked along the batch axis: one copy,
+        # into buffers the next steps extend in place when the model does (no second copy to grow).
+        total = len(self.rows) + len(joiners)
+        keys, values = self._buffers(total, length), self._buffers(total, length)
+        row = 0
+        for c in caches:
+            rows = c.batch_size
+            for i in range(self.cache.num_layers):
+                keys[i][row:row + rows, :, length - c.length:length] = c.keys[i]
+                values[i][row:row + rows, :, length - c.length:length] = c.values[i]
+            row += rows
         mask = np.concatenate([_pad_left_mask(c.mask, length) for c in caches], axis=0)  # (rows, length)
-        self.cache.update(keys, values, mask)
+        self._set(keys, values, mask)
         self.rows += [row for row, _ in joiners]
 
     def remove(self, gone: set[Row]) -> None:
@@ -89,10 +99,32 @@ class DecodeBatch(Generic[Row]):
         mask = self.cache.mask[keep]  # (rows, length)
         real = np.flatnonzero(mask.any(axis=0))
         start = int(real[0]) if real.size else mask.shape[1]
-        # Fancy indexing copies, so the dropped rows' memory is released.
-        keys = [np.ascontiguousarray(k[keep][:, :, start:]) for k in self.cache.keys]
-        values = [np.ascontiguousarray(v[keep][:, :, start:]) for v in self.cache.values]
-        self.cache.update(keys, values, np.ascontiguousarray(mask[:, start:]))
+        length = mask.shape[1] - start
+        # New buffers, so the dropped rows' memory is released; the kept rows copied once.
+        keys, values = self._buffers(len(keep), length), self._buffers(len(keep), length)
+        old_keys, old_values = self.cache.keys, self.cache.values
+        for i in range(self.cache.num_layers):
+            for j, r in enumerate(keep):
+                keys[i][j, :, :length] = old_keys[i][r, :, start:]
+                values[i][j, :, :length] = old_values[i][r, :, start:]
+        self._set(keys, values, np.ascontiguousarray(mask[:, start:]))
+
+    def _buffers(self, rows: int, length: int) -> list[np.ndarray]:
+        """Zeroed per-layer buffers (rows, kv_heads, capacity, head_dim) for a cache of ``length``
+        positions: with the model's room to grow (``Model.kv_room``) when it extends caches in place
+        (``Model.inplace_kv``), else exactly ``length`` (contiguous arrays of the cache's size)."""
+        shape = self.cache.keys[0].shape if self.cache.num_layers else (0, 0, 0, 0)
+        capacity = length
+        if getattr(self.model, "inplace_kv", False):
+            capacity = max(length, min(self.model.manifest.max_context, length + self.model.kv_room(rows)))
+        return [np.zeros((rows, shape[1], capacity, shape[3]), dtype=self.cache.keys[0].dtype)
+                for _ in range(self.cache.num_layers)]
+
+    def _set(self, keys: list[np.ndarray], values: list[np.ndarray], mask: np.ndarray) -> None:
+        if keys and keys[0].shape[2] > mask.shape[1]:
+            self.cache.adopt(keys, values, mask)
+        else:
+            self.cache.update(keys, values, mask)
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feed one token per row (row order); return next-token logits (rows, vocab)."""
@@ -104,12 +136,6 @@ class DecodeBatch(Generic[Row]):
         logits = self.forward(token_ids)  # (rows, vocab), on the host already
         ids, values = host_topk(k).of_array(logits)
         return TopTokens(ids, values, lambda index: logits[index:index + 1])
-
-
-def _pad_left(array: np.ndarray, length: int) -> np.ndarray:
-    """(rows, kv_heads, n, head_dim) → (rows, kv_heads, length, head_dim), zeros on the left."""
-    missing = length - array.shape[2]
-    return array if missing == 0 else np.pad(array, ((0, 0), (0, 0), (missing, 0), (0, 0)))
 
 
 def _pad_left_mask(mask: np.ndarray, length: int) -> np.ndarray:

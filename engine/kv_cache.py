@@ -97,6 +97,17 @@ class KVCache:
         self._keys, self._values, self.mask = list(keys), list(values), mask
         self._disown()
 
+    def adopt(self, keys: Sequence[np.ndarray], values: Sequence[np.ndarray], mask: np.ndarray) -> None:
+        """Take fresh buffers (batch, kv_heads, capacity, head_dim) whose first ``mask.shape[1]``
+        positions are the cache, as owned buffers: a step writes after them in place, with no
+        ``reserve`` copy while they have room (``DecodeBatch`` re-packs rows straight into them)."""
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            raise GenerationError(f"Expected keys/values for {self.num_layers} layers, got {len(keys)}/{len(values)}.")
+        if any(k.shape[2] < mask.shape[1] or k.shape[0] != mask.shape[0] for k in [*keys, *values]):
+            raise GenerationError(f"Buffers {[k.shape for k in keys][:1]} cannot hold a cache of shape {mask.shape}.")
+        self._keys, self._values, self.mask = list(keys), list(values), mask
+        self._owned, self.binding = True, None
+
     def _disown(self) -> None:
         """The arrays are no longer buffers this cache may write into (nor bound for that)."""
         self._owned, self.binding = False, None

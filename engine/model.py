@@ -180,14 +180,17 @@ class Model:
             cache.update(presents[:layers], presents[layers:], mask)  # each (batch, kv_heads, past + seq, head_dim)
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
 
+    def kv_room(self, rows: int) -> int:
+        """Spare positions an in-place KV buffer of ``rows`` rows gets when (re)allocated:
+        ``kv_growth``, fewer for a big batch so the spare room stays under KV_HEADROOM_BYTES (still
+        one copy per >= 16 steps instead of one per step)."""
+        per_position = self._kv_position_bytes * max(1, rows)
+        return min(self.kv_growth, max(16, KV_HEADROOM_BYTES // max(1, per_position)))
+
     def _forward_in_place(self, feed: dict[str, np.ndarray], cache: KVCache, total: int, mask: np.ndarray) -> np.ndarray:
         """One step with each layer's cache buffer bound as both past and present: GroupQueryAttention
         writes the new positions into it (shared-buffer mode), so no cache is copied."""
-        # Headroom: kv_growth positions, fewer for a big batch so the spare room stays under
-        # KV_HEADROOM_BYTES (still one copy per >= 16 steps instead of one per step).
-        per_position = self._kv_position_bytes * max(1, cache.batch_size)
-        growth = min(self.kv_growth, max(16, KV_HEADROOM_BYTES // max(1, per_position)))
-        keys, values = cache.reserve(total, min(self.manifest.max_context, total + growth))
+        keys, values = cache.reserve(total, min(self.manifest.max_context, total + self.kv_room(cache.batch_size)))
         io_binding = cache.binding
         if io_binding is None:  # new buffers: bind them once; later steps only re-bind the small inputs
             io_binding = self.session.io_binding()

@@ -200,3 +200,21 @@ def test_a_prefix_snapshot_does_not_keep_the_live_buffers_alive(pair: tuple[Mode
     assert buffer() is None
     snapshot = store.get(key)
     assert snapshot is not None and snapshot.binding is None and snapshot.length == len(ids)
+
+
+def test_a_repacked_batch_is_stepped_in_place_without_a_second_copy(pair: tuple[Model, Model]) -> None:
+    """Rows joining or leaving re-pack the batch once, into buffers with the model's room to grow:
+    the steps after write into those very buffers (before, each re-pack was copied again to grow)."""
+    inplace, _ = pair
+    batch: DecodeBatch[int] = DecodeBatch(inplace)
+    joiners = []
+    for row, n in enumerate((2, 5, 8)):
+        cache = inplace.new_cache()
+        inplace.forward(np.array([inplace.tokenizer.encode(" ".join(PROMPT.split()[:n]))]), cache)
+        joiners.append((row, cache))
+    for change in (lambda: batch.add(joiners), lambda: batch.remove({1})):
+        change()
+        packed = batch.cache._keys[0]
+        assert batch.cache.capacity == batch.cache.length + inplace.kv_room(len(batch))
+        batch.forward([7] * len(batch))
+        assert batch.cache._keys[0] is packed
