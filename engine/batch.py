@@ -7,9 +7,9 @@ Streams of different lengths share one ``KVCache``::
 
 ``Model.forward`` feeds the mask and computes position ids from it (position = real tokens before),
 so a padded row gives the same logits as that stream alone. The batch is re-packed only when rows
-join or leave: one copy of the KV then, into buffers with ``kv_growth`` positions of room when the
-model extends caches in place (``Model.inplace_kv``), so the next steps write into them without a
-second copy to grow. Otherwise a step copies nothing of ours: ONNX Runtime returns the grown
+join or leave: one copy of the KV then, into buffers with the model's room to grow
+(``Model.kv_room``) when it extends caches in place (``Model.inplace_kv``), so the next steps write
+into them without a second copy to grow. Otherwise a step copies nothing of ours: ONNX Runtime returns the grown
 ``present.*`` arrays and the cache simply takes them. After every re-pack the
 padding every row shares is trimmed, so ``length`` is the longest row's real length and never
 exceeds the model's context while every row fits.
