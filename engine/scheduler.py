@@ -454,12 +454,14 @@ class Scheduler:
         """Each live row's next token from its step's output, taken (not yet text): (request, reply
         ends with it) per row. A failed step fails its rows; the server and other groups go on."""
         taken: list[tuple[Request, bool]] = []
+        failed: set[Request] = set()
         for flight, out in outputs:
             if isinstance(out, Exception):
                 log.error("Decode step for %d streams failed.", len(flight.rows), exc_info=out)
                 for request in flight.rows:
                     if request.live:
                         self._fail(request, ErrorCode.INTERNAL, f"The engine failed while generating: {out}.", events)
+                failed.update(flight.rows)
                 continue
             for index, request in enumerate(flight.rows):
                 if not request.live:
@@ -479,7 +481,8 @@ class Scheduler:
                     token = request.pick(out.logits[index:index + 1])
                     self.sampled["from_full"] += 1
                 taken.append((request, request.take(token, self.clock())))
-        self._drop_rows({request for request, ending in taken if ending})  # EOS or length: no further step
+        # Failed rows and replies ending with their token (EOS, length) take no further step.
+        self._drop_rows(failed | {request for request, ending in taken if ending})
         return taken
 
     def _sample(self, request: Request, logits: np.ndarray, events: list[Event]) -> bool:

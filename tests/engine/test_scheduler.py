@@ -271,6 +271,7 @@ def test_a_failing_forward_fails_its_rows_and_the_scheduler_goes_on(counting: Co
         assert not any(isinstance(e, ErrorEvent) for e in events)
         events += scheduler.step()
     assert all(r.state is RequestState.FAILED for r in first)
+    assert scheduler.active_count == 0  # the failed rows left the batch: no step runs for them
     counting.fail_batch = None
     assert {e.code for e in events if isinstance(e, ErrorEvent)} == {ErrorCode.INTERNAL}
     later = make_request(counting, "later", [FIRST], max_new_tokens=4)
