@@ -22,14 +22,10 @@ within one step of ``cancel``. The queue is bounded: ``submit`` refuses at once 
 the caller answers ``busy`` instead of letting latency grow without limit.
 
 With ``decode_ahead`` (``serve --decode-ahead``) the order changes so that host work overlaps the
-model: a call first joins the step the previous call launched on a worker thread and takes its
-tokens (rows whose reply ends with one, by EOS or length, leave the batch), then reaps, prefills,
-launches the next step and books the taken tokens while it runs; the server sends them while it
-runs too. A reply that ends on a stop string (found when booking) has one extra step run, dropped
-at the next join. Nothing touches the model or the batch between a launch and the next join, so
-the worker needs no locks. On the 2-core CPU VM the thread hand-offs cost more than the overlap
-saves (tiny model, one stream: 0.30–0.36 → 0.64–0.83 ms per token through the socket), so it is
-off by default; on a GPU the step is device time the host could use (not measured yet).
+model (``decode_step``): a call first joins the step the previous call launched on a worker thread
+and takes its tokens (rows whose reply ends with one, by EOS or length, leave the batch), then
+reaps, prefills, launches the next step and books the taken tokens while it runs. A reply that
+ends on a stop string (found when booking) has one extra step run, dropped at the next join.
 
 Reranked says (``submit_reranked``): the client's request never decodes itself; its N candidate
 requests (same prompt, different seeds) do, batched like any others, and their messages are
@@ -53,13 +49,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .batch import DecodeBatch, close_cache, new_batch, supports_padding
+from .decode_step import DecodeSteps, Flight, StepOutput
 from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
@@ -68,8 +64,7 @@ from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, FinishReason, Request, RequestKey, RequestState
 from .reranked import Candidates, Scorer, answer
-from . import topk
-from .topk import DEFAULT_TOP_TOKENS, TopTokens
+from .topk import DEFAULT_TOP_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +101,6 @@ class SchedulerConfig:
                 raise ConfigError(f"SchedulerConfig.{name} must be an integer >= {low}, got {value!r}.")
 
 
-@dataclass
-class _StepOutput:
-    """What a decode step gives back: argmax tokens (rows,), top candidates, or logits (rows, vocab)."""
-
-    tokens: np.ndarray | None = None
-    best: TopTokens | None = None
-    logits: np.ndarray | None = None
-
-
-@dataclass
-class _Flight:
-    """A decode step launched for ``rows`` (``needs``: which of them need more than the argmax)."""
-
-    rows: list[Request]
-    needs: list[bool]
-    result: Future[_StepOutput]
-
-
 class Scheduler:
     """Queue + decode batch for one model."""
 
@@ -148,11 +125,7 @@ class Scheduler:
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
-        self._flights: list[_Flight] = []  # decode steps launched, not yet joined
-        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="npctalk-decode")
-                        if config.decode_ahead else None)
-        # Sampled tokens of decode steps: picked from the top candidates, or from the full logits row.
-        self.sampled = {"from_top": 0, "from_full": 0}
+        self._steps = DecodeSteps(ahead=config.decode_ahead, top_tokens=config.top_tokens)
 
     # --- intake ----------------------------------------------------------------------------------------
 
@@ -220,7 +193,7 @@ class Scheduler:
 
     def abort_all(self, message: str) -> list[Event]:
         """Fail every live request with ``internal`` and empty the batch (after an unexpected error)."""
-        self._join()  # the step in flight ends before its rows go
+        self._steps.join()  # the step in flight ends before its rows go
         now, events = self.clock(), list[Event]()
         for request in list(self._live.values()):
             if request.live:
@@ -253,21 +226,21 @@ class Scheduler:
         runs (and while the server sends them)."""
         events: list[Event] = []
         self._step_tokens = 0
-        ahead = self._worker is not None
-        outputs = self._join()  # with decode_ahead, the step the last call launched
+        ahead = self._steps.ahead
+        outputs = self._steps.join()  # with decode_ahead, the step the last call launched
         self._reap(self.clock(), events)
         taken = self._take(outputs, events)
         self._admit(events)
         if ahead:
             events = self._settle_reranked(events)  # scoring runs the model: before the launch
-            self._launch()
+            self._steps.launch(self._groups, self.model.manifest.vocab_size)
             booked: list[Event] = []
             for request, _ in taken:
                 self._took(request, request.book(), booked)
-            events += [e for e in booked if e.request not in self._candidate_of]  # candidates' messages are internal
+            events += self._visible(booked)
         else:
-            self._launch()
-            for request, _ in self._take(self._join(), events):
+            self._steps.launch(self._groups, self.model.manifest.vocab_size)
+            for request, _ in self._take(self._steps.join(), events):
                 self._took(request, request.book(), events)
             events = self._settle_reranked(events)
         now = self.clock()
@@ -383,7 +356,7 @@ class Scheduler:
 
     def _settle_reranked(self, events: list[Event]) -> list[Event]:
         """Swallow candidates' messages; answer each reranked say whose candidates have all ended."""
-        visible = [e for e in events if e.request not in self._candidate_of]
+        visible = self._visible(events)
         for key, group in list(self._reranked.items()):
             parent, children = group.parent, group.children
             if parent.live and any(c.live for c in children):
@@ -398,59 +371,17 @@ class Scheduler:
                     self._candidate_of.pop(child, None)
         return visible
 
+    def _visible(self, events: list[Event]) -> list[Event]:
+        """``events`` less the reranking candidates' own (internal: the say they answer speaks)."""
+        return [e for e in events if e.request not in self._candidate_of]
+
     def _choose(self, group: Candidates) -> list[Event]:
         """The best finished candidate's text as the say's one token message, then its done."""
         events = answer(group, self.clock())
         self._retire(group.parent)
         return events
 
-    def _launch(self) -> None:
-        """Start one decode step for every row of every group (on the worker with ``decode_ahead``)."""
-        k = self.config.top_tokens if self.model.manifest.vocab_size > topk.MIN_VOCAB else 0
-        for group in self._groups:
-            rows = list(group.rows)
-            greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
-            top = getattr(group, "forward_top", None) if k else None  # one that gives each row's best logits
-            needs = [r.needs_logits for r in rows] if greedy is not None else [True] * len(rows)
-            pending = [r.pending_token for r in rows]
-
-            def run(group: DecodeBatch[Request] = group, greedy: Any = greedy, top: Any = top,
-                    needs: list[bool] = needs, pending: list[int] = pending) -> _StepOutput:
-                out = _StepOutput()
-                if not any(needs):
-                    out.tokens = greedy(pending)  # (rows,): no logits leave the device
-                elif top is not None:
-                    out.best = top(pending, k)  # (rows, k) candidates; a whole row only on demand
-                else:
-                    out.logits = group.forward(pending)  # (rows, vocab)
-                if greedy is not None and any(needs) and not all(needs):
-                    out.tokens = group.last_argmax()  # the device's argmax still serves the plain rows
-                return out
-
-            self._flights.append(_Flight(rows, needs, self._submit(run)))
-
-    def _submit(self, run: Callable[[], _StepOutput]) -> Future[_StepOutput]:
-        if self._worker is not None:
-            return self._worker.submit(run)
-        future: Future[_StepOutput] = Future()
-        try:
-            future.set_result(run())
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    def _join(self) -> list[tuple[_Flight, _StepOutput | Exception]]:
-        """Wait for the steps in flight; nothing runs on the model after this until ``_launch``."""
-        flights, self._flights = self._flights, []
-        outputs: list[tuple[_Flight, _StepOutput | Exception]] = []
-        for flight in flights:
-            try:
-                outputs.append((flight, flight.result.result()))
-            except Exception as exc:  # reported by _take, for the rows still live
-                outputs.append((flight, exc))
-        return outputs
-
-    def _take(self, outputs: list[tuple[_Flight, _StepOutput | Exception]], events: list[Event]) -> list[tuple[Request, bool]]:
+    def _take(self, outputs: list[tuple[Flight, StepOutput | Exception]], events: list[Event]) -> list[tuple[Request, bool]]:
         """Each live row's next token from its step's output, taken (not yet text): (request, reply
         ends with it) per row. A failed step fails its rows; the server and other groups go on."""
         taken: list[tuple[Request, bool]] = []
@@ -464,23 +395,8 @@ class Scheduler:
                 failed.update(flight.rows)
                 continue
             for index, request in enumerate(flight.rows):
-                if not request.live:
-                    continue  # ended since the step was launched (cancelled, timed out, a stop string)
-                if out.tokens is not None and not flight.needs[index]:
-                    token = int(out.tokens[index])
-                elif out.best is not None:
-                    picked = request.pick_from(out.best.ids[index], out.best.values[index])
-                    if picked is None:  # the candidates cannot decide this row: its whole row can
-                        picked = request.pick(out.best.row(index))
-                        self.sampled["from_full"] += 1
-                    else:
-                        self.sampled["from_top"] += 1
-                    token = picked
-                else:
-                    assert out.logits is not None
-                    token = request.pick(out.logits[index:index + 1])
-                    self.sampled["from_full"] += 1
-                taken.append((request, request.take(token, self.clock())))
+                if request.live:  # else ended since the step was launched (cancelled, timed out, a stop string)
+                    taken.append((request, request.take(self._steps.choose(flight, out, index), self.clock())))
         # Failed rows and replies ending with their token (EOS, length) take no further step.
         self._drop_rows(failed | {request for request, ending in taken if ending})
         return taken
@@ -547,6 +463,6 @@ class Scheduler:
             "active": self.active_count, "prefilling": self.prefilling_count, "queued": self.queued_count,
             "max_batch": self.config.max_batch, "max_queue": self.config.max_queue, "batched": self.batched,
             "prefill_chunk": self.config.prefill_chunk,
-            "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters, "sampled": dict(self.sampled),
+            "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters, "sampled": dict(self._steps.sampled),
             "prefix_cache": self.prefix_cache.stats(),
         }

@@ -1,0 +1,136 @@
+"""One decode step over the scheduler's batches: launched, joined, and each row's next token chosen.
+
+A step runs one forward for every row of every batch (``DecodeBatch`` or ``SlotBatch``) and gives
+back, per batch, the cheapest thing its rows need:
+
+- every row's next token is the plain argmax (``Request.needs_logits`` False): the argmax tokens,
+  computed where the logits are (``forward_greedy``; only 8 bytes a row leave a GPU);
+- some row samples, has penalties or a steering bonus: each row's top logits (``forward_top``,
+  ``topk.TopTokens``) when the vocabulary is large (over ``topk.MIN_VOCAB``), else the logits
+  (rows, vocab); the plain rows of such a batch still take the device's argmax.
+
+``DecodeSteps.choose`` then gives a row its token: the argmax, ``Request.pick_from`` its top
+candidates, or ``Request.pick`` its whole row when the candidates cannot decide (the same token
+either way; ``sampled`` counts which).
+
+Plainly, ``launch`` runs the step at once and ``join`` hands over its result. With ``ahead``
+(``serve --decode-ahead``) ``launch`` submits it to a worker thread and returns, so the engine loop
+books the last step's tokens, and the server sends them, while it runs; ``join`` waits for it.
+Nothing may touch the model or the batches between a ``launch`` and the next ``join`` (the
+scheduler keeps to that), so the worker needs no locks. On the 2-core CPU VM the thread hand-offs
+cost more than the overlap saves (tiny model, one stream: 0.30–0.36 → 0.64–0.83 ms per token
+through the socket), so it is off by default; on a GPU the step is device time the host could use
+(not measured yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import topk
+from .request import Request
+from .topk import TopTokens
+
+
+@dataclass
+class StepOutput:
+    """What a decode step gives back: argmax tokens (rows,), top candidates, or logits (rows, vocab)."""
+
+    tokens: np.ndarray | None = None
+    best: TopTokens | None = None
+    logits: np.ndarray | None = None
+
+
+@dataclass
+class Flight:
+    """A decode step launched for ``rows`` (``needs``: which of them need more than the argmax)."""
+
+    rows: list[Request]
+    needs: list[bool]
+    result: Future[StepOutput]
+
+
+class DecodeSteps:
+    """Launches and joins the decode steps of one scheduler; ``top_tokens``: candidates per row for
+    rows that need more than the argmax (0: whole logits rows). Not thread-safe: the engine loop
+    calls it (the worker only runs the steps)."""
+
+    def __init__(self, *, ahead: bool, top_tokens: int) -> None:
+        self.top_tokens = top_tokens
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npctalk-decode") if ahead else None
+        self._flights: list[Flight] = []  # launched, not yet joined
+        # Sampled tokens of decode steps: picked from the top candidates, or from the whole logits row.
+        self.sampled = {"from_top": 0, "from_full": 0}
+
+    @property
+    def ahead(self) -> bool:
+        return self._worker is not None
+
+    def launch(self, groups: Sequence[Any], vocab_size: int) -> None:
+        """Start one decode step for every row of every group (on the worker when ``ahead``)."""
+        k = self.top_tokens if vocab_size > topk.MIN_VOCAB else 0
+        for group in groups:
+            rows = list(group.rows)
+            greedy = getattr(group, "forward_greedy", None)  # a batch that picks argmax tokens on its device
+            top = getattr(group, "forward_top", None) if k else None  # one that gives each row's best logits
+            needs = [r.needs_logits for r in rows] if greedy is not None else [True] * len(rows)
+            pending = [r.pending_token for r in rows]
+
+            def run(group: Any = group, greedy: Any = greedy, top: Any = top,
+                    needs: list[bool] = needs, pending: list[int] = pending) -> StepOutput:
+                out = StepOutput()
+                if not any(needs):
+                    out.tokens = greedy(pending)  # (rows,): no logits leave the device
+                elif top is not None:
+                    out.best = top(pending, k)  # (rows, k) candidates; a whole row only on demand
+                else:
+                    out.logits = group.forward(pending)  # (rows, vocab)
+                if greedy is not None and any(needs) and not all(needs):
+                    out.tokens = group.last_argmax()  # the device's argmax still serves the plain rows
+                return out
+
+            self._flights.append(Flight(rows, needs, self._submit(run)))
+
+    def _submit(self, run: Callable[[], StepOutput]) -> Future[StepOutput]:
+        if self._worker is not None:
+            return self._worker.submit(run)
+        future: Future[StepOutput] = Future()
+        try:
+            future.set_result(run())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def join(self) -> list[tuple[Flight, StepOutput | Exception]]:
+        """Wait for the steps in flight; nothing runs on the model after this until ``launch``."""
+        flights, self._flights = self._flights, []
+        outputs: list[tuple[Flight, StepOutput | Exception]] = []
+        for flight in flights:
+            try:
+                outputs.append((flight, flight.result.result()))
+            except Exception as exc:  # the caller fails the flight's rows
+                outputs.append((flight, exc))
+        return outputs
+
+    def choose(self, flight: Flight, out: StepOutput, index: int) -> int:
+        """Row ``index``'s next token from its step's output (drawn from the request's generator
+        when it samples; nothing is taken)."""
+        request = flight.rows[index]
+        if out.tokens is not None and not flight.needs[index]:
+            return int(out.tokens[index])
+        if out.best is not None:
+            picked = request.pick_from(out.best.ids[index], out.best.values[index])
+            if picked is not None:
+                self.sampled["from_top"] += 1
+                return picked
+            row = out.best.row(index)  # the candidates cannot decide this row: its whole row can
+        else:
+            assert out.logits is not None
+            row = out.logits[index:index + 1]
+        self.sampled["from_full"] += 1
+        return request.pick(row)
