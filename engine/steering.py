@@ -25,7 +25,8 @@ echoing it ("Petra Stablemaster, … you will play a role as PetroDragon").
 
 The bonus is added to the raw logits before the sampler's processors (repetition penalty, n-gram ban,
 temperature, top-k/p), so a strong enough bias makes the word likely without forcing it: the model
-still picks where it goes. ``bias`` 0 turns steering off. Stateless: ``apply`` reads the reply so far.
+still picks where it goes. ``bias`` 0 turns steering off. Stateless: ``bonus`` reads the reply so far
+(``sampling.add_bonus`` adds it to a logits row).
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .grounding import Grounding, asked_facts, pushed_words, words
-from .sampling import CHAT_DEFAULTS, add_bonus
+from .sampling import CHAT_DEFAULTS
 from .tokenizer import Tokenizer
 
 DEFAULT_BIAS = CHAT_DEFAULTS.fact_bias  # logits
@@ -111,10 +110,6 @@ class FactSteering:
                 out.setdefault(spelling[0], self.bias)
         return out
 
-    def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
-        """``logits`` (1, vocab) with the bonus for the next token after ``reply`` added (a copy)."""
-        return add_bonus(logits, self.bonus(reply))
-
 
 class SteeringCursor:
     """One growing reply's view of a ``FactSteering``: the nudge is computed once per reply length,
@@ -141,9 +136,6 @@ class SteeringCursor:
             self._bonus = self.steering.with_penalty(nudge)
             self.over = not self._bonus
         return self._bonus
-
-    def apply(self, logits: np.ndarray, reply: Sequence[int]) -> np.ndarray:
-        return add_bonus(logits, self.bonus(reply))
 
 
 def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:

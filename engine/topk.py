@@ -72,8 +72,7 @@ def _row_graph() -> bytes:
 class TopK:
     """A ``k``-largest session on ``device`` (``"cpu"`` or ``"cuda"``). Not thread-safe."""
 
-    def __init__(self, k: int, device: str = "cpu", *, device_id: int = 0, threads: int = 1,
-                 gather: bool | None = None) -> None:
+    def __init__(self, k: int, device: str = "cpu", *, threads: int = 1, gather: bool | None = None) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
         self.k, self.device = k, device
@@ -81,8 +80,8 @@ class TopK:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        providers: list[Any] = (
-            [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"] if device == "cuda"
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
             else ["CPUExecutionProvider"])
         self.session = ort.InferenceSession(_topk_graph(k), options, providers=providers)
         # Off the host, a row the candidates cannot decide is gathered on the device (one row copied);

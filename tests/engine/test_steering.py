@@ -16,7 +16,7 @@ from npctalk.engine.handlers import Handlers
 from npctalk.engine.model import Model
 from npctalk.engine.npcs import NpcRegistry
 from npctalk.engine.persona import Persona, find_persona
-from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions
+from npctalk.engine.sampling import CHAT_DEFAULTS, SearchOptions, add_bonus
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.server import ServerConfig
 from npctalk.engine.steering import FactSteering
@@ -62,11 +62,11 @@ def test_first_tokens_then_the_rest_of_a_begun_word_then_nothing(byte_tokenizer:
     assert s.bonus(byte_tokenizer.encode("Hello there. I")) == {}, "only the first sentence is nudged"
 
 
-def test_apply_adds_the_bonus_to_a_copy(byte_tokenizer: Tokenizer) -> None:
+def test_the_bonus_is_added_to_a_copy(byte_tokenizer: Tokenizer) -> None:
     s = steering("What is your name?", byte_tokenizer)
     assert s is not None
     logits = np.zeros((1, byte_tokenizer.vocab_size), dtype=np.float32)
-    out = s.apply(logits, [])
+    out = add_bonus(logits, s.bonus([]))
     assert not logits.any(), "the caller's logits are not changed"
     assert set(np.flatnonzero(out[0])) == set(s.bonus([])) and out.max() == 4.0
 
