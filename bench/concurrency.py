@@ -64,6 +64,12 @@ async def one_reply(client: AsyncClient, index: int, max_new_tokens: int, turn: 
             "server_ttft_ms": result.timings.ttft_ms, "finish_reason": result.finish_reason}
 
 
+def latency(ttft: list[float], gaps: list[float]) -> dict[str, float]:
+    """p50/p99 of the times to first token and of the inter-token gaps (ms)."""
+    return {"ttft_ms_p50": round(percentile(ttft, 50), 2), "ttft_ms_p99": round(percentile(ttft, 99), 2),
+            "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3)}
+
+
 async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[str, Any]:
     async with AsyncClient(endpoint, timeout=30.0) as client:
         await client.ping()
@@ -79,8 +85,7 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
     return {
         "streams": streams, "completion_tokens": tokens, "wall_s": round(wall, 3),
         "aggregate_tok_s": round(tokens / wall, 1),
-        "ttft_ms_p50": round(percentile(ttft, 50), 2), "ttft_ms_p99": round(percentile(ttft, 99), 2),
-        "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3),
+        **latency(ttft, gaps),
         "server_ttft_ms_p50": round(statistics.median(r["server_ttft_ms"] for r in replies), 2),
         "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": stats["batched"],
         "prompt_tokens_p50": prompt_tokens, "sampled_total": sampled,
@@ -94,21 +99,22 @@ async def run_steady(endpoint: str, streams: int, max_new_tokens: int, window_s:
     count replies sent, and gaps seen, inside the window."""
     async with AsyncClient(endpoint, timeout=30.0) as client:
         await client.ping()
-        start = time.perf_counter()
-        opens, closes = start + warmup_s, start + warmup_s + window_s
         replies: list[dict[str, Any]] = []
+        closed = asyncio.Event()
 
         async def npc(index: int) -> None:
             turn = 0
-            while time.perf_counter() < closes:
+            while not closed.is_set():
                 replies.append(await one_reply(client, index, max_new_tokens, turn))
                 turn += 1
 
         async def window() -> tuple[dict[str, Any], float, dict[str, Any], float]:
-            await asyncio.sleep(max(0.0, opens - time.perf_counter()))
+            # The window runs window_s from the first stats answer (a busy server may answer late).
+            await asyncio.sleep(warmup_s)
             first, t0 = await client.stats(), time.perf_counter()
-            await asyncio.sleep(max(0.0, closes - time.perf_counter()))
+            await asyncio.sleep(window_s)
             last, t1 = await client.stats(), time.perf_counter()
+            closed.set()
             return first, t0, last, t1
 
         measured, *_ = await asyncio.gather(window(), *(npc(i) for i in range(streams)))
@@ -120,8 +126,7 @@ async def run_steady(endpoint: str, streams: int, max_new_tokens: int, window_s:
         "streams": streams, "mode": "steady", "window_s": round(t1 - t0, 3), "replies_in_window": len(inside),
         "completion_tokens": last["tokens"] - first["tokens"],
         "aggregate_tok_s": round((last["tokens"] - first["tokens"]) / (t1 - t0), 1),
-        "ttft_ms_p50": round(percentile(ttft, 50), 2), "ttft_ms_p99": round(percentile(ttft, 99), 2),
-        "gap_ms_p50": round(percentile(gaps, 50), 3), "gap_ms_p99": round(percentile(gaps, 99), 3),
+        **latency(ttft, gaps),
         "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": last["batched"],
         "prompt_tokens_p50": statistics.median(r["prompt_tokens"] for r in replies),
         "sampled": {k: v - first.get("sampled", {}).get(k, 0) for k, v in last.get("sampled", {}).items()},

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from concurrency import machine  # bench/ is the script's folder
+
 from npctalk.engine.sampling import CHAT_DEFAULTS, Sampler
 from npctalk.engine.topk import TopK
 
@@ -110,18 +112,13 @@ def main() -> int:
                      result["decided_by_top"], result["decided_by_top"] + result["needed_full_row"])
             results.append(result)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    report = {"date": date, "machine": {"host": platform.node(), "cpu": cpu, "python": platform.python_version()},
-              "options": dataclasses.asdict(CHAT_DEFAULTS), "results": results}
+    m = machine()
+    report = {"date": date, "machine": m, "options": dataclasses.asdict(CHAT_DEFAULTS), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"sampling-{platform.node()}-{date[:10]}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     lines = [f"# Picking a step's sampled tokens: whole rows vs top {args.top_tokens} candidates",
-             "", f"{date} · {platform.node()} · {cpu} · Python {platform.python_version()} · chat defaults, "
+             "", f"{date} · {m['host']} · {m['cpu']} · Python {m['python']} · chat defaults, "
              f"synthetic logits, median of {args.steps} steps, same process, alternating; the same tokens checked every step.",
              "", "| vocab | rows | whole rows ms/step | top-k ms/step (of which TopK) | × | rows decided by the candidates |",
              "|---:|---:|---:|---:|---:|---:|"]
