@@ -30,6 +30,7 @@ import numpy as np
 from .bundle import Manifest
 from .detokenizer import StreamingDetokenizer
 from .errors import ConfigError, ContextOverflowError, GenerationError
+from .first_words import FirstWords, with_first_words
 from .kv_cache import KVCache
 from .sampling import Sampler, SearchOptions
 from .steering import FactSteering, SteeringCursor
@@ -96,6 +97,7 @@ class Generator:
     def _start_reply(self, start: int) -> None:
         self._reply_start = start
         self._finish: FinishReason | None = None
+        self._first = FirstWords(self.model.tokenizer, self._eos)  # no EOS before the reply says something
         stops = self.options.stop_strings
         self._detok = StreamingDetokenizer(self.model.tokenizer) if stops else None
         self._stop = StopMatcher(stops) if stops else None
@@ -146,11 +148,13 @@ class Generator:
         # 1. Logits for the next position: run the token(s) the cache has not seen yet.
         if self._logits is None:
             self._logits = self._forward_pending()  # (1, vocab)
-        # 2. Process and sample with the whole conversation as history (after fact steering's bonus).
+        # 2. Process and sample with the whole conversation as history, after fact steering's bonus
+        #    and, until the reply has visible text, a ban on EOS (first_words.py).
         bonus = {} if self._steering is None else self._steering.bonus(self.reply_tokens)
-        token = self._sampler.next_token(self._logits, self._tokens, bonus)
+        token = self._sampler.next_token(self._logits, self._tokens, with_first_words(bonus, self._first))
         # 3. Record it; its KV is computed lazily by the next step (never for a reply's last token).
         self._tokens.append(token)
+        self._first.see(token)
         self._logits = None
         # 4. Finished?
         self._finish = self._finish_reason_after(token)

@@ -28,6 +28,7 @@ import numpy as np
 
 from .detokenizer import StreamingDetokenizer
 from .errors import RequestStateError
+from .first_words import FirstWords, with_first_words
 from .protocol import ErrorCode
 from .sampling import Sampler, SearchOptions
 from .steering import FactSteering, SteeringCursor
@@ -122,6 +123,7 @@ class Request:
         self._chunks: list[str] = []
         self._seq = 0
         self._steer: SteeringCursor | None = None
+        self._first = FirstWords(self.tokenizer, self.eos_ids)  # no EOS before the reply says something
         self._unbooked: int | None = None  # taken by ``take``, not yet turned into text by ``book``
 
     # --- state machine: every change of ``state`` goes through here ---------------------------------
@@ -165,26 +167,28 @@ class Request:
     def pick(self, logits: np.ndarray) -> int:
         """The next token from the whole logits row (1, vocab): steering's bonus, then the sampler
         (history: prompt + reply). Draws from the request's generator; takes nothing."""
-        bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
-        return self._sampler.next_token(logits, self.tokens, bonus)
+        return self._sampler.next_token(logits, self.tokens, self._bonus())
 
     def pick_from(self, ids: np.ndarray, values: np.ndarray) -> int | None:
         """``pick`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)): the
         same token as from the whole row, or None when the candidates cannot tell (nothing is drawn
         then; ``pick`` with the whole row)."""
-        bonus = self._cursor().bonus(self.tokens[len(self.prompt_ids):])
-        return self._sampler.pick(ids, values, self.tokens, bonus)
+        return self._sampler.pick(ids, values, self.tokens, self._bonus())
 
     @property
     def needs_logits(self) -> bool:
         """False when the next token is just the argmax of the raw logits (greedy, no repetition
-        controls, no steering bonus at this point): then a device that computes the argmax itself
-        (``SlotBatch.forward_greedy``) can hand over the token alone and ``accept`` takes it."""
+        controls, no steering bonus and EOS not banned at this point): then a device that computes the
+        argmax itself (``SlotBatch.forward_greedy``) can hand over the token alone and ``accept`` takes it."""
         o = self.options
-        if not o.greedy or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size:
+        if not o.greedy or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size or not self._first.spoken:
             return True
         cursor = self._cursor()
         return not cursor.over and bool(cursor.bonus(self.tokens[len(self.prompt_ids):]))  # no reply copy once over
+
+    def _bonus(self) -> dict[int, float]:
+        """Logit bonus for the next token: fact steering's, and -inf on EOS until the reply says something."""
+        return with_first_words(self._cursor().bonus(self.tokens[len(self.prompt_ids):]), self._first)
 
     def _cursor(self) -> SteeringCursor:
         """The steering's per-reply cache (made again if ``steering`` was replaced)."""
@@ -202,6 +206,7 @@ class Request:
         into text); True when the reply ends with it whatever its text says (EOS or length: a stop
         string is only found by ``book``)."""
         self.tokens.append(token)
+        self._first.see(token)
         self._unbooked = token
         if self.first_token_at is None:
             self.first_token_at = now
