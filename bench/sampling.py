@@ -9,9 +9,11 @@ repetition penalty 1.15, no-repeat 4-grams):
 - ``full``: each row's whole logits row through ``Sampler.next_tokens`` (what every sampled step
   did before ``topk``);
 - ``top``: ONNX Runtime's TopK over all rows at once (CPU, one thread), then ``Sampler.pick`` per row,
-  and the whole row for a row the candidates cannot decide.
+  and the whole row for a row the candidates cannot decide;
+- ``together``: the same TopK, then ``pick.pick_many`` over all rows at once (what the scheduler
+  does since it exists), and the whole row where it declines.
 
-Both must pick the same tokens (checked every step). The logits are synthetic (a peaked head over a
+All three must pick the same tokens (checked every step). The logits are synthetic (a peaked head over a
 normal tail, like a language model's) and histories repeat likely tokens, so penalties bite; the
 share of rows the candidates decide on real text is in the server's ``stats`` (``sampled``) and the
 concurrency benchmark. Not measured here: the device-to-host copy of whole rows on a GPU, which
@@ -36,6 +38,7 @@ import numpy as np
 
 from concurrency import machine  # bench/ is the script's folder
 
+from npctalk.engine.pick import pick_many
 from npctalk.engine.sampling import CHAT_DEFAULTS, Sampler
 from npctalk.engine.topk import TopK
 
@@ -56,8 +59,9 @@ def measure(rows: int, vocab: int, steps: int, k: int, seed: int = 0) -> dict[st
     topk = TopK(k)
     full = [Sampler(dataclasses.replace(CHAT_DEFAULTS, seed=r)) for r in range(rows)]
     top = [Sampler(dataclasses.replace(CHAT_DEFAULTS, seed=r)) for r in range(rows)]
-    histories = [list(rng.integers(0, vocab, 200)) for _ in range(rows)]
-    times: dict[str, list[float]] = {"full": [], "top": [], "topk_op": []}
+    together = [Sampler(dataclasses.replace(CHAT_DEFAULTS, seed=r)) for r in range(rows)]
+    histories = [rng.integers(0, vocab, 200).tolist() for _ in range(rows)]  # ints, as a request's tokens are
+    times: dict[str, list[float]] = {"full": [], "top": [], "together": [], "topk_op": []}
     decided = declined = 0
     for step in range(steps):
         logits = synthetic_logits(rng, rows, vocab)
@@ -79,14 +83,23 @@ def measure(rows: int, vocab: int, steps: int, k: int, seed: int = 0) -> dict[st
                 decided += 1
             picked.append(token)
         times["top"].append(time.perf_counter() - start)
-        if picked != expected:
-            raise AssertionError(f"step {step}: candidates picked {picked}, whole rows {expected}")
+        start = time.perf_counter()
+        ids, values = topk.of_array(logits)
+        batched = pick_many(together, ids, values, histories, [{}] * rows)
+        batched = [t if t is not None else int(together[r].next_tokens(logits[r:r + 1], [histories[r]])[0])
+                   for r, t in enumerate(batched)]
+        times["together"].append(time.perf_counter() - start)
+        if picked != expected or batched != expected:
+            raise AssertionError(f"step {step}: candidates picked {picked} one by one and {batched} together, "
+                                 f"whole rows {expected}")
         for r in range(rows):
             histories[r].append(expected[r])
     median = {name: statistics.median(values) * 1000 for name, values in times.items()}
     return {"rows": rows, "vocab": vocab, "steps": steps, "top_tokens": k,
             "full_ms_per_step": round(median["full"], 3), "top_ms_per_step": round(median["top"], 3),
-            "topk_op_ms_per_step": round(median["topk_op"], 3),
+            "topk_op_ms_per_step": round(median["topk_op"], 3), "together_ms_per_step": round(median["together"], 3),
+            "together_us_per_row": round((median["together"] - median["topk_op"]) / rows * 1000, 1),
+            "together_vs_top": round(median["top"] / median["together"], 2),
             "full_us_per_row": round(median["full"] / rows * 1000, 1), "top_us_per_row": round(median["top"] / rows * 1000, 1),
             "speedup": round(median["full"] / median["top"], 2), "decided_by_top": decided, "needed_full_row": declined}
 
@@ -107,8 +120,9 @@ def main() -> int:
     for vocab in args.vocab:
         for rows in args.rows:
             result = measure(rows, vocab, args.steps, args.top_tokens)
-            log.info("vocab %d, %d rows: whole rows %.2f ms/step, top %d %.2f ms/step (%.1fx); %d/%d rows decided by the candidates",
-                     vocab, rows, result["full_ms_per_step"], args.top_tokens, result["top_ms_per_step"], result["speedup"],
+            log.info("vocab %d, %d rows: whole rows %.2f ms/step, top %d %.2f ms/step (%.1fx), together %.2f ms/step; "
+                     "%d/%d rows decided by the candidates", vocab, rows, result["full_ms_per_step"], args.top_tokens,
+                     result["top_ms_per_step"], result["speedup"], result["together_ms_per_step"],
                      result["decided_by_top"], result["decided_by_top"] + result["needed_full_row"])
             results.append(result)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -120,10 +134,12 @@ def main() -> int:
     lines = [f"# Picking a step's sampled tokens: whole rows vs top {args.top_tokens} candidates",
              "", f"{date} · {m['host']} · {m['cpu']} · Python {m['python']} · chat defaults, "
              f"synthetic logits, median of {args.steps} steps, same process, alternating; the same tokens checked every step.",
-             "", "| vocab | rows | whole rows ms/step | top-k ms/step (of which TopK) | × | rows decided by the candidates |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "", "| vocab | rows | whole rows ms/step | top-k, one by one ms/step (of which TopK) | × whole | "
+             "top-k, together ms/step | × one by one | µs/row together (TopK aside) | rows decided by the candidates |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['vocab']} | {r['rows']} | {r['full_ms_per_step']} | {r['top_ms_per_step']} ({r['topk_op_ms_per_step']}) | "
-              f"{r['speedup']} | {r['decided_by_top']} / {r['decided_by_top'] + r['needed_full_row']} |" for r in results]
+              f"{r['speedup']} | {r['together_ms_per_step']} | {r['together_vs_top']} | {r['together_us_per_row']} | "
+              f"{r['decided_by_top']} / {r['decided_by_top'] + r['needed_full_row']} |" for r in results]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -9,9 +9,9 @@ back, per batch, the cheapest thing its rows need:
   ``topk.TopTokens``) when the vocabulary is large (over ``topk.MIN_VOCAB``), else the logits
   (rows, vocab); the plain rows of such a batch still take the device's argmax.
 
-``DecodeSteps.choose`` then gives a row its token: the argmax, ``Request.pick_from`` its top
-candidates, or ``Request.pick`` its whole row when the candidates cannot decide (the same token
-either way; ``sampled`` counts which).
+``DecodeSteps.choose`` then gives each row its token: the argmax, a pick from its top candidates
+(all such rows of the step together, ``request.pick_from_many``), or ``Request.pick`` from its
+whole row when the candidates cannot decide (the same token either way; ``sampled`` counts which).
 
 Plainly, ``launch`` runs the step at once and ``join`` hands over its result. With ``ahead``
 (``serve --decode-ahead``) ``launch`` submits it to a worker thread and returns, so the engine loop
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import topk
-from .request import Request
+from .request import Request, pick_from_many
 from .topk import TopTokens
 
 
@@ -117,20 +117,28 @@ class DecodeSteps:
                 outputs.append((flight, exc))
         return outputs
 
-    def choose(self, flight: Flight, out: StepOutput, index: int) -> int:
-        """Row ``index``'s next token from its step's output (drawn from the request's generator
-        when it samples; nothing is taken)."""
-        request = flight.rows[index]
-        if out.tokens is not None and not flight.needs[index]:
-            return int(out.tokens[index])
-        if out.best is not None:
-            picked = request.pick_from(out.best.ids[index], out.best.values[index])
-            if picked is not None:
-                self.sampled["from_top"] += 1
-                return picked
-            row = out.best.row(index)  # the candidates cannot decide this row: its whole row can
-        else:
-            assert out.logits is not None
-            row = out.logits[index:index + 1]
-        self.sampled["from_full"] += 1
-        return request.pick(row)
+    def choose(self, flight: Flight, out: StepOutput, live: Sequence[bool]) -> list[int | None]:
+        """The next token of each ``live`` row from its step's output (None for the others): the
+        argmax, a pick from its top candidates (the rows together, ``request.pick_from_many``), or
+        a pick from its whole row where the candidates cannot decide. Sampling rows draw from their
+        request's generator; nothing is taken."""
+        tokens: list[int | None] = [None] * len(flight.rows)
+        wanted = []  # rows that need more than the argmax
+        for index, alive in enumerate(live):
+            if not alive:
+                continue
+            if out.tokens is not None and not flight.needs[index]:
+                tokens[index] = int(out.tokens[index])
+            else:
+                wanted.append(index)
+        if out.best is not None and wanted:
+            picked = pick_from_many([flight.rows[i] for i in wanted], out.best.ids[wanted], out.best.values[wanted])
+            for index, token in zip(wanted, picked):
+                tokens[index] = token
+            self.sampled["from_top"] += sum(token is not None for token in picked)
+        for index in wanted:
+            if tokens[index] is None:  # the candidates cannot decide this row: its whole row can
+                row = out.best.row(index) if out.best is not None else out.logits[index:index + 1]  # type: ignore[index]
+                tokens[index] = flight.rows[index].pick(row)
+                self.sampled["from_full"] += 1
+        return tokens

@@ -29,6 +29,7 @@ import numpy as np
 from .detokenizer import StreamingDetokenizer
 from .errors import RequestStateError
 from .first_words import FirstWords, with_first_words
+from .pick import pick_many
 from .protocol import ErrorCode
 from .sampling import Sampler, SearchOptions
 from .steering import FactSteering, SteeringCursor
@@ -277,6 +278,14 @@ class Request:
 
         return {"queue_ms": since_received(self.admitted_at if self.admitted_at is not None else end) or 0.0,
                 "ttft_ms": since_received(self.first_token_at), "total_ms": since_received(end) or 0.0}
+
+
+def pick_from_many(requests: Sequence[Request], ids: np.ndarray, values: np.ndarray) -> list[int | None]:
+    """``Request.pick_from`` for many rows at once: row ``i`` of ``ids``/``values`` (rows, k) is
+    ``requests[i]``'s top candidates; rows sharing processing options are picked together
+    (``pick.pick_many``). The same tokens and draws as one by one."""
+    return pick_many([r._sampler for r in requests], ids, values, [r.tokens for r in requests],
+                     [r._bonus() for r in requests])
 
 
 def check_prompt(prompt_ids: Sequence[int], options: SearchOptions, max_context: int) -> str | None:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_FACT_BIAS = 100.0
 WIDE_TOP = 256  # candidates ``Sampler.next_token`` takes from a whole row before it falls back to all of it
+NUCLEUS_SORT = 1024  # top-p sorts a row's survivors whole up to this many, else only its likeliest
 
 
 @dataclass(frozen=True)
@@ -155,20 +156,66 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     out = np.full_like(logits, -np.inf)
     for row in range(logits.shape[0]):
         allowed = np.flatnonzero(np.isfinite(logits[row]))  # (n,): after top-k only k tokens
-        probs = softmax(logits[row, allowed][None])[0]  # (n,)
-        # Sorting a 50k vocabulary costs milliseconds: sort only the m most likely tokens, with m
-        # grown until they hold mass >= p (then the nucleus is among them).
-        m = min(64, allowed.size)
-        while True:
-            top = np.argpartition(-probs, m - 1)[:m] if m < allowed.size else np.arange(allowed.size)
-            if m == allowed.size or probs[top].sum() >= p:
-                break
-            m = min(4 * m, allowed.size)
-        order = top[np.argsort(-probs[top], kind="stable")]  # (m,), most likely first
-        before = np.cumsum(probs[order]) - probs[order]  # mass of more likely tokens; 0 for the top one
-        keep = allowed[order[before < p]]
+        values = logits[row, allowed]  # (n,)
+        keep = allowed[nucleus(values[None], p)[0] if allowed.size <= NUCLEUS_SORT else _wide_nucleus(values, p)]
         out[row, keep] = logits[row, keep]
     return out
+
+
+def nucleus(x: np.ndarray, p: float) -> np.ndarray:
+    """Top-p of processed logits (rows, n), -inf where banned: a bool mask (rows, n) of each row's
+    smallest set of most likely entries whose probabilities sum to >= ``p``.
+
+    Row by row the result depends only on the finite entries and their order, not on how many -inf
+    entries lie between or after them (the totals are sequential sums, to which a 0 adds exactly
+    nothing; the sort is stable). So a row's top candidates with the others -inf (``pick``) and the
+    same tokens taken out of the whole row give the same mask, bit for bit."""
+    e = _weights(x)  # (rows, n)
+    probs = e / np.cumsum(e, axis=-1)[:, -1:]
+    order = np.argsort(-probs, axis=-1, kind="stable")  # most likely first; ties in position order
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    keep = np.empty(x.shape, dtype=bool)
+    np.put_along_axis(keep, order, np.cumsum(ranked, axis=-1) - ranked < p, axis=-1)  # mass before each < p
+    return keep & np.isfinite(x)
+
+
+def _wide_nucleus(values: np.ndarray, p: float) -> np.ndarray:
+    """``nucleus`` of one row of many survivors (n,) (top-k off): sorting 50k tokens costs
+    milliseconds, so only the m most likely are sorted, m grown until they hold mass >= p."""
+    e = _weights(values[None])[0]
+    probs = e / np.cumsum(e)[-1]
+    m = min(64, values.size)
+    while True:
+        top = np.argpartition(-probs, m - 1)[:m] if m < values.size else np.arange(values.size)
+        if m == values.size or probs[top].sum() >= p:
+            break
+        m = min(4 * m, values.size)
+    order = top[np.argsort(-probs[top], kind="stable")]  # (m,), most likely first
+    before = np.cumsum(probs[order]) - probs[order]  # mass of more likely tokens; 0 for the top one
+    keep = np.zeros(values.size, dtype=bool)
+    keep[order[before < p]] = True
+    return keep
+
+
+def draw(x: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """Per row of processed logits (rows, n), -inf where banned: the position of an entry drawn
+    with its softmax probability, by one ``random()`` of the row's generator; int64 (rows,).
+
+    Inverse CDF over the unnormalised weights: the first entry whose running total exceeds the
+    draw times the row's total. As for ``nucleus``, -inf entries between or after the finite ones
+    change nothing (their weight is 0, so no running total first exceeds the draw there)."""
+    e = _weights(x)
+    cdf = np.cumsum(e, axis=-1)  # (rows, n)
+    target = np.fromiter((rng.random() for rng in rngs), dtype=np.float64, count=len(rngs)) * cdf[:, -1]
+    index = np.count_nonzero(cdf <= target[:, None], axis=-1)
+    last = x.shape[-1] - 1 - np.argmax(np.isfinite(x[:, ::-1]), axis=-1)  # the last finite entry
+    return np.minimum(index, last)
+
+
+def _weights(x: np.ndarray) -> np.ndarray:
+    """exp(x - row max) in float64 (rows, n); 0 where x is -inf."""
+    x = x.astype(np.float64)
+    return np.exp(x - x.max(axis=-1, keepdims=True))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -191,6 +238,7 @@ class HistoryIndex:
     def _reset(self) -> None:
         self.tokens: list[int] = []
         self.seen: set[int] = set()
+        self._seen_mask = np.zeros(1024, dtype=bool)  # seen as a mask over token ids, grown as needed
         self.followers: dict[tuple[int, ...], set[int]] = {}
 
     def sync(self, history: Sequence[int]) -> None:
@@ -204,8 +252,19 @@ class HistoryIndex:
             token = int(token)
             self.tokens.append(token)
             self.seen.add(token)
+            if token >= self._seen_mask.size:
+                self._seen_mask = np.concatenate([self._seen_mask, np.zeros(token + 1, dtype=bool)])
+            self._seen_mask[token] = True
             if n > 1 and len(self.tokens) >= n:
                 self.followers.setdefault(tuple(self.tokens[-n:-1]), set()).add(token)
+
+    def seen_of(self, ids: np.ndarray, top: int | None = None) -> np.ndarray:
+        """Whether each of ``ids`` (int, any shape; ``top``: their largest, if known) is in the
+        indexed history: bool, same shape."""
+        top = int(ids.max()) if top is None else top
+        if top >= self._seen_mask.size:
+            self._seen_mask = np.concatenate([self._seen_mask, np.zeros(top + 1, dtype=bool)])
+        return self._seen_mask[ids]
 
     def banned(self) -> set[int]:
         """``banned_ngram_tokens`` of the indexed history, as a set."""
@@ -226,7 +285,12 @@ class Sampler:
     def __init__(self, options: SearchOptions, batch_size: int = 1) -> None:
         self.options = options
         self._rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(options.seed).spawn(batch_size)]
-        self._index = HistoryIndex(options.no_repeat_ngram_size)  # row 0's history, for ``pick``
+        self.index = HistoryIndex(options.no_repeat_ngram_size)  # row 0's history, for ``pick``
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Row 0's generator (what ``pick`` and ``next_token`` draw from)."""
+        return self._rngs[0]
 
     def process(self, logits: np.ndarray, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """Logits (batch, vocab) after every processor the options enable, -inf where banned."""
@@ -274,51 +338,15 @@ class Sampler:
     def pick(self, ids: np.ndarray, values: np.ndarray, history: Sequence[int],
              bonus: Mapping[int, float] | None = None, *, floor: float | None = None) -> int | None:
         """Row 0's next token from candidates: distinct ``ids`` with their raw logits ``values``
-        (any order; ``topk.TopTokens``), after adding ``bonus`` (token → logits, as
-        ``add_bonus``): the token ``next_tokens`` would pick from the whole logits row, with
-        the same draw of the row's generator. ``floor``: no token outside ``ids`` has a raw logit
-        above it (default: the smallest of ``values``, right when they are a row's top k). None when
-        the candidates cannot decide that exactly; then nothing is drawn (call ``next_tokens`` with
-        the full row).
+        (any order; ``topk.TopTokens``), after adding ``bonus`` (token → logits, as ``add_bonus``):
+        the token ``next_tokens`` would pick from the whole logits row, with the same draw of the
+        row's generator; None when the candidates cannot decide (nothing is drawn then).
+        ``floor``: no token outside ``ids`` has a raw logit above it (default: the smallest of
+        ``values``). ``pick.pick_rows`` of this one row; why it is exact is said there."""
+        from .pick import pick_rows
 
-        Exact because the processors only lower an outside token (penalty > 1, bans) or add its
-        ``bonus``. So when at least ``top_k`` candidates (1 when greedy) end above ``floor`` + the
-        largest outside bonus, the full row's top-k set is among them, and top-p and the draw then
-        see the same values in the same (token id) order."""
-        o = self.options
-        need = 1 if o.greedy else o.top_k
-        if need < 1 or need >= ids.size or o.repetition_penalty < 1.0:
-            return None  # top-k off (top-p over the whole vocabulary), or too few candidates
-        order = np.argsort(ids, kind="stable")
-        ids = ids[order]  # (k,) ascending, as np.flatnonzero lists a full row's survivors
-        x = np.array(values[order], dtype=np.float32)[None]  # (1, k)
-        bound = np.float32(x.min() if floor is None else floor)  # no outside token's raw logit is above it
-        if bonus:
-            keys = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
-            adds = np.fromiter(bonus.values(), dtype=np.float32, count=len(bonus))
-            at = np.minimum(np.searchsorted(ids, keys), ids.size - 1)
-            inside = ids[at] == keys
-            x[0, at[inside]] += adds[inside]
-            lift = adds[~inside]
-            if (lift > 0).any():
-                bound = np.float32(bound + lift.max())
-        if o.repetition_penalty != 1.0 or o.no_repeat_ngram_size:
-            self._index.sync(history)
-            listed = ids.tolist()
-        if o.repetition_penalty != 1.0:
-            seen = [j for j, token in enumerate(listed) if token in self._index.seen]
-            scores = x[0, seen]
-            x[0, seen] = np.where(scores < 0, scores * o.repetition_penalty, scores / o.repetition_penalty)
-        if o.no_repeat_ngram_size and (banned := self._index.banned()):
-            x[0, [j for j, token in enumerate(listed) if token in banned]] = -np.inf
-        if o.greedy:
-            best = int(np.argmax(x[0]))
-            return int(ids[best]) if x[0, best] > bound else None
-        x = x / np.float32(o.temperature)
-        if np.count_nonzero(x[0] > bound / np.float32(o.temperature)) < need:
-            return None
-        x = apply_top_p(apply_top_k(x, o.top_k), o.top_p)
-        return int(ids[_draw(x[0], self._rngs[0])])
+        floors = None if floor is None else np.asarray([floor], dtype=np.float32)
+        return pick_rows([self], ids[None], values[None], [history], [bonus or {}], floors)[0]
 
 
 def add_bonus(logits: np.ndarray, bonus: Mapping[int, float]) -> np.ndarray:
@@ -333,9 +361,7 @@ def add_bonus(logits: np.ndarray, bonus: Mapping[int, float]) -> np.ndarray:
 
 
 def _draw(row: np.ndarray, rng: np.random.Generator) -> int:
-    """Index of a token drawn from one processed logits row (-inf where banned)."""
-    allowed = np.flatnonzero(np.isfinite(row))  # (n,): after top-k, only k tokens
-    cdf = np.cumsum(softmax(row[allowed][None])[0])  # (n,)
-    # Inverse CDF: the first token whose cumulative probability exceeds a uniform draw.
-    index = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
-    return int(allowed[min(index, allowed.size - 1)])
+    """Index of a token drawn from one processed logits row (-inf where banned): ``draw`` over its
+    allowed tokens (after top-k, only k of them)."""
+    allowed = np.flatnonzero(np.isfinite(row))  # (n,)
+    return int(allowed[draw(row[allowed][None], [rng])[0]])

@@ -394,9 +394,11 @@ class Scheduler:
                         self._fail(request, ErrorCode.INTERNAL, f"The engine failed while generating: {out}.", events)
                 failed.update(flight.rows)
                 continue
-            for index, request in enumerate(flight.rows):
-                if request.live:  # else ended since the step was launched (cancelled, timed out, a stop string)
-                    taken.append((request, request.take(self._steps.choose(flight, out, index), self.clock())))
+            # A row not live has ended since the step was launched (cancelled, timed out, a stop string).
+            live = [request.live for request in flight.rows]
+            for request, token in zip(flight.rows, self._steps.choose(flight, out, live)):
+                if token is not None:
+                    taken.append((request, request.take(token, self.clock())))
         # Failed rows and replies ending with their token (EOS, length) take no further step.
         self._drop_rows(failed | {request for request, ending in taken if ending})
         return taken
