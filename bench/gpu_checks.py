@@ -9,6 +9,10 @@ what loading it costs in device memory, and whether the CUDA-graph step gives th
 - memory (CUDA): device memory taken by loading the bundle into a ``SlotDecoder`` with one slot of
   the model's full context (weights, KV buffers, ONNX Runtime's workspace), read with
   ``cudaMemGetInfo`` (through PyTorch) before and after.
+- topk: the sampling path's small graphs (``engine/topk.py``: TopK, the bonused TopK with its
+  ScatterElements ``add``, the one-row Gather) run once each on the device with the profiler on:
+  their nodes by execution provider (a CPU node there copies a step's whole logits to the host),
+  and whether the device's bonused candidates equal the host's.
 - parity: greedy tokens of four prompts, 32 each, through the slot decoder with the CUDA graph,
   without it, and through the generic engine path (``Model``); the share of equal tokens.
 
@@ -64,6 +68,50 @@ def placement(bundle: Path, device: str, out: Path) -> dict[str, Any]:
     return {"nodes_by_provider": {k: len(v) for k, v in sorted(by_provider.items())},
             "cpu_nodes": cpu_nodes[:20],
             "session_providers": session.get_providers()}
+
+
+def topk_placement(device: str, out: Path, vocab: int = 50257, rows: int = 64, k: int = 64) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from npctalk.engine import topk
+    from npctalk.engine.sampling import add_bonus
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((rows, 1, vocab)).astype(np.float32)
+    outside = np.argsort(-logits[:, 0], axis=-1)[:, k + 5]  # (rows,): lifted into the top by the bonus
+    bonus = topk.Bonus.of([{int(t): 30.0, 0: float("-inf")} for t in outside], rows)
+    assert bonus is not None
+    value = ort.OrtValue.ortvalue_from_numpy(logits, device, 0)
+    feeds = {"topk": {"logits": value}, "bonused_topk": {"logits": value, "bonus_ids": bonus.ids, "bonus_values": bonus.values},
+             "row": {"logits": value, "index": np.array([3], np.int64)}}
+    report: dict[str, Any] = {}
+    for name, graph in topk.graphs(k).items():
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(out / f"profile-{name}")
+        session = ort.InferenceSession(graph, options, providers=providers)
+        binding = session.io_binding()
+        for key, feed in feeds[name].items():
+            if isinstance(feed, ort.OrtValue):
+                binding.bind_ortvalue_input(key, feed)
+            else:
+                binding.bind_cpu_input(key, feed)
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        session.run_with_iobinding(binding)
+        trace = json.loads(Path(session.end_profiling()).read_text())
+        providers_seen: dict[str, int] = {}
+        for event in trace:
+            if event.get("cat") == "Node" and "provider" in event.get("args", {}) and event["name"].endswith("_kernel_time"):
+                providers_seen[event["args"]["provider"]] = providers_seen.get(event["args"]["provider"], 0) + 1
+        report[name] = providers_seen
+    ids, values = topk.TopK(k, device).of_value(value, vocab, bonus)
+    host = add_bonus(logits[:, 0], {})  # (rows, vocab)
+    same = all(set(ids[r].tolist()) == set(np.argsort(-add_bonus(host[r:r + 1], {int(outside[r]): 30.0, 0: float("-inf")})[0])[:k].tolist())
+               and int(outside[r]) in ids[r] for r in range(rows))
+    report["bonused_equals_host"] = same
+    return report
 
 
 def memory(bundle: Path) -> dict[str, Any]:
@@ -128,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"bundle": str(args.bundle), "device": args.device}
-    checks = [("placement", lambda: placement(args.bundle, args.device, args.out)), ("parity", lambda: parity(args.bundle, args.device))]
+    checks = [("placement", lambda: placement(args.bundle, args.device, args.out)),
+              ("topk", lambda: topk_placement(args.device, args.out)), ("parity", lambda: parity(args.bundle, args.device))]
     if args.device == "cuda":
         checks.insert(1, ("memory", lambda: memory(args.bundle)))
     for name, check in checks:

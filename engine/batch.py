@@ -21,14 +21,14 @@ keeps one single-row batch per stream (``supports_padding``). Not thread-safe: t
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
 
 from .generator import LanguageModel
 from .kv_cache import KVCache
-from .topk import TopTokens, host_topk
+from .topk import Bonus, TopTokens, host_topk
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,14 @@ class DecodeBatch(Generic[Row]):
         ids = np.asarray(token_ids, dtype=np.int64).reshape(len(self.rows), 1)  # (rows, 1)
         return self.model.forward(ids, self.cache)
 
-    def forward_top(self, token_ids: Sequence[int], k: int) -> TopTokens:
-        """``forward``, then each row's ``k`` best logits (``topk.TopTokens``; ``row`` slices the logits)."""
+    def forward_top(self, token_ids: Sequence[int], k: int,
+                    bonuses: Sequence[Mapping[int, float]] = ()) -> TopTokens:
+        """``forward``, then each row's ``k`` best logits (``topk.TopTokens``; ``row`` slices the raw
+        logits); ``bonuses``: per row, token → logits added before the top k are taken."""
         logits = self.forward(token_ids)  # (rows, vocab), on the host already
-        ids, values = host_topk(k).of_array(logits)
-        return TopTokens(ids, values, lambda index: logits[index:index + 1])
+        bonus = Bonus.of(bonuses, logits.shape[0])
+        ids, values = host_topk(k).of_array(logits, bonus)
+        return TopTokens(ids, values, lambda index: logits[index:index + 1], bonused=bonus is not None)
 
 
 def _pad_left_mask(mask: np.ndarray, length: int) -> np.ndarray:

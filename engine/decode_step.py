@@ -80,14 +80,17 @@ class DecodeSteps:
             top = getattr(group, "forward_top", None) if k else None  # one that gives each row's best logits
             needs = [r.needs_logits for r in rows] if greedy is not None else [True] * len(rows)
             pending = [r.pending_token for r in rows]
+            # Steering's bonus and the EOS ban go into the top k on the device (the values come back bonused).
+            bonuses = [r.bonus() if need else {} for r, need in zip(rows, needs)] if top is not None else []
 
             def run(group: Any = group, greedy: Any = greedy, top: Any = top,
-                    needs: list[bool] = needs, pending: list[int] = pending) -> StepOutput:
+                    needs: list[bool] = needs, pending: list[int] = pending,
+                    bonuses: list[dict[int, float]] = bonuses) -> StepOutput:
                 out = StepOutput()
                 if not any(needs):
                     out.tokens = greedy(pending)  # (rows,): no logits leave the device
                 elif top is not None:
-                    out.best = top(pending, k)  # (rows, k) candidates; a whole row only on demand
+                    out.best = top(pending, k, bonuses)  # (rows, k) candidates; a whole row only on demand
                 else:
                     out.logits = group.forward(pending)  # (rows, vocab)
                 if greedy is not None and any(needs) and not all(needs):
@@ -132,7 +135,8 @@ class DecodeSteps:
             else:
                 wanted.append(index)
         if out.best is not None and wanted:
-            picked = pick_from_many([flight.rows[i] for i in wanted], out.best.ids[wanted], out.best.values[wanted])
+            picked = pick_from_many([flight.rows[i] for i in wanted], out.best.ids[wanted], out.best.values[wanted],
+                                    bonused=out.best.bonused)
             for index, token in zip(wanted, picked):
                 tokens[index] = token
             self.sampled["from_top"] += sum(token is not None for token in picked)

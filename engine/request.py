@@ -168,13 +168,13 @@ class Request:
     def pick(self, logits: np.ndarray) -> int:
         """The next token from the whole logits row (1, vocab): steering's bonus, then the sampler
         (history: prompt + reply). Draws from the request's generator; takes nothing."""
-        return self._sampler.next_token(logits, self.tokens, self._bonus())
+        return self._sampler.next_token(logits, self.tokens, self.bonus())
 
     def pick_from(self, ids: np.ndarray, values: np.ndarray) -> int | None:
         """``pick`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)): the
         same token as from the whole row, or None when the candidates cannot tell (nothing is drawn
         then; ``pick`` with the whole row)."""
-        return self._sampler.pick(ids, values, self.tokens, self._bonus())
+        return self._sampler.pick(ids, values, self.tokens, self.bonus())
 
     @property
     def needs_logits(self) -> bool:
@@ -187,8 +187,9 @@ class Request:
         cursor = self._cursor()
         return not cursor.over and bool(cursor.bonus(self.tokens[len(self.prompt_ids):]))  # no reply copy once over
 
-    def _bonus(self) -> dict[int, float]:
-        """Logit bonus for the next token: fact steering's, and -inf on EOS until the reply says something."""
+    def bonus(self) -> dict[int, float]:
+        """Logit bonus (token → logits) for the next token: fact steering's, and -inf on EOS until the
+        reply says something. Changes only as tokens are taken."""
         return with_first_words(self._cursor().bonus(self.tokens[len(self.prompt_ids):]), self._first)
 
     def _cursor(self) -> SteeringCursor:
@@ -280,12 +281,14 @@ class Request:
                 "ttft_ms": since_received(self.first_token_at), "total_ms": since_received(end) or 0.0}
 
 
-def pick_from_many(requests: Sequence[Request], ids: np.ndarray, values: np.ndarray) -> list[int | None]:
+def pick_from_many(requests: Sequence[Request], ids: np.ndarray, values: np.ndarray, *,
+                   bonused: bool = False) -> list[int | None]:
     """``Request.pick_from`` for many rows at once: row ``i`` of ``ids``/``values`` (rows, k) is
     ``requests[i]``'s top candidates; rows sharing processing options are picked together
-    (``pick.pick_many``). The same tokens and draws as one by one."""
-    return pick_many([r._sampler for r in requests], ids, values, [r.tokens for r in requests],
-                     [r._bonus() for r in requests])
+    (``pick.pick_many``). The same tokens and draws as one by one. ``bonused``: the candidates are
+    the top k of the logits with each request's ``bonus`` already added (``topk.Bonus``)."""
+    bonuses = [{} for _ in requests] if bonused else [r.bonus() for r in requests]
+    return pick_many([r._sampler for r in requests], ids, values, [r.tokens for r in requests], bonuses)
 
 
 def check_prompt(prompt_ids: Sequence[int], options: SearchOptions, max_context: int) -> str | None:

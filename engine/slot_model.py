@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -37,7 +37,7 @@ from .bundle import load_manifest
 from .errors import ContextOverflowError, GenerationError, ServeError
 from .model import Model, Provider
 from .slots import SlotDecoder
-from .topk import TopK, TopTokens
+from .topk import Bonus, TopK, TopTokens
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +174,18 @@ class SlotBatch(Generic[Row]):
         slots = self._step(token_ids)
         return self._next[slots]
 
-    def forward_top(self, token_ids: Sequence[int], k: int) -> TopTokens:
+    def forward_top(self, token_ids: Sequence[int], k: int,
+                    bonuses: Sequence[Mapping[int, float]] = ()) -> TopTokens:
         """Like ``forward``, but only each row's ``k`` best logits leave the device (``topk.TopTokens``;
-        ``row`` copies one row's whole logits back, for a row those cannot decide)."""
+        ``row`` copies one row's whole raw logits back, for a row those cannot decide). ``bonuses``:
+        per row, token → logits added on the device before the top k are taken."""
         slots = self._step(token_ids)
         decoder = self.model.decoder
         topk, logits, vocab = self.model.topk(k), decoder.logits_value, decoder.manifest.vocab_size
-        ids, values = topk.of_value(logits, vocab)
-        return TopTokens(ids[slots], values[slots], lambda index: topk.row_of_value(logits, slots[index], vocab))
+        bonus = Bonus.of(bonuses, int(logits.shape()[0]), slots)
+        ids, values = topk.of_value(logits, vocab, bonus)
+        return TopTokens(ids[slots], values[slots], lambda index: topk.row_of_value(logits, slots[index], vocab),
+                         bonused=bonus is not None)
 
     def last_argmax(self) -> np.ndarray:
         """Each row's argmax token (rows,) from the last ``forward``/``forward_greedy``."""

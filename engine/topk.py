@@ -9,14 +9,20 @@ ones (steering), so the ``k`` best raw logits decide the pick in almost every st
 ``TopK`` runs ONNX Runtime's TopK over a logits tensor on its own device (an ``OrtValue`` the
 decoder left on the GPU, or a host array) and returns ``TopTokens``: ids and values (rows, k) plus a
 way to fetch the full logits for the rows the candidates cannot decide.
-``sampling.Sampler.pick`` makes the choice from the candidates and says when they are not enough,
-so the result is always the same as from the full row.
+``pick.pick_many`` makes the choice from the candidates and says when they are not enough, so the
+result is always the same as from the full row.
+
+A row with a logit bonus (fact steering; the ban on EOS before the reply says something) gets it
+added on the device before the top k are taken (``Bonus``: ScatterElements with ``add``), so a
+steered token outside the raw top k is still a candidate and the pick needs no other row. The
+values returned are then the bonused logits, as ``sampling.add_bonus`` would make them (the same
+float32 sums).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -38,16 +44,43 @@ _IR_VERSION = 10  # what ONNX Runtime 1.31 loads (onnx 1.23 would write a newer 
 @dataclass
 class TopTokens:
     """Rows' ``k`` largest logits: ``ids`` int64 and ``values`` float32, (rows, k), in no set order.
-    ``row(i)`` gives row ``i``'s whole logits (1, vocab), for a row the candidates cannot decide."""
+    ``row(i)`` gives row ``i``'s whole raw logits (1, vocab), for a row the candidates cannot decide.
+    ``bonused``: the values (and so the choice of candidates) include the rows' bonuses."""
 
     ids: np.ndarray
     values: np.ndarray
     row: Callable[[int], np.ndarray]
+    bonused: bool = False
 
 
-def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any]) -> bytes:
+@dataclass(frozen=True)
+class Bonus:
+    """Logit bonuses of a step's rows as two (rows, width) arrays: token ids int64 and amounts
+    float32. A row with fewer bonuses is padded with (0, 0.0), which adds nothing."""
+
+    ids: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, bonuses: Sequence[Mapping[int, float]], rows: int, at: Sequence[int] | None = None) -> Bonus | None:
+        """``bonuses[i]`` (token → logits) for logits row ``at[i]`` (default ``i``) of ``rows``; None
+        when there is none at all."""
+        width = max((len(b) for b in bonuses), default=0)
+        if width == 0:
+            return None
+        ids = np.zeros((rows, width), dtype=np.int64)
+        values = np.zeros((rows, width), dtype=np.float32)
+        for i, bonus in enumerate(bonuses):
+            if bonus:
+                row = i if at is None else at[i]
+                ids[row, :len(bonus)] = np.fromiter(bonus, dtype=np.int64, count=len(bonus))
+                values[row, :len(bonus)] = np.fromiter(bonus.values(), dtype=np.float32, count=len(bonus))
+        return cls(ids, values)
+
+
+def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any], opset: int = 17) -> bytes:
     graph = helper.make_graph(nodes, "npctalk_topk", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = _IR_VERSION
     return model.SerializeToString()
 
@@ -59,6 +92,27 @@ def _topk_graph(k: int) -> bytes:
                   [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
                    helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
                   [helper.make_tensor("k", TensorProto.INT64, [1], [k])])
+
+
+def _bonused_topk_graph(k: int) -> bytes:
+    """logits (rows, [1,] vocab), bonus_ids and bonus_values (rows, width) → values, ids (rows, k):
+    the bonus added to its tokens' logits (ScatterElements, ``add``), then TopK."""
+    return _model([helper.make_node("Flatten", ["logits"], ["flat"], axis=1),  # (rows, vocab)
+                   helper.make_node("ScatterElements", ["flat", "bonus_ids", "bonus_values"], ["bonused"],
+                                    axis=1, reduction="add"),
+                   helper.make_node("TopK", ["bonused", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info("bonus_ids", TensorProto.INT64, [None, None]),
+                   helper.make_tensor_value_info("bonus_values", TensorProto.FLOAT, [None, None])],
+                  [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                  [helper.make_tensor("k", TensorProto.INT64, [1], [k])],
+                  opset=18)  # ONNX Runtime's CUDA ScatterElements with a reduction is registered for opset 18
+
+
+def graphs(k: int) -> dict[str, bytes]:
+    """The graphs ``TopK`` runs, by name: for checking where a device places their nodes."""
+    return {"topk": _topk_graph(k), "bonused_topk": _bonused_topk_graph(k), "row": _row_graph()}
 
 
 def _row_graph() -> bytes:
@@ -84,30 +138,42 @@ class TopK:
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
             else ["CPUExecutionProvider"])
         self.session = ort.InferenceSession(_topk_graph(k), options, providers=providers)
+        self._bonused = ort.InferenceSession(_bonused_topk_graph(k), options, providers=providers)
         # Off the host, a row the candidates cannot decide is gathered on the device (one row copied);
         # ``gather``: whether to (default: unless on the CPU, where the logits are host memory already).
         gather = device != "cpu" if gather is None else gather
         self._rows = ort.InferenceSession(_row_graph(), options, providers=providers) if gather else None
 
-    def of_array(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Host logits (rows, vocab) → (ids, values), each (rows, min(k, vocab))."""
+    def of_array(self, logits: np.ndarray, bonus: Bonus | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Host logits (rows, vocab) → (ids, values), each (rows, min(k, vocab)); with ``bonus``,
+        of the bonused logits (``logits`` itself is not changed)."""
         logits = np.ascontiguousarray(logits, dtype=np.float32)
         if logits.shape[-1] <= self.k:  # TopK refuses k beyond the axis: every token is a candidate
+            if bonus is not None:
+                logits = logits.copy()
+                np.add.at(logits, (np.arange(logits.shape[0])[:, None], bonus.ids), bonus.values)
             ids = np.broadcast_to(np.arange(logits.shape[-1], dtype=np.int64), logits.shape)
             return np.ascontiguousarray(ids), logits
-        values, ids = self.session.run(None, {"logits": logits})
+        if bonus is None:
+            values, ids = self.session.run(None, {"logits": logits})
+        else:
+            values, ids = self._bonused.run(None, {"logits": logits, "bonus_ids": bonus.ids, "bonus_values": bonus.values})
         return ids.reshape(logits.shape[0], -1), values.reshape(logits.shape[0], -1)
 
-    def of_value(self, logits: ort.OrtValue, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    def of_value(self, logits: ort.OrtValue, vocab: int, bonus: Bonus | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Logits left on the device (rows, [1,] vocab) → host (ids, values), each (rows, k): only
-        these 12 bytes per candidate leave the device."""
+        these 12 bytes per candidate leave the device (and ``bonus``'s arrays go to it)."""
         if vocab <= self.k:
-            return self.of_array(logits.numpy().reshape(-1, vocab))
-        binding = self.session.io_binding()
+            return self.of_array(logits.numpy().reshape(-1, vocab), bonus)
+        session = self.session if bonus is None else self._bonused
+        binding = session.io_binding()
         binding.bind_ortvalue_input("logits", logits)
+        if bonus is not None:
+            binding.bind_cpu_input("bonus_ids", bonus.ids)
+            binding.bind_cpu_input("bonus_values", bonus.values)
         binding.bind_output("values", "cpu")
         binding.bind_output("ids", "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         values, ids = binding.copy_outputs_to_cpu()
         return ids.reshape(-1, self.k), values.reshape(-1, self.k)
 

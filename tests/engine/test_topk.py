@@ -244,3 +244,57 @@ def test_a_small_vocabulary_is_sampled_whole(gpt2_bundle: Path) -> None:
     from candidates, with top tokens on."""
     _, counts = _scheduled(Model(gpt2_bundle, provider="cpu", intra_op_threads=1), K)
     assert counts["from_top"] == 0 and counts["from_full"] > 0
+
+
+def test_a_bonus_is_added_before_the_top_k_on_the_device() -> None:
+    """``Bonus``: the candidates are the top k of the bonused logits, with the bonused values (the
+    same float32 sums as ``add_bonus``); -inf bans, padding, host arrays and device values alike."""
+    rng = np.random.default_rng(8)
+    logits = _logits(rng, 3)
+    outside = int(np.argsort(-logits[0])[K + 20])
+    best = int(np.argmax(logits[2]))
+    bonuses = [{outside: 30.0, 7: 0.5}, {}, {best: float("-inf")}]
+    bonus = topk.Bonus.of(bonuses, 3)
+    assert bonus is not None and bonus.ids.shape == (3, 2)
+    assert topk.Bonus.of([{}, {}], 2) is None
+    session = TopK(K)
+    value = __import__("onnxruntime").OrtValue.ortvalue_from_numpy(logits[:, None, :].copy())
+    for ids, values in (session.of_array(logits, bonus), session.of_value(value, VOCAB, bonus)):
+        for r in range(3):
+            bonused = add_bonus(logits[r:r + 1], bonuses[r])[0]
+            assert set(ids[r].tolist()) == set(np.argsort(-bonused)[:K].tolist())
+            np.testing.assert_array_equal(values[r], bonused[ids[r]])
+        assert outside in ids[0] and best not in ids[2]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_steered_token_outside_the_top_k_is_still_a_candidate(family: str, request: pytest.FixtureRequest,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A word's second token gets twice the bias (60 logits) in a decode step: far outside the raw
+    top 8. With the bonus added before the top k, every decode step is decided from the candidates
+    (none from a whole row), the steered word is said, and the replies equal whole-row decoding."""
+    from npctalk.engine.steering import FactSteering
+
+    monkeypatch.setattr(topk, "MIN_VOCAB", 0)
+    bundle: Path = request.getfixturevalue(f"{family}_bundle")
+    slots_bundle: Path = request.getfixturevalue(f"{family}_slots_bundle")
+    for model in (Model(bundle, provider="cpu", intra_op_threads=1),
+                  SlotModel.open(slots_bundle, 4, 128, provider="cpu", intra_op_threads=1)):
+        tok = model.tokenizer
+        word = (tok.encode(" the")[0], tok.encode(" mill")[0])
+
+        def replies(top_tokens: int) -> tuple[list[list[int]], dict[str, int]]:
+            scheduler = Scheduler(model, SchedulerConfig(max_batch=2, prefix_cache_bytes=0, top_tokens=top_tokens))
+            steering = FactSteering(((word,),), ((word,),), ("themill",), 30.0, tok)
+            requests = [Request(RequestKey(b"c", str(i)), tok.encode(text), SearchOptions(max_new_tokens=8), tok,
+                                frozenset(model.manifest.eos_token_ids), model.manifest.max_context, steering=steering)
+                        for i, text in enumerate(["Hello traveller", "Any news?"])]
+            assert all(scheduler.submit(r) for r in requests)
+            check_streams(run(scheduler), requests)
+            return [r.tokens[len(r.prompt_ids):] for r in requests], scheduler.stats()["sampled"]
+
+        on, counts = replies(8)
+        off, _ = replies(0)
+        assert on == off
+        assert all(reply[:2] == list(word) for reply in on), on
+        assert counts["from_full"] == 0 and counts["from_top"] >= 2, counts
