@@ -59,55 +59,91 @@ def close_cache(cache: object) -> None:
 
 
 class DecodeBatch(Generic[Row]):
-    """Rows (any hashable handle, e.g. requests) decoded together, in a fixed row order."""
+    """Rows (any hashable handle, e.g. requests) decoded together, in a fixed row order.
+
+    ``rows`` are the live rows; each has a physical row of the cache. A row that leaves frees its
+    physical row, and a joiner no longer than the batch is written into a free one (``KVCache.place``):
+    one row copied, not the batch. Free rows still run in each step (their output is dropped), so
+    the batch is re-packed when more than ``1 / FREE_SHARE`` of it is free, or when the left padding
+    every live row shares (refilled rows sit right-aligned in a long batch) passes ``PADDING``
+    positions and a quarter of the length."""
+
+    FREE_SHARE = 8
+    PADDING = 64
 
     def __init__(self, model: LanguageModel) -> None:
         self.model = model
         self.rows: list[Row] = []
         self.cache: KVCache = model.new_cache(batch_size=0)
+        self._phys: list[int] = []  # the cache row of each of ``rows``
+        self._free: list[int] = []  # cache rows no live row uses
+        self.repacks = 0  # how many times the whole batch was copied (joins, leaves, trims)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def add(self, joiners: Sequence[tuple[Row, KVCache]]) -> None:
         """Append rows, each with its own unpadded single-row cache (1, kv_heads, n, head_dim)."""
-        if not joiners:
-            return
-        caches = [self.cache, *(cache for _, cache in joiners)]
-        length = max(c.length for c in caches)
-        # Every cache left-padded to the common length and stacked along the batch axis: one copy,
-        # into buffers the next steps extend in place when the model does (no second copy to grow).
-        total = len(self.rows) + len(joiners)
-        keys, values = self._buffers(total, length), self._buffers(total, length)
-        row = 0
-        for c in caches:
-            rows = c.batch_size
-            for i in range(self.cache.num_layers):
-                keys[i][row:row + rows, :, length - c.length:length] = c.keys[i]
-                values[i][row:row + rows, :, length - c.length:length] = c.values[i]
-            row += rows
-        mask = np.concatenate([_pad_left_mask(c.mask, length) for c in caches], axis=0)  # (rows, length)
-        self._set(keys, values, mask)
-        self.rows += [row for row, _ in joiners]
+        rest = []
+        for row, cache in joiners:
+            if self._free and cache.length <= self.cache.length and self.cache.capacity > self.cache.length:
+                phys = self._free.pop()
+                self.cache.place(phys, cache.keys, cache.values, cache.mask)
+                self.rows.append(row)
+                self._phys.append(phys)
+            else:
+                rest.append((row, cache))
+        if rest or (joiners and self._wasteful()):
+            self._repack(rest)
 
     def remove(self, gone: set[Row]) -> None:
-        """Drop rows, then the left padding every remaining row shares."""
+        """Drop rows: their cache rows become free (re-packed when too many are, or nothing is left)."""
         keep = [i for i, row in enumerate(self.rows) if row not in gone]
         if len(keep) == len(self.rows):
             return
+        kept = set(keep)
+        self._free += [self._phys[i] for i in range(len(self.rows)) if i not in kept]
         self.rows = [self.rows[i] for i in keep]
-        mask = self.cache.mask[keep]  # (rows, length)
-        real = np.flatnonzero(mask.any(axis=0))
-        start = int(real[0]) if real.size else mask.shape[1]
-        length = mask.shape[1] - start
-        # New buffers, so the dropped rows' memory is released; the kept rows copied once.
-        keys, values = self._buffers(len(keep), length), self._buffers(len(keep), length)
+        self._phys = [self._phys[i] for i in keep]
+        if not self.rows or self._wasteful():
+            self._repack([])
+
+    def _wasteful(self) -> bool:
+        """Too many free rows, or too much left padding shared by every live row."""
+        total = len(self.rows) + len(self._free)
+        if self._free and len(self._free) * self.FREE_SHARE > total:
+            return True
+        return self._shared_padding() > max(self.PADDING, self.cache.length // 4)
+
+    def _shared_padding(self) -> int:
+        real = np.flatnonzero(self.cache.mask[self._phys].any(axis=0)) if self._phys else np.empty(0)
+        return int(real[0]) if real.size else self.cache.length
+
+    def _repack(self, joiners: Sequence[tuple[Row, KVCache]]) -> None:
+        """The live rows (in order, without the padding they all share) and ``joiners``, left-padded to
+        one length and copied once into new buffers: with the model's room to grow when it extends
+        caches in place (no second copy to grow), and without the free rows' memory."""
+        start = self._shared_padding()
+        live = self.cache.length - start
+        length = max([live, *(cache.length for _, cache in joiners)])
+        total = len(self.rows) + len(joiners)
+        keys, values = self._buffers(total, length), self._buffers(total, length)
         old_keys, old_values = self.cache.keys, self.cache.values
+        phys = np.asarray(self._phys, dtype=np.int64)
+        n = len(self._phys)
         for i in range(self.cache.num_layers):
-            for j, r in enumerate(keep):
-                keys[i][j, :, :length] = old_keys[i][r, :, start:]
-                values[i][j, :, :length] = old_values[i][r, :, start:]
-        self._set(keys, values, np.ascontiguousarray(mask[:, start:]))
+            keys[i][:n, :, length - live:length] = old_keys[i][phys, :, start:]
+            values[i][:n, :, length - live:length] = old_values[i][phys, :, start:]
+        masks = [_pad_left_mask(self.cache.mask[phys, start:], length)]
+        for j, (_, cache) in enumerate(joiners):
+            for i in range(self.cache.num_layers):
+                keys[i][n + j, :, length - cache.length:length] = cache.keys[i][0]
+                values[i][n + j, :, length - cache.length:length] = cache.values[i][0]
+            masks.append(_pad_left_mask(cache.mask, length))
+        self._set(keys, values, np.ascontiguousarray(np.concatenate(masks, axis=0)))  # mask (rows, length)
+        self.rows += [row for row, _ in joiners]
+        self._phys, self._free = list(range(total)), []
+        self.repacks += 1
 
     def _buffers(self, rows: int, length: int) -> list[np.ndarray]:
         """Zeroed per-layer buffers (rows, kv_heads, capacity, head_dim) for a cache of ``length``
@@ -128,8 +164,14 @@ class DecodeBatch(Generic[Row]):
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Feed one token per row (row order); return next-token logits (rows, vocab)."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(len(self.rows), 1)  # (rows, 1)
-        return self.model.forward(ids, self.cache)
+        if len(token_ids) != len(self.rows):
+            raise ValueError(f"forward takes one token per row ({len(self.rows)}), got {len(token_ids)}.")
+        if self._phys == list(range(self.cache.batch_size)):  # every cache row live, in row order
+            ids = np.asarray(token_ids, dtype=np.int64).reshape(len(self.rows), 1)  # (rows, 1)
+            return self.model.forward(ids, self.cache)
+        ids = np.zeros((self.cache.batch_size, 1), dtype=np.int64)  # free rows run a token 0, unread
+        ids[self._phys, 0] = token_ids
+        return self.model.forward(ids, self.cache)[self._phys]  # (rows, vocab)
 
     def forward_top(self, token_ids: Sequence[int], k: int,
                     bonuses: Sequence[Mapping[int, float]] = ()) -> TopTokens:

@@ -108,6 +108,24 @@ class KVCache:
         self._keys, self._values, self.mask = list(keys), list(values), mask
         self._owned, self.binding = True, None
 
+    def place(self, row: int, keys: Sequence[np.ndarray], values: Sequence[np.ndarray], mask: np.ndarray) -> None:
+        """Write a single-row cache (keys/values (1, kv_heads, n, head_dim), mask (1, n), n <=
+        ``length``) into row ``row`` of the owned buffers, right-aligned: its positions are the
+        last n, and the row's earlier content is masked out. The buffers (and their binding) stay:
+        a row of a batch is refilled without copying the others (``DecodeBatch``)."""
+        n = mask.shape[1]
+        if not self._owned or not 0 <= row < self.batch_size or n > self.length:
+            raise GenerationError(f"Cannot place {n} positions in row {row} of a cache of shape {self.mask.shape} "
+                                  f"(owned buffers: {self._owned}).")
+        start = self.length - n
+        for i in range(self.num_layers):
+            self._keys[i][row, :, start:self.length] = keys[i][0]
+            self._values[i][row, :, start:self.length] = values[i][0]
+        placed = self.mask.copy()  # the old mask may still be an input of the last run
+        placed[row, :start] = 0
+        placed[row, start:] = mask[0]
+        self.mask = placed
+
     def _disown(self) -> None:
         """The arrays are no longer buffers this cache may write into (nor bound for that)."""
         self._owned, self.binding = False, None
