@@ -170,12 +170,6 @@ class Request:
         (history: prompt + reply). Draws from the request's generator; takes nothing."""
         return self._sampler.next_token(logits, self.tokens, self.bonus())
 
-    def pick_from(self, ids: np.ndarray, values: np.ndarray) -> int | None:
-        """``pick`` from the row's top candidates (``topk.TopTokens``: ids and raw logits (k,)): the
-        same token as from the whole row, or None when the candidates cannot tell (nothing is drawn
-        then; ``pick`` with the whole row)."""
-        return self._sampler.pick(ids, values, self.tokens, self.bonus())
-
     @property
     def needs_logits(self) -> bool:
         """False when the next token is just the argmax of the raw logits (greedy, no repetition
@@ -283,10 +277,12 @@ class Request:
 
 def pick_from_many(requests: Sequence[Request], ids: np.ndarray, values: np.ndarray, *,
                    bonused: bool = False) -> list[int | None]:
-    """``Request.pick_from`` for many rows at once: row ``i`` of ``ids``/``values`` (rows, k) is
-    ``requests[i]``'s top candidates; rows sharing processing options are picked together
-    (``pick.pick_many``). The same tokens and draws as one by one. ``bonused``: the candidates are
-    the top k of the logits with each request's ``bonus`` already added (``topk.Bonus``)."""
+    """Each request's next token from its row's top candidates (``topk.TopTokens``: ids and raw
+    logits, row ``i`` of ``ids``/``values`` (rows, k) being ``requests[i]``'s), rows sharing
+    processing options picked together (``pick.pick_many``): the token ``Request.pick`` would take
+    from the whole row, or None where the candidates cannot tell (nothing is drawn then).
+    ``bonused``: the candidates are the top k of the logits with each request's ``bonus`` already
+    added (``topk.Bonus``)."""
     bonuses = [{} for _ in requests] if bonused else [r.bonus() for r in requests]
     return pick_many([r._sampler for r in requests], ids, values, [r.tokens for r in requests], bonuses)
 
