@@ -18,7 +18,7 @@ from npctalk.engine.request import Request, RequestKey
 from npctalk.engine.sampling import SearchOptions
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.server import ServerConfig, load_model
-from npctalk.engine.slot_model import SlotCache, SlotModel
+from npctalk.engine.slot_model import SlotModel
 
 TEXTS = ["Hello traveller", "The blacksmith forges swords and horseshoes all day long.", "Dragons 🐉"]
 OPTIONS = [SearchOptions(max_new_tokens=24),
