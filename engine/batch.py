@@ -101,8 +101,7 @@ class DecodeBatch(Generic[Row]):
         keep = [i for i, row in enumerate(self.rows) if row not in gone]
         if len(keep) == len(self.rows):
             return
-        kept = set(keep)
-        self._free += [self._phys[i] for i in range(len(self.rows)) if i not in kept]
+        self._free += [phys for row, phys in zip(self.rows, self._phys) if row in gone]
         self.rows = [self.rows[i] for i in keep]
         self._phys = [self._phys[i] for i in keep]
         if not self.rows or self._wasteful():

@@ -32,12 +32,6 @@ class FirstWords:
         if not self.spoken and token not in self._ban and self._tokenizer.decode([token]).strip():
             self.spoken = True
 
-    def restart(self, reply: Iterable[int] = ()) -> None:
-        """Start again for a reply that holds ``reply`` so far (after a rewind)."""
-        self.spoken = not self._ban
-        for token in reply:
-            self.see(int(token))
-
     def bonus(self) -> dict[int, float]:
         """Token id → logit bonus for the next token: -inf for each EOS id while nothing is said."""
         return {} if self.spoken else self._ban

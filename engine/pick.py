@@ -78,8 +78,8 @@ def pick_rows(samplers: Sequence[Sampler], ids: np.ndarray, values: np.ndarray,
         for sampler, history in zip(samplers, histories):
             sampler.index.sync(history)
     if o.repetition_penalty != 1.0:
-        top = int(ids.max())
-        seen = np.stack([s.index.seen_of(ids[row], top) for row, s in enumerate(samplers)])  # (rows, k)
+        largest = int(ids.max())
+        seen = np.stack([s.index.seen_of(ids[row], largest) for row, s in enumerate(samplers)])  # (rows, k)
         penalised = np.where(x < 0, x * o.repetition_penalty, x / o.repetition_penalty)
         x = np.where(seen, penalised, x)
     if o.no_repeat_ngram_size:

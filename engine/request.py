@@ -178,13 +178,17 @@ class Request:
         o = self.options
         if not o.greedy or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size or not self._first.spoken:
             return True
-        cursor = self._cursor()
-        return not cursor.over and bool(cursor.bonus(self.tokens[len(self.prompt_ids):]))  # no reply copy once over
+        return bool(self._steering_bonus())
 
     def bonus(self) -> dict[int, float]:
         """Logit bonus (token → logits) for the next token: fact steering's, and -inf on EOS until the
         reply says something. Changes only as tokens are taken."""
-        return with_first_words(self._cursor().bonus(self.tokens[len(self.prompt_ids):]), self._first)
+        return with_first_words(self._steering_bonus(), self._first)
+
+    def _steering_bonus(self) -> dict[int, float]:
+        """Fact steering's bonus for the next token (no copy of the reply once steering is over)."""
+        cursor = self._cursor()
+        return {} if cursor.over else cursor.bonus(self.tokens[len(self.prompt_ids):])
 
     def _cursor(self) -> SteeringCursor:
         """The steering's per-reply cache (made again if ``steering`` was replaced)."""

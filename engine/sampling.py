@@ -218,13 +218,6 @@ def _weights(x: np.ndarray) -> np.ndarray:
     return np.exp(x - x.max(axis=-1, keepdims=True))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (sums are exact enough for the sampling CDF)."""
-    x = logits.astype(np.float64)
-    x = np.exp(x - x.max(axis=-1, keepdims=True))
-    return x / x.sum(axis=-1, keepdims=True)
-
-
 class HistoryIndex:
     """What the processors ask of one growing history, kept up to date as tokens are appended: the
     set of tokens seen, and each (n-1)-gram's next tokens (the n-gram ban). ``sync`` follows the
@@ -252,8 +245,7 @@ class HistoryIndex:
             token = int(token)
             self.tokens.append(token)
             self.seen.add(token)
-            if token >= self._seen_mask.size:
-                self._seen_mask = np.concatenate([self._seen_mask, np.zeros(token + 1, dtype=bool)])
+            self._cover(token)
             self._seen_mask[token] = True
             if n > 1 and len(self.tokens) >= n:
                 self.followers.setdefault(tuple(self.tokens[-n:-1]), set()).add(token)
@@ -261,10 +253,13 @@ class HistoryIndex:
     def seen_of(self, ids: np.ndarray, top: int | None = None) -> np.ndarray:
         """Whether each of ``ids`` (int, any shape; ``top``: their largest, if known) is in the
         indexed history: bool, same shape."""
-        top = int(ids.max()) if top is None else top
-        if top >= self._seen_mask.size:
-            self._seen_mask = np.concatenate([self._seen_mask, np.zeros(top + 1, dtype=bool)])
+        self._cover(int(ids.max()) if top is None else top)
         return self._seen_mask[ids]
+
+    def _cover(self, token: int) -> None:
+        """Grow the seen mask to hold ``token``."""
+        if token >= self._seen_mask.size:
+            self._seen_mask = np.concatenate([self._seen_mask, np.zeros(token + 1, dtype=bool)])
 
     def banned(self) -> set[int]:
         """``banned_ngram_tokens`` of the indexed history, as a set."""

@@ -69,9 +69,8 @@ def test_first_words_bans_eos_until_a_token_shows_text(byte_tokenizer: Tokenizer
     assert not first.spoken
     first.see(_token(byte_tokenizer, " the"))
     assert first.spoken and first.bonus() == {}
-    first.restart([_token(byte_tokenizer, " ")])
-    assert not first.spoken
-    assert with_first_words({5: 2.0, EOS: 3.0}, first) == {5: 2.0, EOS: float("-inf")}
+    assert with_first_words({5: 2.0, EOS: 3.0}, first) == {5: 2.0, EOS: 3.0}
+    assert with_first_words({5: 2.0, EOS: 3.0}, FirstWords(byte_tokenizer, [EOS])) == {5: 2.0, EOS: float("-inf")}
     assert FirstWords(byte_tokenizer, []).spoken  # no EOS, nothing to ban
 
 

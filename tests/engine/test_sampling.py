@@ -17,8 +17,12 @@ from npctalk.engine.sampling import (
     apply_top_k,
     apply_top_p,
     banned_ngram_tokens,
-    softmax,
 )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
 
 
 def random_logits(batch: int = 4, vocab: int = 50, seed: int = 0) -> np.ndarray:
