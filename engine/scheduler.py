@@ -4,7 +4,10 @@ One ``step()`` does, in order::
 
     1. reap     cancelled requests end with finish_reason "cancelled", expired ones with a timeout error
     2. prefill  queued requests are prefilled in arrival order (a short one may overtake a long
-                prefill in progress: ``_overtake``), each in its own single-row cache
+                prefill in progress: ``_overtake``). Where the model reads several new prompts in
+                one call (``forward_many``: the slot decoder), the queue's first whole prompts that
+                fit in the step's budget go together (``_prefill_together``); otherwise each goes
+                in its own single-row cache
                 (``prefill.Prefill``), at most ``prefill_chunk`` prompt tokens per step: a long
                 prompt takes several steps, and the streams already decoding get a token after
                 every chunk instead of stalling for the whole prompt. A request whose prompt is in
@@ -124,7 +127,7 @@ class Scheduler:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
-        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0, "prefilled_together": 0}
         self._steps = DecodeSteps(ahead=config.decode_ahead, top_tokens=config.top_tokens)
 
     # --- intake ----------------------------------------------------------------------------------------
@@ -286,6 +289,10 @@ class Scheduler:
                 ran_some = budget < self.config.prefill_tokens
                 if not chunk and ran_some and self._prefill_cost(self._queue[0]) > budget:
                     break  # whole prompts: the next step runs it; decoding streams get their token now
+                ran = self._prefill_together(budget, joiners, events)
+                if ran:
+                    budget -= ran
+                    continue
                 self._start(self._queue.popleft())
             prefill = self._prefilling[0]
             request = prefill.request
@@ -319,6 +326,44 @@ class Scheduler:
                 group.add([joiner])
                 self._groups.append(group)
 
+    def _prefill_together(self, budget: int, joiners: list[tuple[Request, KVCache]], events: list[Event]) -> int:
+        """Prefill the queue's first requests in one call when at least two whole prompts fit in
+        ``budget`` (a model with ``forward_many``: the slot decoder); returns the prompt tokens run,
+        0 when it did nothing. Arrival order is kept: the group ends at the first request that does
+        not fit. A failure fails the group's requests, not the server."""
+        forward_many = getattr(self.model, "forward_many", None)
+        if forward_many is None:
+            return 0
+        room = self.config.max_batch - self.active_count - len(joiners)
+        group: list[Request] = []
+        cost = 0
+        for request in self._queue:
+            if len(group) == room or self._prefix_key(request) is not None or cost + request.prompt_tokens > budget:
+                break
+            group.append(request)
+            cost += request.prompt_tokens
+        if len(group) < 2:
+            return 0
+        prefills = []
+        for request in group:
+            self._queue.popleft()  # the group is the queue's head, in order
+            prefills.append(self._begin(request))
+        try:
+            logits = forward_many([(np.asarray([p.request.prompt_ids], dtype=np.int64), p.cache) for p in prefills])
+        except Exception as exc:  # as for one prompt: these requests fail, the server goes on
+            log.exception("Prefill of %d requests together failed.", len(prefills))
+            for prefill in prefills:
+                close_cache(prefill.cache)
+                self._fail(prefill.request, ErrorCode.INTERNAL, f"The engine failed while reading the prompt: {exc}.", events)
+            return cost
+        self.counters["prefilled_together"] += len(prefills)
+        for prefill, row in zip(prefills, logits):
+            if self._sample(prefill.request, row[None], events):
+                joiners.append((prefill.request, prefill.cache))  # the slot holds the whole prompt
+            else:
+                close_cache(prefill.cache)  # the reply ended at its first token
+        return cost
+
     def _overtake(self, budget: int) -> None:
         """Let one queued prompt that fits in half a step's budget run before a long prefill in progress.
 
@@ -339,11 +384,15 @@ class Scheduler:
 
     def _start(self, request: Request) -> None:
         """Queued → prefilling, from the persona prefix's snapshot when the prefix cache holds it."""
+        self._prefilling.append(self._begin(request))
+
+    def _begin(self, request: Request) -> Prefill:
+        """``request``'s prefill, admitted now (its state and admission time set)."""
         request.advance(RequestState.PREFILLING)
         request.admitted_at = self.clock()
         key = self._prefix_key(request)
         self._prefixes.pop(request.key, None)
-        self._prefilling.append(Prefill.start(request, self.model, self.prefix_cache, key))
+        return Prefill.start(request, self.model, self.prefix_cache, key)
 
     def _prefix_key(self, request: Request) -> tuple[str, tuple[int, ...]] | None:
         hint = self._prefixes.get(request.key)

@@ -5,7 +5,8 @@ The scheduler speaks ``LanguageModel`` (``new_cache``, ``forward``) and batches 
 
 - ``SlotModel.new_cache()`` reserves a free slot and returns a ``SlotCache`` for it;
   ``forward(ids, cache)`` runs those ids into that slot (a prompt, or a chunk after it) and returns
-  the last position's logits (1, vocab). Nothing is copied out of the slot.
+  the last position's logits (1, vocab). Nothing is copied out of the slot. ``forward_many`` does
+  the same for several new streams' whole prompts together (the scheduler's burst of joiners).
 - ``SlotModel.new_batch()`` is a ``SlotBatch``: rows joining bring their ``SlotCache`` (already
   filled by their prefill: joining moves nothing) and one ``forward`` decodes every row in a single
   ``SlotDecoder.step`` (a CUDA graph on the GPU). When every row's next token is the plain argmax
@@ -123,6 +124,28 @@ class SlotModel:
                                        f"slot's {self.decoder.capacity} tokens.")
         self.decoder.prefill(cache.slot, ids[0])
         return self.decoder.logits()  # (1, vocab)
+
+    def forward_many(self, pieces: Sequence[tuple[np.ndarray, SlotCache]]) -> np.ndarray:
+        """``forward`` for several new streams at once: each (1, n) ids into its empty cache's slot.
+
+        Returns the last position's logits of each piece, (len(pieces), vocab), in order. Runs of
+        consecutive slots share one batch, then one step feeds every last token
+        (``SlotDecoder.prefill_many``): a burst of NPCs starting to talk is read in a few runs, not
+        one run per prompt.
+        """
+        slots, prompts = [], []
+        for ids, cache in pieces:
+            if not isinstance(cache, SlotCache) or cache.closed:
+                raise GenerationError("SlotModel.forward_many needs open SlotCaches from new_cache().")
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+                raise GenerationError(f"input_ids must be (1, seq>=1) for one slot, got shape {ids.shape}.")
+            if cache.length:
+                raise GenerationError(f"forward_many starts new streams; slot {cache.slot} already holds {cache.length} tokens.")
+            slots.append(cache.slot)
+            prompts.append(ids[0])
+        self.decoder.prefill_many(slots, prompts)
+        return self.decoder.logits()[slots]  # (len(pieces), vocab)
 
     def topk(self, k: int) -> TopK:
         """The ``k``-largest session on the decoder's device (made once per ``k``)."""

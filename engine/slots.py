@@ -9,6 +9,12 @@ place: no cache is copied or allocated while decoding.
 - ``prefill(slot, ids)``: one stream's prompt, or a further chunk after what the slot holds, run as
   batch 1 over a view of that slot's part of every buffer (the slot axis is outermost, so the view
   is a pointer offset).
+- ``prefill_many(slots, prompts)``: several new streams' prompts at once, for a burst of NPCs
+  starting to talk. Each run of consecutive empty slots takes all but the last token of its
+  prompts in one batch (right-padded: attention is causal, so a row's real positions never see its
+  padding, and what the padding writes past a row's length is overwritten before it is read); then
+  one ``step`` feeds every prompt's last token, which gives each row's logits at its own last
+  position (the graph returns the last padded position only).
 - ``step(tokens)``: one token for every active slot at once. Only the first ``rows`` slots run, a
   power of two covering the last active one (streams take the lowest free slot), so one stream in a
   64-slot decoder costs one row. Ids, positions and lengths sit in device buffers at fixed
@@ -199,16 +205,9 @@ class SlotDecoder:
         ``logits()`` afterwards gives that position's logits (1, vocab) for sampling.
         """
         self._check_slot(slot)
-        tokens = np.asarray(ids, dtype=np.int64).reshape(1, -1)                     # (1, n)
-        n, past = tokens.shape[1], int(self.lengths[slot])
-        if n == 0:
-            raise GenerationError("prefill needs at least one token.")
-        if tokens.min() < 0 or tokens.max() >= self.manifest.vocab_size:
-            raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}), got {tokens.min()}..{tokens.max()}.")
-        total = past + n
-        if total > self.capacity:
-            raise ContextOverflowError(f"{n} new tokens after {past} in slot {slot} make {total}, more than the slot's "
-                                       f"{self.capacity} tokens; shorten the prompt or rewind the slot.")
+        past = int(self.lengths[slot])
+        tokens = self._checked_prompt(slot, ids, past).reshape(1, -1)                # (1, n)
+        total = past + tokens.shape[1]
         io, binding = self.io, self.session.io_binding()
         binding.bind_cpu_input(io.input_ids, tokens)
         binding.bind_cpu_input(io.position_ids, np.arange(past, total, dtype=np.int64)[None])   # (1, n)
@@ -222,6 +221,73 @@ class SlotDecoder:
         self._last_logits = logits  # (1, 1, vocab), for logits()
         self.lengths[slot] = total
         return int(next_token.numpy().reshape(-1)[0])
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+        """Prefill ``prompts[i]`` into the empty slot ``slots[i]``, as many batches as there are runs of
+        consecutive slots plus one step; return each prompt's greedy next token, (len(slots),) int64.
+
+        The same KV and logits as ``prefill`` one slot at a time (the tests hold it to that);
+        ``logits()`` afterwards is the step's (rows, vocab), indexed by slot. Slots must differ and
+        be empty (a further chunk after a slot's content goes through ``prefill``).
+        """
+        if len(slots) != len(prompts) or not slots:
+            raise GenerationError(f"prefill_many takes one prompt per slot, got {len(slots)} slots and {len(prompts)} prompts.")
+        for slot in slots:
+            self._check_slot(slot)
+        if len(set(int(s) for s in slots)) != len(slots):
+            raise GenerationError(f"prefill_many got a slot twice: {list(slots)}.")
+        taken = [int(s) for s in slots if self.lengths[s] > 0]
+        if taken:
+            raise GenerationError(f"slots {taken} are not empty: prefill_many starts new streams only.")
+        rows = [self._checked_prompt(int(s), p, past=0) for s, p in zip(slots, prompts)]  # (n,) int64 each
+        order = np.argsort(np.asarray(slots))
+        run: list[int] = []  # indices into slots/rows, consecutive slot numbers
+        for index in [int(i) for i in order] + [-1]:
+            if run and (index < 0 or int(slots[index]) != int(slots[run[-1]]) + 1):
+                self._prefill_run([int(slots[i]) for i in run], [rows[i][:-1] for i in run])
+                run = []
+            run.append(index)
+        tokens = np.zeros(self.slots, dtype=np.int64)
+        active = np.zeros(self.slots, dtype=bool)
+        tokens[list(slots)] = [row[-1] for row in rows]
+        active[list(slots)] = True
+        return self._step(tokens, active)[list(slots)]
+
+    def _checked_prompt(self, slot: int, ids: Sequence[int] | np.ndarray, past: int) -> np.ndarray:
+        """``ids`` as (n,) int64, n >= 1, valid token ids that fit after ``past`` tokens in ``slot``."""
+        tokens = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = tokens.shape[0]
+        if n == 0:
+            raise GenerationError("prefill needs at least one token.")
+        if tokens.min() < 0 or tokens.max() >= self.manifest.vocab_size:
+            raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}), got {tokens.min()}..{tokens.max()}.")
+        if past + n > self.capacity:
+            raise ContextOverflowError(f"{n} new tokens after {past} in slot {slot} make {past + n}, more than the slot's "
+                                       f"{self.capacity} tokens; shorten the prompt or rewind the slot.")
+        return tokens
+
+    def _prefill_run(self, slots: list[int], bodies: list[np.ndarray]) -> None:
+        """One batch over the consecutive empty ``slots``: each body from position 0, right-padded to
+        the longest (a slot's view of the KV buffers starts at the run's first slot)."""
+        width = max(len(body) for body in bodies)
+        if width == 0:
+            return  # one-token prompts: the step feeds them
+        n = len(slots)
+        ids = np.zeros((n, width), dtype=np.int64)                                     # (n, width), 0-padded
+        for row, body in enumerate(bodies):
+            ids[row, :len(body)] = body
+        io, binding = self.io, self.session.io_binding()
+        binding.bind_cpu_input(io.input_ids, ids)
+        binding.bind_cpu_input(io.position_ids, np.tile(np.arange(width, dtype=np.int64), (n, 1)))   # (n, width)
+        # A first prompt (total == width): the kernel masks causally; a row's padding lies after its keys.
+        binding.bind_cpu_input(io.seqlens_k, np.array([max(len(b), 1) - 1 for b in bodies], np.int32))
+        binding.bind_cpu_input(io.total_length, np.array(width, np.int32))
+        binding.bind_output(io.logits, self.device)       # unused: each row's logits come from the step
+        binding.bind_output(io.next_token, self.device)
+        self._bind_cache(binding, [n, *self._slot_shape[1:]], slots[0] * self._slot_bytes)
+        self.session.run_with_iobinding(binding, self._run_options(SKIP_GRAPH))
+        for slot, body in zip(slots, bodies):
+            self.lengths[slot] = len(body)
 
     def step(self, tokens: Sequence[int] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
         """Feed ``tokens[s]`` (one per slot) to every active slot at once; return each slot's greedy
@@ -243,6 +309,11 @@ class SlotDecoder:
                                        "capacity; rewind them or end those streams.")
         if ids[mask].min() < 0 or ids[mask].max() >= self.manifest.vocab_size:
             raise GenerationError(f"Token ids must be in [0, {self.manifest.vocab_size}).")
+        return self._step(ids, mask)
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``step`` once its arguments are checked; an active slot may be empty here (a one-token
+        prompt of ``prefill_many`` starts at position 0)."""
         ids = np.where(mask, ids, 0)
         # Only slots 0..rows-1 run, rows a power of two covering the last active slot (slots are
         # taken lowest first, so one stream costs one row, not ``slots``).

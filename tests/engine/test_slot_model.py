@@ -14,7 +14,7 @@ from npctalk.engine.bundle import load_manifest
 from npctalk.engine.errors import ContextOverflowError, GenerationError, ServeError
 from npctalk.engine.model import Model
 from npctalk.engine.rerank import likelihood_scores
-from npctalk.engine.request import Request, RequestKey
+from npctalk.engine.request import ErrorEvent, Request, RequestKey
 from npctalk.engine.sampling import SearchOptions
 from npctalk.engine.scheduler import Scheduler, SchedulerConfig
 from npctalk.engine.server import ServerConfig, load_model
@@ -238,3 +238,59 @@ def test_terminal_chat_on_a_slots_bundle_says_what_the_mask_bundle_says(llama_sl
         assert done.returncode == 0, done.stderr
         outs.append(done.stdout)
     assert outs[0] == outs[1] and outs[0].count("Bram: ") == 3  # the greeting, then two replies
+
+
+def test_a_burst_of_new_prompts_is_read_together_with_the_same_replies(pair: tuple[Model, SlotModel],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests arriving at once on the slot model: one ``forward_many`` reads their prompts
+    (no single-prompt ``forward``), and the replies (greedy, sampled, penalised) equal the padded
+    batch's, where each prompt is read alone."""
+    mask, slots = pair
+    calls = {"forward": 0, "forward_many": 0}
+    for name in calls:
+        original = getattr(SlotModel, name)
+
+        def counted(self, *args, _original=original, _name=name):  # type: ignore[no-untyped-def]
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(SlotModel, name, counted)
+    assert _replies(slots, OPTIONS) == _replies(mask, OPTIONS)
+    assert calls == {"forward": 0, "forward_many": 1}
+    assert slots.free_slots == 4
+
+
+def test_prompts_go_together_only_while_whole_ones_fit_the_step_budget(pair: tuple[Model, SlotModel]) -> None:
+    """Budget 12 prompt tokens a step: the first two short prompts go together; the 14-token one
+    after them waits for the next step and is read in chunks, alone; arrival order is kept."""
+    _, slots = pair
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=4, prefill_chunk=12, prefix_cache_bytes=0))
+    short = [make_request(slots, f"s{i}", [5 + i, 6, 7, 8], max_new_tokens=3) for i in range(2)]
+    long = make_request(slots, "long", list(range(20, 34)), max_new_tokens=3)
+    late = make_request(slots, "late", [9, 10], max_new_tokens=3)
+    for request in (*short, long, late):
+        assert scheduler.submit(request)
+    events = scheduler.step()
+    assert scheduler.counters["prefilled_together"] == 2
+    assert all(r.first_token_at is not None for r in short) and long.first_token_at is None
+    assert scheduler.prefilling_count == 1 and scheduler.queued_count == 1  # the long one began; "late" waits behind it
+    events += run(scheduler)
+    check_streams(events, [*short, long, late])
+    assert scheduler.counters["prefilled_together"] == 2 and slots.free_slots == 4
+
+
+def test_a_failed_group_prefill_fails_its_requests_and_frees_their_slots(pair: tuple[Model, SlotModel],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _, slots = pair
+
+    def broken(self, pieces):  # type: ignore[no-untyped-def]
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(SlotModel, "forward_many", broken)
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefix_cache_bytes=0))
+    requests = _requests(slots)
+    assert all(scheduler.submit(r) for r in requests)
+    events = run(scheduler)
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert len(errors) == 3 and all("device lost" in e.message for e in errors)
+    assert scheduler.counters["failed"] == 3 and slots.free_slots == 4 and not scheduler.has_work

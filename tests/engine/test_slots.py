@@ -158,3 +158,55 @@ def test_a_step_runs_only_the_rows_up_to_the_last_active_slot(family: tuple[Path
         other = int(nxt[5])
     assert decoder.logits().shape[0] == 8 and got == want
     assert sorted(decoder._steps) == [1, 8]
+
+
+def test_prefill_many_reads_new_prompts_together_as_one_at_a_time_would(family: tuple[Path, Path]) -> None:
+    """Runs of consecutive slots (0-2, 4-5) around a slot mid-stream (3), prompts of 1 to 33 tokens:
+    every new slot gets the logits, greedy token and KV that ``prefill`` gives it alone, and all
+    streams (slot 3's too) go on decoding exactly as before."""
+    _, slots = family
+    prompts = {0: PROMPTS[0], 1: [9], 2: PROMPTS[1], 4: PROMPTS[2], 5: [3, 4]}
+    alone = SlotDecoder(slots, slots=8, capacity=64, provider="cpu")
+    together = SlotDecoder(slots, slots=8, capacity=64, provider="cpu")
+    for decoder in (alone, together):
+        decoder.prefill(3, list(range(60, 70)))
+        decoder.step([0, 0, 0, 11, 0, 0, 0, 0])
+    want = {}
+    for slot, prompt in prompts.items():
+        want[slot] = (alone.prefill(slot, prompt), alone.logits()[0])
+    got = together.prefill_many(list(prompts), list(prompts.values()))
+    assert got.tolist() == [want[slot][0] for slot in prompts]
+    for slot in prompts:
+        np.testing.assert_allclose(together.logits()[slot], want[slot][1], atol=1e-4)
+    assert together.lengths.tolist() == alone.lengths.tolist()
+    for layer in range(together.manifest.num_layers):  # the host buffers the KV OrtValues wrap: keys, then values
+        for buffers in ((together._host[layer], alone._host[layer]),
+                        (together._host[together.manifest.num_layers + layer], alone._host[alone.manifest.num_layers + layer])):
+            for slot in [*prompts, 3]:
+                held = int(together.lengths[slot])
+                np.testing.assert_allclose(buffers[0][slot, :, :held], buffers[1][slot, :, :held], atol=1e-5)
+    tokens = np.zeros(8, dtype=np.int64)
+    tokens[list(prompts)] = got
+    tokens[3] = 17
+    for _ in range(6):
+        expected = alone.step(tokens)
+        tokens = together.step(tokens)
+        assert tokens.tolist() == expected.tolist()
+        np.testing.assert_allclose(together.logits(), alone.logits(), atol=1e-4)
+
+
+def test_prefill_many_refuses_what_it_cannot_do(family: tuple[Path, Path]) -> None:
+    _, slots = family
+    decoder = SlotDecoder(slots, slots=4, capacity=16, provider="cpu")
+    decoder.prefill(1, [5, 6])
+    with pytest.raises(GenerationError, match="not empty"):
+        decoder.prefill_many([0, 1], [[1, 2], [3]])
+    with pytest.raises(GenerationError, match="twice"):
+        decoder.prefill_many([0, 0], [[1, 2], [3]])
+    with pytest.raises(GenerationError, match="one prompt per slot"):
+        decoder.prefill_many([0, 2], [[1, 2]])
+    with pytest.raises(ContextOverflowError, match="more than"):
+        decoder.prefill_many([0, 2], [[1, 2], list(range(1, 18))])
+    with pytest.raises(GenerationError, match="at least one token"):
+        decoder.prefill_many([0, 2], [[1, 2], []])
+    assert decoder.lengths.tolist() == [0, 2, 0, 0]  # nothing ran
