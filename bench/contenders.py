@@ -93,12 +93,13 @@ def run_npctalk(bundle: Path, settings: Settings, streams: int) -> tuple[float, 
 
 
 def run_slots(bundle: Path, settings: Settings, streams: int, cuda_graph: bool = True,
-              ttft_prompt: int = 0) -> tuple[float, float, float, dict[str, Any]]:
+              ttft_prompt: int = 0, together: bool = False) -> tuple[float, float, float, dict[str, Any]]:
     """npctalk's fast path (``engine/slots.py``): one KV slot per stream on the device, updated in
     place, the step replayed as a CUDA graph when ``cuda_graph``, greedy tokens taken on the device.
-    Prompts are prefilled one by one (as the scheduler admits them), then every step decodes all
-    streams. Also returns details: whether the CUDA graph ran, and with ``ttft_prompt`` the median
-    time to first token of a prompt that long (batch 1: prefill + the token, 5 runs)."""
+    Prompts are prefilled one by one, or with ``together`` all in one ``prefill_many`` (the
+    scheduler's burst of joiners), then every step decodes all streams. Also returns details:
+    whether the CUDA graph ran, and with ``ttft_prompt`` the median time to first token of a prompt
+    that long (batch 1: prefill + the token, 5 runs)."""
     from npctalk.engine.slots import SlotDecoder
 
     capacity = max(settings.prompt_tokens, ttft_prompt) + settings.new_tokens + 8
@@ -108,6 +109,10 @@ def run_slots(bundle: Path, settings: Settings, streams: int, cuda_graph: bool =
     tokens = np.zeros(streams, dtype=np.int64)
     for slot in range(streams):  # warm-up: allocations at these shapes, and the graph's capture, outside the timing
         tokens[slot] = decoder.prefill(slot, ids[slot])
+    if together:
+        for slot in range(streams):
+            decoder.release(slot)
+        tokens = decoder.prefill_many(list(range(streams)), list(ids))
     for _ in range(4):
         tokens = decoder.step(tokens)
     for slot in range(streams):
@@ -115,7 +120,10 @@ def run_slots(bundle: Path, settings: Settings, streams: int, cuda_graph: bool =
     state: dict[str, Any] = {}
 
     def first() -> None:
-        state["tokens"] = np.array([decoder.prefill(slot, ids[slot]) for slot in range(streams)], dtype=np.int64)
+        if together:
+            state["tokens"] = decoder.prefill_many(list(range(streams)), list(ids))
+        else:
+            state["tokens"] = np.array([decoder.prefill(slot, ids[slot]) for slot in range(streams)], dtype=np.int64)
 
     def rest() -> None:
         tokens = state["tokens"]

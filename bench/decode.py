@@ -8,7 +8,8 @@ the model is saved as a Hugging Face folder and exported with ``export_bundle`` 
 graph builder (cached under ``--work``). Each row: a 64-token prompt, then 128 greedy new tokens
 (EOS never ends a row early), batch 1 and N concurrent streams (``engine/batch.py``'s
 ``DecodeBatch``: prompts prefilled one by one as the scheduler admits them, then one forward per
-step for all rows).
+step for all rows). Slots bundles add a ``npctalk-slots-together`` row per N > 1: the same, with
+the N prompts read in one ``prefill_many``.
 
 Peers in the same run: Hugging Face ``generate()`` in PyTorch (fp32 on CPU, fp16 on CUDA),
 optimum's ``ORTModelForCausalLM`` on the same random model, llama-cpp-python on the default
@@ -247,11 +248,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("  TTFT %.1f ms, decode %.1f tok/s, end to end %.1f tok/s (bound %s)", ttft, dec, e2e, bound)
 
     def add_slots(model: str, dtype: str, streams: int, params: int | None, bundle: Path, cuda_graph: bool,
-                  how: str) -> None:
+                  how: str, together: bool = False) -> None:
         label = "npctalk-slots" if cuda_graph or args.device != "cuda" else "npctalk-slots-nograph"
+        label += "-together" if together else ""
         log.info("%s · %s %s · %d stream(s)", model, label, dtype, streams)
         long = args.ttft_prompt if streams == 1 else 0
-        runs = [run_slots(bundle, settings, streams, cuda_graph, long) for _ in range(settings.repeats)]
+        runs = [run_slots(bundle, settings, streams, cuda_graph, long, together) for _ in range(settings.repeats)]
         ttft, dec, e2e, details = max(runs, key=lambda r: r[2])
         bound = round(streams * gbs * 1e9 / (2 * params), 1) if gbs and params else None
         graph_note = ("CUDA graph" if details["cuda_graph"] else
@@ -285,6 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for n in settings.streams:
                         if slots:
                             attempt(f"{name} npctalk-slots {n}", lambda n=n: add_slots(name, dtype, n, params, bundle, True, how))
+                            if n > 1:  # the same streams with their prompts read together (prefill_many)
+                                attempt(f"{name} npctalk-slots-together {n}",
+                                        lambda n=n: add_slots(name, dtype, n, params, bundle, True, how, together=True))
                             if args.device == "cuda" and n == settings.streams[0]:  # the CUDA graph's share, measured
                                 attempt(f"{name} npctalk-slots no graph {n}",
                                         lambda n=n: add_slots(name, dtype, n, params, bundle, False, how))

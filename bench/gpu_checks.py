@@ -162,8 +162,26 @@ def parity(bundle: Path, device: str) -> dict[str, Any]:
         pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
         return round(sum(x == y for x, y in pairs) / len(pairs), 4)
 
+    # The prompts read together (one right-padded batch + one step): the same tokens as one by one,
+    # and the same first-token logits, on this device's kernels.
+    decoder = SlotDecoder(bundle, slots=len(prompts), capacity=256, provider=device, cuda_graph=True)
+    together = [[int(t)] for t in decoder.prefill_many(list(range(len(prompts))), prompts)]
+    first_together = decoder.logits()[:len(prompts)].copy()
+    tokens = np.array([row[0] for row in together], dtype=np.int64)
+    for _ in range(31):
+        tokens = decoder.step(tokens)
+        for row, token in zip(together, tokens):
+            row.append(int(token))
+    first_alone = []
+    for slot, prompt in enumerate(prompts):
+        decoder.release(slot)
+        decoder.prefill(slot, prompt)
+        first_alone.append(decoder.logits()[0])
+    del decoder
     return {"graph_vs_plain": share(runs["slots_graph"], runs["slots_plain"]),
             "slots_vs_generic": share(runs["slots_plain"], generic),
+            "together_vs_alone": share(together, runs["slots_graph"]),
+            "together_first_logits_max_diff": round(float(np.abs(first_together - np.stack(first_alone)).max()), 5),
             "graph_used": bool(runs["slots_graph_used_graph"][0][0]), "tokens_each": 32, "prompts": len(prompts)}
 
 

@@ -10,13 +10,15 @@
 #   env         GPU, versions, ONNX Runtime's providers
 #   decode-*    bench/decode.py per architecture (DialoGPT-medium first: the target), lean fp16
 #               slots bundles exported and validated on CUDA, the slot decoder with and without the
-#               CUDA graph, HF PyTorch fp16 generate() in the same run, batch 1/16/64, and the first
-#               token of a 256-token prompt
+#               CUDA graph, HF PyTorch fp16 generate() in the same run, batch 1/16/64 (16/64 also with
+#               the prompts read together: -together rows), and the first token of a 256-token prompt
 #   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
-#               CUDA-graph token parity
+#               CUDA-graph token parity, prompts read together against one by one
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
 #               streams through the real socket (issue #4), greedy, then with the default sampling
 #               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other);
+#               the greedy run again with a 4096-token prefill budget per step (a burst's prompts are
+#               read together, up to that many tokens a step, instead of 512: TTFT against gaps);
 #               the greedy run again with serve --decode-ahead (the next step on a worker thread);
 #               and a steady state (each stream says again when done; tokens/s over an 8 s window)
 # Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
@@ -44,7 +46,7 @@ export PYTHONPATH=/tmp/site:$SHIM:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY
 if [ "${DRY:-}" = cpu ]; then
     DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"; CONC="1 4"; SLOTCTX=500; STEADY="1 4"
 else
-    DEVICE=cuda; MODELS="dialogpt-medium smollm2-135m dialogpt-small dialogpt-large"; LIMITS="100 70 60 100"
+    DEVICE=cuda; MODELS="dialogpt-medium smollm2-135m dialogpt-small dialogpt-large"; LIMITS="120 80 60 100"
     STREAMS="1 16 64"; EXTRA=""; CONC="1 8 32 64"; SLOTCTX=1024; STEADY="1 64"
 fi
 
@@ -84,6 +86,8 @@ step checks 45 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --devic
 rm -f "$RES"/profile*.json
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
+step concurrency-together 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--prefill-chunk=4096 --tag together4096
 step concurrency-steady 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $STEADY --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --steady 8 --warmup 3 --tag steady
 step concurrency-ahead 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \

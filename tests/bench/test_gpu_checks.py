@@ -15,3 +15,21 @@ def test_topk_check_reports_each_graph_s_nodes_and_the_bonused_parity(tmp_path: 
     assert report["bonused_topk"] == {"CPUExecutionProvider": 3}  # Flatten, ScatterElements, TopK
     assert report["row"] == {"CPUExecutionProvider": 1}
     assert report["bonused_equals_host"] is True
+
+
+def test_parity_check_compares_prompts_read_together_with_one_by_one(llama_slots_bundle: Path) -> None:
+    """On the CPU every path agrees; on the H100 the same check says whether the device's kernels do."""
+    from bench.gpu_checks import parity
+
+    report = parity(llama_slots_bundle, "cpu")
+    assert report["together_vs_alone"] == 1.0 and report["graph_vs_plain"] == 1.0
+    assert report["together_first_logits_max_diff"] < 1e-4 and report["graph_used"] is False
+
+
+def test_decode_bench_reads_the_slots_prompts_together_or_one_by_one(gpt2_slots_bundle: Path) -> None:
+    from bench.contenders import Settings, run_slots
+
+    settings = Settings(prompt_tokens=8, new_tokens=4, threads=1)
+    for together in (False, True):
+        ttft, decode, e2e, details = run_slots(gpt2_slots_bundle, settings, 3, together=together)
+        assert ttft > 0 and decode > 0 and e2e > 0 and details["cuda_graph"] is False
