@@ -173,8 +173,14 @@ def decoder_inputs(b: GraphBuilder, io: dict[str, Any], num_layers: int, kv_head
 
 
 def attention(b: GraphBuilder, prefix: str, layer: int, io: dict[str, Any], inputs: DecoderInputs,
-              qkv: list[str], heads: int, kv_heads: int, scale: float | None = None) -> str:
+              qkv: list[str], heads: int, kv_heads: int, scale: float | None = None,
+              rotary: tuple[str, str] | None = None) -> str:
     """GroupQueryAttention over ``qkv`` (one packed tensor, or q, k, v); writes present.{layer}.*.
+
+    ``rotary``: (cos_cache, sin_cache) names, (positions, head_dim / 2) each: the kernel rotates q
+    and k (half-split, as transformers' Llama) at positions it derives from ``seqlens_k``: 0.. for
+    a first prompt, the row's length before the new tokens otherwise. Exact only where every row's
+    keys start at position 0 (the slots layout), not under left padding.
 
     Returns the attention output (batch, seq, heads * head_dim).
     """
@@ -185,8 +191,15 @@ def attention(b: GraphBuilder, prefix: str, layer: int, io: dict[str, Any], inpu
     if scale is not None:
         attrs["scale"] = float(scale)
     out = f"{prefix}/attn/GroupQueryAttention/output_0"
-    bias = ["", "", "", inputs.attention_bias] if inputs.attention_bias else []
-    b.node("GroupQueryAttention", [*q_k_v, *past, inputs.seqlens_k, inputs.total_length, *bias],
+    extra: list[str] = []  # optional inputs after total_sequence_length: cos, sin, position_ids, attention_bias
+    if rotary is not None:
+        if inputs.attention_bias:
+            raise ValueError("The kernel's own rotary is exact only without padding (the slots layout).")
+        attrs.update(do_rotary=1, rotary_interleaved=0)
+        extra = list(rotary)
+    elif inputs.attention_bias:
+        extra = ["", "", "", inputs.attention_bias]
+    b.node("GroupQueryAttention", [*q_k_v, *past, inputs.seqlens_k, inputs.total_length, *extra],
            f"{prefix}/attn/GroupQueryAttention", [out, *present], MS, **attrs)
     return out
 

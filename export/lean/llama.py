@@ -1,4 +1,5 @@
-"""The lean Llama-family decoder (SmolLM2, TinyLlama): about fourteen fused nodes per layer.
+"""The lean Llama-family decoder (SmolLM2, TinyLlama): fourteen fused nodes per layer (eleven in the
+slots layout).
 
 One layer, shapes (batch, seq, ·)::
 
@@ -7,6 +8,9 @@ One layer, shapes (batch, seq, ·)::
     Split                                                     → q, k, v
     RotaryEmbedding(q), RotaryEmbedding(k)                    positions from position_ids (left padding exact)
     GroupQueryAttention(q, k, v, past)                        → attn, present.{i}.key/value (kv_heads kept)
+      slots layout: GroupQueryAttention(packed qkv, past, do_rotary) instead of these four nodes: every
+      row's keys start at position 0 there, so the kernel's own positions (from seqlens_k: the
+      row's length before the new tokens) are the model's, and three launches a layer go
     MatMul                       attn @ o_proj
     SkipSimplifiedLayerNormalization(attn, residual)          → x, residual
     MatMul x @ [gate | up] → Split → Sigmoid, Mul, Mul (silu(gate) * up) → MatMul (down_proj)
@@ -83,12 +87,16 @@ def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool =
         if att.q_proj.bias is not None:
             qkv_b = np.concatenate([numpy(att.q_proj.bias), numpy(att.k_proj.bias), numpy(att.v_proj.bias)])
             qkv = b.one("Add", [qkv, b.weight(f"{w}.self_attn.qkv_proj.bias", qkv_b)], f"{p}/self_attn/qkv_proj/Add")
-        q, k, v = b.node("Split", [qkv, split_qkv], f"{p}/self_attn/Split", 3, axis=-1)
-        q = b.one("RotaryEmbedding", [q, inputs.position_ids, cos_cache, sin_cache], f"{p}/self_attn/q_rotary", MS,
-                  num_heads=heads)
-        k = b.one("RotaryEmbedding", [k, inputs.position_ids, cos_cache, sin_cache], f"{p}/self_attn/k_rotary", MS,
-                  num_heads=kv_heads)
-        attn = attention(b, f"{p}/self_attn", i, io, inputs, [q, k, v], heads, kv_heads, float(att.scaling))
+        if layout == "slots":  # the kernel rotates q and k itself, at positions it reads from seqlens_k
+            attn = attention(b, f"{p}/self_attn", i, io, inputs, [qkv], heads, kv_heads, float(att.scaling),
+                             rotary=(cos_cache, sin_cache))
+        else:
+            q, k, v = b.node("Split", [qkv, split_qkv], f"{p}/self_attn/Split", 3, axis=-1)
+            q = b.one("RotaryEmbedding", [q, inputs.position_ids, cos_cache, sin_cache], f"{p}/self_attn/q_rotary", MS,
+                      num_heads=heads)
+            k = b.one("RotaryEmbedding", [k, inputs.position_ids, cos_cache, sin_cache], f"{p}/self_attn/k_rotary", MS,
+                      num_heads=kv_heads)
+            attn = attention(b, f"{p}/self_attn", i, io, inputs, [q, k, v], heads, kv_heads, float(att.scaling))
         out = _linear(b, f"{p}/self_attn/o_proj", attn, att.o_proj, f"{w}.self_attn.o_proj")
         x, residual = _rms_norm(b, f"{p}/post_attention_layernorm", out, residual, layer.post_attention_layernorm,
                                 f"{w}.post_attention_layernorm", eps)

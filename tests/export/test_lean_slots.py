@@ -40,7 +40,13 @@ def test_graph_has_no_shape_arithmetic_and_no_attention_bias(slots: Path) -> Non
     ops = {n.op_type for n in graph.node}
     assert "Shape" not in ops and "Expand" not in ops
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    assert gqa and all(len(n.input) == 7 for n in gqa)  # q, k, v, past k, past v, seqlens_k, total: no bias
+    # q (or packed qkv), k, v, past k, past v, seqlens_k, total (+ cos, sin): no position_ids, no bias
+    assert gqa and all(len(n.input) in (7, 9) for n in gqa)
+    if "model.embed_tokens.weight" in {t.name for t in graph.initializer}:  # Llama: the kernel rotates q and k
+        assert "RotaryEmbedding" not in ops and "Split" in ops  # the MLP's gate/up split stays
+        assert all({a.name: a.i for a in n.attribute}.get("do_rotary") == 1 and n.input[1] == "" for n in gqa)
+        per_layer = [sum(n.name.startswith(f"/model/layers.{i}/") for n in graph.node) for i in range(len(gqa))]
+        assert per_layer == [11] * len(gqa)  # 14 in the mask layout: Split and two RotaryEmbedding go
     assert [n.op_type for n in graph.node if "next_token" in n.output] == ["ArgMax"]
     inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input}
     assert inputs["seqlens_k"] == onnx.TensorProto.INT32 and inputs["total_sequence_length"] == onnx.TensorProto.INT32
