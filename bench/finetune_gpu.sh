@@ -42,10 +42,11 @@ work = Path(sys.argv[1])
 build_tiny_llama(work / "hf" / "tiny-llama")
 build_tiny_gpt2(work / "hf" / "tiny-gpt2")
 PY
-    SOURCE=$WORK/hf/tiny-llama; GPT2_SOURCE=$WORK/hf/tiny-gpt2; TRAIN_ARGS="--max-steps 2 --eval-every 1 --eval-examples 4"
+    SOURCE=$WORK/hf/tiny-llama; GPT2_SOURCE=$WORK/hf/tiny-gpt2; TRAIN_ARGS="--max-steps 2 --eval-every 1 --eval-examples 4 --max-length 1000"
     head -n 4 "$DATA/test.jsonl" > "$WORK/test.jsonl"; TEST=$WORK/test.jsonl
+    PROBE_ARGS="--max-new-tokens 12"  # the tiny tokenizer's long prompts leave little of the context
 else
-    SOURCE=default; GPT2_SOURCE=""; TRAIN_ARGS=""; TEST=$DATA/test.jsonl
+    SOURCE=default; GPT2_SOURCE=""; TRAIN_ARGS=""; TEST=$DATA/test.jsonl; PROBE_ARGS=""
 fi
 
 step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
@@ -70,9 +71,9 @@ step export 240 bash -c "set -e
 # fp32 bundles have the mask layout, which runs on the CPU (CUDA's GroupQueryAttention takes no mask):
 # scored on the machine's 16 cores, as the CPU run of the recipe was.
 step evaluate 240 $NPCTALK evaluate "$WORK/bundles/smollm2-base" "$WORK/bundles/smollm2-npc-ft" --data "$TEST" \
-    -o "$RES/evaluate" --provider cpu
+    -o "$RES/evaluate" --personas "$DATA/personas" --provider cpu
 step consistency 300 $NPCTALK evaluate --consistency "$WORK/bundles/smollm2-base" "$WORK/bundles/smollm2-npc-ft" \
-    --settings on/off on/on --fact-bias 4 --provider cpu -o "$RES/consistency"
+    --settings on/off on/on --fact-bias 4 --provider cpu -o "$RES/consistency" $PROBE_ARGS
 
 if [ -z "$GPT2_SOURCE" ]; then  # DialoGPT-small's exact config, random weights (bench/decode.py builds it)
     GPT2_SOURCE=$(python3 -c "
@@ -86,7 +87,7 @@ step dialogpt 300 bash -c "set -e
     cp '$WORK/runs/dialogpt-npc/finetune.json' '$RES/finetune-dialogpt.json'
     python3 -m npctalk.export.cli '$WORK/runs/dialogpt-npc' -o '$WORK/bundles/dialogpt-npc-ft' --dtype fp32
     python3 -m npctalk.engine.cli evaluate '$WORK/bundles/dialogpt-npc-ft' --data '$TEST' -o '$RES/evaluate-dialogpt' \
-        --provider cpu"
+        --personas '$DATA/personas' --provider cpu"
 
 pack_results "$RES" "$OUT"
 cat "$RES"/evaluate/comparison.md "$RES"/consistency/*.md 2>/dev/null | head -n 80
