@@ -338,7 +338,8 @@ class Scheduler:
         group: list[Request] = []
         cost = 0
         for request in self._queue:
-            if len(group) == room or self._prefix_key(request) is not None or cost + request.prompt_tokens > budget:
+            if (len(group) == room or self._prefix_key(request) is not None or cost + request.prompt_tokens > budget
+                    or request.prompt_tokens >= request.max_context):  # one too large fails alone, not its group
                 break
             group.append(request)
             cost += request.prompt_tokens

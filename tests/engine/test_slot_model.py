@@ -294,3 +294,19 @@ def test_a_failed_group_prefill_fails_its_requests_and_frees_their_slots(pair: t
     errors = [e for e in events if isinstance(e, ErrorEvent)]
     assert len(errors) == 3 and all("device lost" in e.message for e in errors)
     assert scheduler.counters["failed"] == 3 and slots.free_slots == 4 and not scheduler.has_work
+
+
+def test_a_prompt_too_large_for_its_slot_fails_alone(pair: tuple[Model, SlotModel]) -> None:
+    """A request the server's size check would have refused reaches the scheduler anyway: it is not
+    read with the prompts before it, so only it fails; the others are read together and answered."""
+    _, slots = pair
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=4096, prefix_cache_bytes=0))
+    good = [make_request(slots, f"g{i}", [5 + i, 6, 7], max_new_tokens=3) for i in range(2)]
+    huge = make_request(slots, "huge", [5] * 130, max_new_tokens=3)  # slots hold 128 tokens
+    for request in (*good, huge):
+        assert scheduler.submit(request)
+    events = run(scheduler)
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert [e.request for e in errors] == [huge]
+    assert all(r.finish_reason == "length" for r in good) and scheduler.counters["prefilled_together"] == 2
+    assert slots.free_slots == 4
