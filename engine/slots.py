@@ -240,13 +240,12 @@ class SlotDecoder:
         if taken:
             raise GenerationError(f"slots {taken} are not empty: prefill_many starts new streams only.")
         rows = [self._checked_prompt(int(s), p, past=0) for s, p in zip(slots, prompts)]  # (n,) int64 each
-        order = np.argsort(np.asarray(slots))
-        run: list[int] = []  # indices into slots/rows, consecutive slot numbers
-        for index in [int(i) for i in order] + [-1]:
-            if run and (index < 0 or int(slots[index]) != int(slots[run[-1]]) + 1):
-                self._prefill_run([int(slots[i]) for i in run], [rows[i][:-1] for i in run])
-                run = []
-            run.append(index)
+        order = [int(i) for i in np.argsort(np.asarray(slots))]
+        # Runs of consecutive slot numbers: a run's slots are one pointer view of every KV buffer.
+        cuts = [k for k in range(1, len(order)) if int(slots[order[k]]) != int(slots[order[k - 1]]) + 1]
+        for start, end in zip([0, *cuts], [*cuts, len(order)]):
+            run = order[start:end]  # indices into slots / rows
+            self._prefill_run([int(slots[i]) for i in run], [rows[i][:-1] for i in run])
         tokens = np.zeros(self.slots, dtype=np.int64)
         active = np.zeros(self.slots, dtype=bool)
         tokens[list(slots)] = [row[-1] for row in rows]
