@@ -77,7 +77,8 @@ def build(model: Any, b: GraphBuilder, io: dict[str, Any], untie_lm_head: bool =
     cos_cache, sin_cache = b.weight("rotary.cos_cache", cos), b.weight("rotary.sin_cache", sin)
     embed = b.weight("model.embed_tokens.weight", numpy(embed_tokens.weight))             # (vocab, hidden)
     hidden = b.one("Gather", [embed, inputs.input_ids], "/model/embed_tokens/Gather")    # (batch, seq, hidden)
-    split_qkv = b.const("/model/split_qkv", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
+    split_qkv = "" if layout == "slots" else b.const(  # the slots layout hands the packed qkv to the attention
+        "/model/split_qkv", np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))
     stream, residual = hidden, None
     for i, layer in enumerate(model.model.layers):
         p, w, att, mlp = f"/model/layers.{i}", f"model.layers.{i}", layer.self_attn, layer.mlp
