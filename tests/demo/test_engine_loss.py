@@ -9,30 +9,33 @@ from pathlib import Path
 import pygame
 import pytest
 import zmq
-from demo_helpers import STREAMING_FRAME_BOUND_S, Frame, nobody_at, reply_over, run_script, run_until, streaming, talk_steps
+from demo_helpers import (STREAMING_FRAME_BOUND_S, Frame, kill_at_first_token, nobody_at, reply_over, run_script, run_until,
+                          skip_unless_cut, talk_steps)
 from npctalk.demo.game import Game
 from npctalk.demo.link import LinkState
 from npctalk.demo.script import Press, Type
 from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
 
-# The server is killed once the reply streams, so the reply must outlast a slow frame or two between
-# its first token and the kill. With 256 tokens, on a VM about twice as fast as earlier ones, the old
-# server once finished the whole reply before the kill landed (the test saw "idle", not "failed").
-# 640 tokens (the tiny model's context holds them after the demo's prompt) leave a wider margin.
-LONG_REPLY_TOKENS = 640
+# The server is killed at the reply's first token (kill_at_first_token). Waiting for the frame after it
+# let the old server finish first on a VM about twice as fast as earlier ones: a 256-token reply, or one
+# the tiny model ended on a stop string after 185 tokens (the test saw "idle", not "failed"). Long
+# replies (560: the 1024-token context holds them after Elda's 434-token prompt) keep the margin wide.
+LONG_REPLY_TOKENS = 560
 LONG_REPLY = ("--max-new-tokens", str(LONG_REPLY_TOKENS))
 
 
 def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Path, tmp_path: Path,
-                                                               make_game: Callable[..., Game]) -> None:
+                                                               make_game: Callable[..., Game],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     first = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, *LONG_REPLY).start()
     try:
         game = make_game(endpoint=first.endpoint, max_new_tokens=LONG_REPLY_TOKENS, reply_timeout_s=2.0)
+        killed = kill_at_first_token(monkeypatch, lambda: first.signal(signal.SIGKILL))
         run_script(game, talk_steps("bram", "Tell me a long story."))
-        run_until(game, streaming, 30)
-        first.signal(signal.SIGKILL)
+        run_until(game, lambda g: killed(), 30)
         frames: list[Frame] = []
         run_until(game, reply_over, 15, frames)
+        skip_unless_cut(game)
     finally:
         first.stop()
     d = game.dialogue
@@ -55,19 +58,22 @@ def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Pat
 
 
 def test_demo_starts_its_own_server_restarts_it_mid_reply_and_stops_it(gpt2_bundle: Path, tmp_path: Path,
-                                                                       make_game: Callable[..., Game]) -> None:
+                                                                       make_game: Callable[..., Game],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = free_tcp_endpoint()
     game = make_game(endpoint=endpoint, autostart=True, model=gpt2_bundle, memory_db=tmp_path / "memory.sqlite",
-                     server_threads=1, server_args=LONG_STREAMS, max_new_tokens=256, reply_timeout_s=30.0)
+                     server_threads=1, server_args=(*LONG_STREAMS, *LONG_REPLY), max_new_tokens=LONG_REPLY_TOKENS,
+                     reply_timeout_s=30.0)
     run_until(game, lambda g: g.link.online, 60)
     server = game.link.server
     assert server is not None and server.process is not None and server.exited is None
+    # The engine crashes mid-reply: the reply fails at once, the demo starts it again.
+    killed = kill_at_first_token(monkeypatch, server.process.kill)
     run_script(game, talk_steps("tobin", "Who goes there?"))
-    run_until(game, streaming, 30)
-
-    server.process.kill()  # the engine crashes mid-reply: the reply fails at once, the demo starts it again
+    run_until(game, lambda g: killed(), 30)
     frames: list[Frame] = []
     run_until(game, reply_over, 5, frames)  # well before the 30 s silence timeout
+    skip_unless_cut(game)
     d = game.dialogue
     assert d is not None and d.state.value == "failed" and "went away" in d.error and d.reply
     assert max(f.interval_s for f in frames) < STREAMING_FRAME_BOUND_S
@@ -131,21 +137,23 @@ def test_npcs_remember_the_player_across_demo_restarts(gpt2_bundle: Path, tmp_pa
 
 
 def test_reply_orphaned_by_a_quick_server_restart_fails_at_the_first_answered_heartbeat(
-        gpt2_bundle: Path, tmp_path: Path, make_game: Callable[..., Game], caplog: pytest.LogCaptureFixture) -> None:
+        gpt2_bundle: Path, tmp_path: Path, make_game: Callable[..., Game], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Restarted within the silence timeout, the new server answers pings but never finishes the old reply:
     the client's ping lists the reply and the new server says it does not hold it (protocol ``ping.streams``);
     the demo's own deadline check stays as a fallback for servers that do not answer ``unknown``."""
-    args = (*LONG_STREAMS, "--request-timeout", "2")
+    args = (*LONG_STREAMS, "--request-timeout", "2", *LONG_REPLY)
     first = ServerProcess(gpt2_bundle, tmp_path, *args).start()
     second = ServerProcess(gpt2_bundle, tmp_path, *args, endpoint=first.endpoint)
     try:
-        game = make_game(endpoint=first.endpoint, max_new_tokens=256, reply_timeout_s=8.0)
+        game = make_game(endpoint=first.endpoint, max_new_tokens=LONG_REPLY_TOKENS, reply_timeout_s=8.0)
+        killed = kill_at_first_token(monkeypatch, lambda: first.signal(signal.SIGKILL))
         run_script(game, talk_steps("elda", "Tell me every rumour."))
-        run_until(game, streaming, 30)
-        first.signal(signal.SIGKILL)
+        run_until(game, lambda g: killed(), 30)
         second.start()
         frames: list[Frame] = []
         run_until(game, reply_over, 20, frames)
+        skip_unless_cut(game)
         d = game.dialogue
         assert d is not None and d.state.value == "failed" and d.reply
         assert "The server no longer has reply" in caplog.text

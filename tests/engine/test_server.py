@@ -282,7 +282,7 @@ def test_sigterm_mid_stream_exits_cleanly(gpt2_bundle: Path, tmp_path: Path) -> 
 
 
 def test_ipc_endpoint_and_request_deadline(gpt2_bundle: Path, tmp_path: Path) -> None:
-    proc = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, "--max-new-tokens", "960", "--request-timeout", "0.2",
+    proc = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, "--max-new-tokens", "960", "--request-timeout", "0.02",
                          endpoint=f"ipc://{tmp_path}/npctalk.sock").start()
     try:
         sock = proc.dealer()
