@@ -49,6 +49,30 @@ def test_stop_matcher_releases_false_alarms_and_picks_the_earliest() -> None:
     assert StopMatcher([]).push("anything") == "anything"
 
 
+def test_stop_matcher_holds_back_exactly_the_longest_possible_start() -> None:
+    """Random chunks over a small alphabet against the plain definition: what is released never
+    contains a stop string, and the held text is the longest suffix that begins one."""
+    import random
+
+    rng = random.Random(3)
+    stops = ["\nab", "ba:", "<|x|>", "a"]
+    for _ in range(300):
+        kept = rng.sample(stops, rng.randint(1, 3))
+        m, text, released = StopMatcher(kept), "", ""
+        for _ in range(rng.randint(1, 8)):
+            chunk = "".join(rng.choice("ab:\n<|x> ") for _ in range(rng.randint(0, 5)))
+            text += chunk
+            released += m.push(chunk)
+            if m.stopped:
+                break
+            held = text[len(released):]
+            want = max((k for k in range(1, len(text) + 1) if any(s.startswith(text[-k:]) for s in kept)), default=0)
+            assert len(held) == want and not any(s in released for s in kept)
+        if m.stopped:
+            cut = min(text.find(s) for s in kept if s in text)
+            assert released == text[:cut]
+
+
 # --- ReplyStream on a scripted model --------------------------------------------------------------------
 
 
