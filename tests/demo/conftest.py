@@ -18,6 +18,7 @@ pytest.importorskip("pygame")
 
 from npctalk.demo.config import DemoConfig
 from npctalk.demo.game import Game
+from demo_helpers import LONG_REPLY
 from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint
 
 
@@ -31,8 +32,9 @@ def demo_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def server(gpt2_bundle: Path, tmp_path: Path) -> Iterator[ServerProcess]:
-    """A real ``npctalk serve`` on the tiny GPT-2 whose greedy replies run to their length."""
-    proc = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS).start()
+    """A real ``npctalk serve`` on the tiny GPT-2 whose greedy replies run to their length (up to
+    ``LONG_REPLY_TOKENS``)."""
+    proc = ServerProcess(gpt2_bundle, tmp_path, *LONG_STREAMS, *LONG_REPLY).start()
     yield proc
     proc.stop()
 

@@ -62,6 +62,12 @@ def run_script(game: Game, steps: list[Step], timeout_s: float = 60.0, frames: l
 
 STREAMING_FRAME_BOUND_S = 0.3  # 18x a 60 fps frame: generous for a loaded 2-core CI machine
 
+# Replies long enough to be seen streaming over many frames, and cut mid-way by a kill or Esc, even on
+# a fast VM: the tiny GPT-2 streamed 200 tokens within 2 frames on one about twice as fast as earlier
+# ones. 560 fit the tiny model's 1024-token context after Elda's 434-token prompt, the longest.
+LONG_REPLY_TOKENS = 560
+LONG_REPLY = ("--max-new-tokens", str(LONG_REPLY_TOKENS))  # `npctalk serve` allows 256 unless told
+
 
 def talk_steps(npc: str, line: str) -> list:
     return [WaitFor("online", 30), Press(pygame.K_RETURN), WalkTo(npc), Press(pygame.K_e), Type(line),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pygame
-from demo_helpers import STREAMING_FRAME_BOUND_S, Frame, pixel_spread, run_script, run_until, talk_steps
+from demo_helpers import LONG_REPLY_TOKENS, STREAMING_FRAME_BOUND_S, Frame, pixel_spread, run_script, run_until, talk_steps
 from npctalk.demo.game import Game
 from npctalk.demo.script import Press, Screenshot, Type, WalkTo
 from npctalk.demo.ui import printable
@@ -16,7 +16,7 @@ from server_process import ServerProcess
 
 def test_streamed_reply_grows_in_the_dialogue_box(server: ServerProcess, make_game: Callable[..., Game],
                                                   tmp_path: Path) -> None:
-    game = make_game(endpoint=server.endpoint, max_new_tokens=200)
+    game = make_game(endpoint=server.endpoint, max_new_tokens=LONG_REPLY_TOKENS)
     frames: list[Frame] = []
     run_script(game, talk_steps("bram", "Hello there, smith!"), frames=frames)
     run_until(game, lambda g: g.dialogue is not None and g.dialogue.reply_id is None, 60, frames)
@@ -46,7 +46,7 @@ def test_streamed_reply_grows_in_the_dialogue_box(server: ServerProcess, make_ga
 
 def test_typing_e_to_open_talk_does_not_type_it_and_esc_cancels(server: ServerProcess,
                                                                  make_game: Callable[..., Game]) -> None:
-    game = make_game(endpoint=server.endpoint, max_new_tokens=256)
+    game = make_game(endpoint=server.endpoint, max_new_tokens=LONG_REPLY_TOKENS)
     run_script(game, talk_steps("elda", "What is the news?")[:-2])
     assert game.scene.value == "talk" and game.dialogue is not None and game.dialogue.input == ""
     run_script(game, [Type("Any news?"), Press(pygame.K_BACKSPACE)])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pygame
 import pytest
 import zmq
-from demo_helpers import (STREAMING_FRAME_BOUND_S, Frame, kill_at_first_token, nobody_at, reply_over, run_script, run_until,
+from demo_helpers import (LONG_REPLY, LONG_REPLY_TOKENS, STREAMING_FRAME_BOUND_S, Frame, kill_at_first_token, nobody_at, reply_over, run_script, run_until,
                           skip_unless_cut, talk_steps)
 from npctalk.demo.game import Game
 from npctalk.demo.link import LinkState
@@ -17,11 +17,8 @@ from npctalk.demo.script import Press, Type
 from server_process import LONG_STREAMS, ServerProcess, free_tcp_endpoint, recv, send
 
 # The server is killed at the reply's first token (kill_at_first_token). Waiting for the frame after it
-# let the old server finish first on a VM about twice as fast as earlier ones: a 256-token reply, or one
-# the tiny model ended on a stop string after 185 tokens (the test saw "idle", not "failed"). Long
-# replies (560: the 1024-token context holds them after Elda's 434-token prompt) keep the margin wide.
-LONG_REPLY_TOKENS = 560
-LONG_REPLY = ("--max-new-tokens", str(LONG_REPLY_TOKENS))
+# let the old server finish first on a fast VM: a 256-token reply, or one the tiny model ended on a
+# stop string after 185 tokens (the test saw "idle", not "failed").
 
 
 def test_server_killed_mid_reply_shows_a_message_and_reconnects(gpt2_bundle: Path, tmp_path: Path,
