@@ -34,11 +34,17 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def write(args: argparse.Namespace, kind: str, report: dict[str, Any], markdown: str) -> Path:
     """``<out>/<kind>-<model>-<dtype>-<host>-<date>.{json,md}``; returns the stem's path."""
-    stem = args.out / f"{kind}-{report['model'].lower()}-{report['dtype']}-{platform.node()}-{report['date'][:10]}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    parts = [kind, report["model"].lower(), report["dtype"], platform.node(), report["date"][:10]]
+    return write_files(args.out, parts, report, markdown)
+
+
+def write_files(out: Path, parts: list[str], report: dict[str, Any], markdown: str) -> Path:
+    """``<out>/<parts joined by '-'>.{json,md}`` (empty parts left out); returns the stem's path."""
+    stem = out / "-".join(part for part in parts if part)
+    out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
-    logging.getLogger(f"bench.{kind}").info("wrote %s.{json,md}", stem)
+    logging.getLogger(f"bench.{parts[0]}").info("wrote %s.{json,md}", stem)
     return stem
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import logging
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.bundle_run import write_files
 
 log = logging.getLogger("bench.host_cost")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -151,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
               "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['streams']} | {r['steps']:.0f} | {r['host_ms_step']} | {r['host_us_token']} | {r['ort_ms_step']} | "
               f"{r['from_full']:.0f} |" for r in rows]
-    stem = args.out / "-".join(x for x in ("host-cost", report["host"], date[:10], args.tag) if x)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_files(args.out, ["host-cost", report["host"], date[:10], args.tag], report, "\n".join(lines) + "\n")
     print("\n".join(lines))
-    log.info("wrote %s.{json,md}", stem)
     return 0
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.bundle_run import write_files
 
 import numpy as np
 
@@ -112,13 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"**Note:** {args.note}", ""]
     lines += ["| streams | a ms/step | b ms/step | a / b | token agreement |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['streams']} | {r['a_ms']} | {r['b_ms']} | {r['a_over_b']} | {r['token_agreement']} |" for r in rows]
-    stem = args.out / "-".join(x for x in ("slots-ab", manifest.name.lower(), manifest.dtype, args.device,
-                                            report["host"], date[:10], args.tag) if x)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_files(args.out, ["slots-ab", manifest.name.lower(), manifest.dtype, args.device,
+                                            report["host"], date[:10], args.tag], report, "\n".join(lines) + "\n")
     print("\n".join(lines))
-    log.info("wrote %s.{json,md}", stem)
     return 0
 
 
