@@ -101,6 +101,7 @@ npctalk_status open_socket(npctalk_client *c) {
     c->socket = sock;
     c->monitor = monitor;
     c->handshake_failed = 0;
+    c->drop_seen = 0;
     return NPCTALK_OK;
 }
 
@@ -220,13 +221,20 @@ int finish_deferred_close(npctalk_client *c) {
     return 1;
 }
 
+static int drain_monitor(npctalk_client *c);
+
 npctalk_status send_frame(npctalk_client *c, const msgpack_sbuffer *frame) {
     if (c->socket == NULL && open_socket(c) != NPCTALK_OK) return NPCTALK_E_SOCKET; /* a reopen had failed */
     if (zmq_send(c->socket, frame->data, frame->size, ZMQ_DONTWAIT) < 0) {
-        if (errno == EAGAIN)
-            return fail(c, NPCTALK_E_SOCKET, "Cannot queue a message for %s: the send queue is full (the server "
-                                             "has not read for a long time).", c->endpoint);
-        return fail(c, NPCTALK_E_SOCKET, "Sending to %s failed: %s.", c->endpoint, zmq_strerror(errno));
+        int err = errno;
+        if (err != EAGAIN) return fail(c, NPCTALK_E_SOCKET, "Sending to %s failed: %s.", c->endpoint, zmq_strerror(err));
+        /* No queue to the server can also mean libzmq dropped it after a refused handshake: say that. */
+        c->drop_seen |= drain_monitor(c);
+        if (c->handshake_failed)
+            return fail(c, NPCTALK_E_UNAVAILABLE, "The server at %s refused the connection's handshake (%s).",
+                        c->endpoint, CURVE_HINT);
+        return fail(c, NPCTALK_E_SOCKET, "Cannot queue a message for %s: the send queue is full (the server "
+                                         "has not read for a long time).", c->endpoint);
     }
     c->last_sent_ms = now_ms();
     return NPCTALK_OK;
@@ -309,7 +317,9 @@ npctalk_status pump(npctalk_client *c, int timeout_ms) {
     }
     int received = 0;
     npctalk_status status = drain(c, &received); /* what arrived before a drop is still delivered */
-    if (!c->closing && drain_monitor(c) && pending(c)) {
+    int dropped = drain_monitor(c) | c->drop_seen;
+    c->drop_seen = 0;
+    if (!c->closing && dropped && pending(c)) {
         connection_dropped(c);
         received++;
     }

@@ -13,6 +13,8 @@
 #include "wire.h"
 
 #define ID_CAP 32 /* "<12 hex>-<counter>" fits */
+/* Said with every refused handshake: what to check. */
+#define CURVE_HINT "check the CURVE keys: this client's pair, the server's public key, and that the server lists this client"
 
 /* One say as the client sees it: open until its terminal message (then unlinked and freed). */
 typedef struct stream {
@@ -46,6 +48,7 @@ struct npctalk_client {
     void *monitor;         /* PAIR receiving the DEALER's connection events (a dropped connection) */
     uint64_t monitors;     /* numbers the monitor's inproc endpoints, one per socket opened */
     int handshake_failed;  /* the last handshake was refused (CURVE keys): said in timeout errors */
+    int drop_seen;         /* a drop the monitor reported while send_frame looked: pump acts on it */
     char *endpoint;
     npctalk_options options;    /* the curve_* pointers are cleared: the keys live in `curve` */
     int use_curve;

@@ -49,8 +49,6 @@ static void connection_lost(npctalk_client *c, const char *why) {
     c->last_heard_ms = c->last_sent_ms = now_ms();
 }
 
-#define CURVE_HINT "check the CURVE keys: this client's pair, the server's public key, and that the server lists this client"
-
 static void server_silent(npctalk_client *c) {
     char why[384];
     snprintf(why, sizeof why, "No message from the server at %s for %.1f s (timeout %.1f s)%s", c->endpoint,
