@@ -22,6 +22,7 @@ Not thread-safe: the engine loop owns every ``Prefill``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,3 +82,26 @@ class Prefill:
                 prefix_cache.put(self.prefix, self.cache)  # a snapshot: later pieces replace, never mutate, arrays
                 self.prefix = None
         return (logits if not self.remaining else None), ran
+
+
+def group_together(queue: Iterable[Request], budget: int, room: int, has_prefix: Callable[[Request], bool]) -> list[Request]:
+    """The queue's first requests whose whole prompts fit ``budget`` tokens together (at most
+    ``room``), for a model that reads several new prompts in one call (``forward_many``). Arrival
+    order is kept: the group ends at the first request that does not fit, has a persona prefix to
+    share, or is too large for its cache (that one then fails alone, not with its group)."""
+    group: list[Request] = []
+    cost = 0
+    for request in queue:
+        if (len(group) == room or has_prefix(request) or cost + request.prompt_tokens > budget
+                or request.prompt_tokens >= request.max_context):
+            break
+        group.append(request)
+        cost += request.prompt_tokens
+    return group
+
+
+def read_together(model: LanguageModel, prefills: list[Prefill]) -> np.ndarray:
+    """Each new prefill's whole prompt in one ``forward_many`` call: the last position's logits
+    (len(prefills), vocab), in order. Model errors propagate: the caller fails the group."""
+    return model.forward_many([(np.asarray([p.request.prompt_ids], dtype=np.int64), p.cache)  # type: ignore[attr-defined]
+                               for p in prefills])

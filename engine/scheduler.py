@@ -62,7 +62,7 @@ from .decode_step import DecodeSteps, Flight, StepOutput
 from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
-from .prefill import Prefill
+from .prefill import Prefill, group_together, read_together
 from .prefix_cache import PrefixCache
 from .protocol import ErrorCode
 from .request import Event, FinishReason, Request, RequestKey, RequestState
@@ -328,29 +328,21 @@ class Scheduler:
 
     def _prefill_together(self, budget: int, joiners: list[tuple[Request, KVCache]], events: list[Event]) -> int:
         """Prefill the queue's first requests in one call when at least two whole prompts fit in
-        ``budget`` (a model with ``forward_many``: the slot decoder); returns the prompt tokens run,
-        0 when it did nothing. Arrival order is kept: the group ends at the first request that does
-        not fit. A failure fails the group's requests, not the server."""
-        forward_many = getattr(self.model, "forward_many", None)
-        if forward_many is None:
+        ``budget`` (``prefill.group_together``; a model with ``forward_many``: the slot decoder);
+        returns the prompt tokens run, 0 when it did nothing. A failure fails the group, not the server."""
+        if not hasattr(self.model, "forward_many"):
             return 0
         room = self.config.max_batch - self.active_count - len(joiners)
-        group: list[Request] = []
-        cost = 0
-        for request in self._queue:
-            if (len(group) == room or self._prefix_key(request) is not None or cost + request.prompt_tokens > budget
-                    or request.prompt_tokens >= request.max_context):  # one too large fails alone, not its group
-                break
-            group.append(request)
-            cost += request.prompt_tokens
+        group = group_together(self._queue, budget, room, lambda r: self._prefix_key(r) is not None)
         if len(group) < 2:
             return 0
         prefills = []
         for request in group:
             self._queue.popleft()  # the group is the queue's head, in order
             prefills.append(self._begin(request))
+        cost = sum(request.prompt_tokens for request in group)
         try:
-            logits = forward_many([(np.asarray([p.request.prompt_ids], dtype=np.int64), p.cache) for p in prefills])
+            logits = read_together(self.model, prefills)
         except Exception as exc:  # as for one prompt: these requests fail, the server goes on
             log.exception("Prefill of %d requests together failed.", len(prefills))
             for prefill in prefills:
