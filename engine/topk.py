@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
+
+from . import onnx_proto as proto
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ DEFAULT_TOP_TOKENS = 64  # candidates per row: covers the chat default top_k 40 
 # 1,000-token tiny model ran 10-25% slower by way of candidates (bench/results/concurrency-*-topk-*).
 # The real models' 32k-50k vocabularies are far above it.
 MIN_VOCAB = 4096
-_IR_VERSION = 10  # what ONNX Runtime 1.31 loads (onnx 1.23 would write a newer one)
 
 
 @dataclass
@@ -78,36 +78,27 @@ class Bonus:
         return cls(ids, values)
 
 
-def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any], opset: int = 17) -> bytes:
-    graph = helper.make_graph(nodes, "npctalk_topk", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = _IR_VERSION
-    return model.SerializeToString()
-
-
 def _topk_graph(k: int) -> bytes:
     """logits (..., vocab) float32 → values, ids (..., k): ONNX TopK on the last axis."""
-    return _model([helper.make_node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)],
-                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
-                  [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
-                   helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
-                  [helper.make_tensor("k", TensorProto.INT64, [1], [k])])
+    return proto.model([proto.node("TopK", ["logits", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)],
+                       [proto.tensor_info("logits", proto.FLOAT, None)],
+                       [proto.tensor_info("values", proto.FLOAT, None), proto.tensor_info("ids", proto.INT64, None)],
+                       [proto.int64_tensor("k", [1], [k])], name="npctalk_topk")
 
 
 def _bonused_topk_graph(k: int) -> bytes:
     """logits (rows, [1,] vocab), bonus_ids and bonus_values (rows, width) → values, ids (rows, k):
     the bonus added to its tokens' logits (ScatterElements, ``add``), then TopK."""
-    return _model([helper.make_node("Flatten", ["logits"], ["flat"], axis=1),  # (rows, vocab)
-                   helper.make_node("ScatterElements", ["flat", "bonus_ids", "bonus_values"], ["bonused"],
-                                    axis=1, reduction="add"),
-                   helper.make_node("TopK", ["bonused", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)],
-                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
-                   helper.make_tensor_value_info("bonus_ids", TensorProto.INT64, [None, None]),
-                   helper.make_tensor_value_info("bonus_values", TensorProto.FLOAT, [None, None])],
-                  [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
-                   helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
-                  [helper.make_tensor("k", TensorProto.INT64, [1], [k])],
-                  opset=18)  # ONNX Runtime's CUDA ScatterElements with a reduction is registered for opset 18
+    return proto.model([proto.node("Flatten", ["logits"], ["flat"], axis=1),  # (rows, vocab)
+                        proto.node("ScatterElements", ["flat", "bonus_ids", "bonus_values"], ["bonused"],
+                                   axis=1, reduction="add"),
+                        proto.node("TopK", ["bonused", "k"], ["values", "ids"], axis=-1, largest=1, sorted=0)],
+                       [proto.tensor_info("logits", proto.FLOAT, None),
+                        proto.tensor_info("bonus_ids", proto.INT64, [None, None]),
+                        proto.tensor_info("bonus_values", proto.FLOAT, [None, None])],
+                       [proto.tensor_info("values", proto.FLOAT, None), proto.tensor_info("ids", proto.INT64, None)],
+                       [proto.int64_tensor("k", [1], [k])], name="npctalk_topk",
+                       opset=18)  # ONNX Runtime's CUDA ScatterElements with a reduction is registered for opset 18
 
 
 def graphs(k: int) -> dict[str, bytes]:
@@ -117,10 +108,9 @@ def graphs(k: int) -> dict[str, bytes]:
 
 def _row_graph() -> bytes:
     """logits (rows, ..., vocab), index (1,) → that row (1, ..., vocab): one row off the device."""
-    return _model([helper.make_node("Gather", ["logits", "index"], ["row"], axis=0)],
-                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
-                   helper.make_tensor_value_info("index", TensorProto.INT64, [1])],
-                  [helper.make_tensor_value_info("row", TensorProto.FLOAT, None)], [])
+    return proto.model([proto.node("Gather", ["logits", "index"], ["row"], axis=0)],
+                       [proto.tensor_info("logits", proto.FLOAT, None), proto.tensor_info("index", proto.INT64, [1])],
+                       [proto.tensor_info("row", proto.FLOAT, None)], name="npctalk_topk")
 
 
 class TopK:

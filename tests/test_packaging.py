@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "optimum", "accelerate", "gguf")
+HEAVY = ("torch", "transformers", "optimum", "accelerate", "gguf", "onnx")  # onnx: the export extra, not a game's
 
 _PROBE = """
 import importlib, json, pkgutil, sys
