@@ -8,6 +8,8 @@ persona prefix runs as::
     hit    cache = the prefix cache's snapshot (1, kv_heads, n, head_dim); prompt[n:] in pieces
     miss   prompt[:n] in pieces → snapshot stored in the prefix cache → prompt[n:] in pieces
     none   prompt in pieces
+    group  (the slot decoder, ``read_together``) whole prompts of new requests in one call; a
+           prefix to store is then snapshotted from its slot's first n positions
 
 Each piece is one ``forward`` of a single row: (1, k) ids after a (1, kv_heads, done, head_dim) past,
 and the cache grows by k. One row with a past may carry several new tokens in every graph the engine
@@ -84,15 +86,16 @@ class Prefill:
         return (logits if not self.remaining else None), ran
 
 
-def group_together(queue: Iterable[Request], budget: int, room: int, has_prefix: Callable[[Request], bool]) -> list[Request]:
+def group_together(queue: Iterable[Request], budget: int, room: int, cached: Callable[[Request], bool]) -> list[Request]:
     """The queue's first requests whose whole prompts fit ``budget`` tokens together (at most
     ``room``), for a model that reads several new prompts in one call (``forward_many``). Arrival
-    order is kept: the group ends at the first request that does not fit, has a persona prefix to
-    share, or is too large for its cache (that one then fails alone, not with its group)."""
+    order is kept: the group ends at the first request that does not fit, whose persona prefix is
+    ``cached`` (it starts from the snapshot and reads only its turn), or that is too large for its
+    cache (that one then fails alone, not with its group)."""
     group: list[Request] = []
     cost = 0
     for request in queue:
-        if (len(group) == room or has_prefix(request) or cost + request.prompt_tokens > budget
+        if (len(group) == room or cached(request) or cost + request.prompt_tokens > budget
                 or request.prompt_tokens >= request.max_context):
             break
         group.append(request)
@@ -100,8 +103,14 @@ def group_together(queue: Iterable[Request], budget: int, room: int, has_prefix:
     return group
 
 
-def read_together(model: LanguageModel, prefills: list[Prefill]) -> np.ndarray:
+def read_together(model: LanguageModel, prefills: list[Prefill], prefix_cache: PrefixCache) -> np.ndarray:
     """Each new prefill's whole prompt in one ``forward_many`` call: the last position's logits
-    (len(prefills), vocab), in order. Model errors propagate: the caller fails the group."""
-    return model.forward_many([(np.asarray([p.request.prompt_ids], dtype=np.int64), p.cache)  # type: ignore[attr-defined]
-                               for p in prefills])
+    (len(prefills), vocab), in order. A persona prefix to store is then snapshotted from the first
+    positions of its prompt (once per prefix). Model errors propagate: the caller fails the group."""
+    logits = model.forward_many([(np.asarray([p.request.prompt_ids], dtype=np.int64), p.cache)  # type: ignore[attr-defined]
+                                 for p in prefills])
+    for prefill in prefills:
+        if prefill.prefix is not None and prefill.prefix not in prefix_cache:
+            prefix_cache.put(prefill.prefix, prefill.cache)  # the slot's first positions: the prefix
+        prefill.prefix = None
+    return logits

@@ -12,6 +12,12 @@ request's prefill of its turn-specific tokens leaves the stored snapshot untouch
     keys[layer], values[layer]   (1, kv_heads, prefix_len, head_dim)
     mask                         (1, prefix_len)
 
+The slot decoder (``slot_model.SlotModel``) cannot share a KV slot, so it brings its own
+``Snapshots``: a snapshot is a copy of the slot's prefix positions on the device, and each hit
+copies it into the request's new slot (``slot_copy.py``). A snapshot of the slot decoder may also be
+taken from a slot that holds more than the prefix (its first ``n`` positions), which is how a
+prompt read whole in a group (``prefill.read_together``) leaves its persona prefix behind.
+
 Bounded in bytes (keys + values + mask), least recently used first out; an entry larger than the
 whole budget is not stored. ``max_bytes == 0`` turns the cache off. Not thread-safe: the engine
 loop owns it.
@@ -23,7 +29,7 @@ import copy
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,14 +63,47 @@ def compact(cache: KVCache) -> KVCache:
     return clone
 
 
-class PrefixCache:
-    """LRU of single-row KV snapshots of persona prefixes, at most ``max_bytes`` in all."""
+@runtime_checkable
+class Snapshots(Protocol):
+    """How a model's caches are kept and resumed: ``snapshot(cache, n)`` keeps the first ``n``
+    positions of a one-row cache, ``resume`` gives a new cache holding a snapshot (writing it never
+    changes the snapshot), ``snapshot_bytes`` is what a snapshot holds in memory."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def snapshot(self, cache: Any, n: int) -> Any: ...
+
+    def resume(self, snapshot: Any) -> Any: ...
+
+    def snapshot_bytes(self, snapshot: Any) -> int: ...
+
+
+class KVSnapshots:
+    """``Snapshots`` of ``KVCache`` (``Model``): a compact copy, shared by every cache resumed from it."""
+
+    @staticmethod
+    def snapshot(cache: KVCache, n: int) -> KVCache:
+        if n != cache.length:
+            raise ConfigError(f"A KVCache snapshot holds the whole cache ({cache.length} positions), not {n}.")
+        return compact(cache)
+
+    @staticmethod
+    def resume(snapshot: KVCache) -> KVCache:
+        return share(snapshot)
+
+    @staticmethod
+    def snapshot_bytes(snapshot: KVCache) -> int:
+        return cache_bytes(snapshot)
+
+
+class PrefixCache:
+    """LRU of single-row KV snapshots of persona prefixes, at most ``max_bytes`` in all.
+    ``snapshots``: the model's (a ``SlotModel``), else ``KVSnapshots`` for ``KVCache``."""
+
+    def __init__(self, max_bytes: int, snapshots: Snapshots | None = None) -> None:
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
             raise ConfigError(f"The prefix cache size must be a byte count >= 0, got {max_bytes!r}.")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Key, tuple[KVCache, int]] = OrderedDict()  # key → (snapshot, bytes)
+        self.snapshots: Snapshots = snapshots if snapshots is not None else KVSnapshots()
+        self._entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()  # key → (snapshot, bytes)
         self.bytes = 0
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "invalidations": 0}
 
@@ -82,33 +121,36 @@ class PrefixCache:
     def key(npc: str, prefix_ids: Sequence[int]) -> Key:
         return npc, tuple(int(t) for t in prefix_ids)
 
-    def get(self, key: Key) -> KVCache | None:
-        """A cache holding the prefix's KV (shared arrays), or None; counts a hit or a miss."""
+    def get(self, key: Key) -> Any:
+        """A new cache holding the prefix's KV (``Snapshots.resume``), or None; counts a hit or a miss."""
         entry = self._entries.get(key)
         if entry is None:
             self.counters["misses"] += 1
             return None
         self._entries.move_to_end(key)
         self.counters["hits"] += 1
-        return share(entry[0])
+        return self.snapshots.resume(entry[0])
 
-    def put(self, key: Key, cache: KVCache) -> bool:
-        """Keep a snapshot of ``cache`` (single row, exactly the prefix); False when it cannot fit."""
-        if cache.batch_size != 1 or cache.length != len(key[1]):
+    def put(self, key: Key, cache: Any) -> bool:
+        """Keep a snapshot of ``cache``'s first ``len(key[1])`` positions (one row; a ``KVCache`` must
+        hold exactly the prefix); False when it cannot fit."""
+        if cache.batch_size != 1 or cache.length < len(key[1]):
             raise ConfigError(f"A prefix snapshot must be one row of {len(key[1])} positions, got "
                               f"{cache.batch_size} row(s) of {cache.length}.")
-        size = cache_bytes(cache)
-        if not self.enabled or size > self.max_bytes:
-            if self.enabled:
-                log.info("A %d-byte persona prefix of NPC %r exceeds the whole prefix cache (%d bytes); not cached.",
-                         size, key[0], self.max_bytes)
+        if not self.enabled:
+            return False
+        snapshot = self.snapshots.snapshot(cache, len(key[1]))
+        size = self.snapshots.snapshot_bytes(snapshot)
+        if size > self.max_bytes:
+            log.info("A %d-byte persona prefix of NPC %r exceeds the whole prefix cache (%d bytes); not cached.",
+                     size, key[0], self.max_bytes)
             return False
         self._drop(key)
         while self._entries and self.bytes + size > self.max_bytes:
             _, (_, old_size) = self._entries.popitem(last=False)
             self.bytes -= old_size
             self.counters["evictions"] += 1
-        self._entries[key] = (compact(cache), size)
+        self._entries[key] = (snapshot, size)
         self.bytes += size
         return True
 

@@ -63,7 +63,7 @@ from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
 from .prefill import Prefill, group_together, read_together
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, Snapshots
 from .protocol import ErrorCode
 from .request import Event, FinishReason, Request, RequestKey, RequestState
 from .reranked import Candidates, Scorer, answer
@@ -120,7 +120,7 @@ class Scheduler:
         self._prefilling: deque[Prefill] = deque()  # admitted, prompt partly in its cache; the first one runs
         self._groups: list[DecodeBatch[Request]] = []  # one group when batched, one per stream otherwise
         self._live: dict[RequestKey, Request] = {}
-        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, model if isinstance(model, Snapshots) else None)
         self._prefixes: dict[RequestKey, tuple[str, int]] = {}  # live request → (NPC id, persona prefix length)
         self._reranked: dict[RequestKey, Candidates] = {}       # client's request key → its candidates
         self._candidate_of: dict[Request, Candidates] = {}      # internal candidate → its group
@@ -333,7 +333,7 @@ class Scheduler:
         if not hasattr(self.model, "forward_many"):
             return 0
         room = self.config.max_batch - self.active_count - len(joiners)
-        group = group_together(self._queue, budget, room, lambda r: self._prefix_key(r) is not None)
+        group = group_together(self._queue, budget, room, self._has_cached_prefix)
         if len(group) < 2:
             return 0
         prefills = []
@@ -342,7 +342,7 @@ class Scheduler:
             prefills.append(self._begin(request))
         cost = sum(request.prompt_tokens for request in group)
         try:
-            logits = read_together(self.model, prefills)
+            logits = read_together(self.model, prefills, self.prefix_cache)
         except Exception as exc:  # as for one prompt: these requests fail, the server goes on
             log.exception("Prefill of %d requests together failed.", len(prefills))
             for prefill in prefills:
@@ -390,6 +390,10 @@ class Scheduler:
     def _prefix_key(self, request: Request) -> tuple[str, tuple[int, ...]] | None:
         hint = self._prefixes.get(request.key)
         return None if hint is None else PrefixCache.key(hint[0], request.prompt_ids[:hint[1]])
+
+    def _has_cached_prefix(self, request: Request) -> bool:
+        key = self._prefix_key(request)
+        return key is not None and key in self.prefix_cache
 
     def _prefill_cost(self, request: Request) -> int:
         """Prompt tokens ``request``'s prefill will run (its cached prefix not counted)."""

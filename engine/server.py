@@ -313,16 +313,14 @@ CUDA_PREFILL_CHUNK = 512
 def load_model(bundle: Path, config: ServerConfig, *, provider: str = "auto", intra_op_threads: int | None = None,
                spin: bool = True, slot_context: int | None = None) -> tuple[Model | SlotModel, ServerConfig]:
     """The bundle as the server runs it (``slot_model.open_model``): a slots-layout bundle (CUDA) on
-    the slot decoder with a KV slot for each of ``max_batch`` streams (+ spares), the prefix cache off
-    (a slot is not shared) and bigger prefill chunks on CUDA; anything else on ``Model``."""
+    the slot decoder with a KV slot for each of ``max_batch`` streams (+ spares; persona prefixes are
+    copied into them from snapshots on the device) and bigger prefill chunks on CUDA; anything else
+    on ``Model``."""
     model = open_model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin,  # type: ignore[arg-type]
                        slots=config.scheduler.max_batch + SPARE_SLOTS, slot_context=slot_context)
     if not isinstance(model, SlotModel):
         return model, config
     scheduler = config.scheduler
-    if scheduler.prefix_cache_bytes:
-        log.info("Slot decoder: the persona prefix cache is off (a KV slot is not shared); prompts run whole.")
-        scheduler = dataclasses.replace(scheduler, prefix_cache_bytes=0)
     if model.provider == "cuda" and scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK:
         # The CPU's chunk would admit 64 prompt tokens a step; a GPU prefills 512 in a few ms.
         scheduler = dataclasses.replace(scheduler, prefill_chunk=CUDA_PREFILL_CHUNK)

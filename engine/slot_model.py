@@ -17,10 +17,13 @@ The scheduler speaks ``LanguageModel`` (``new_cache``, ``forward``) and batches 
   leave, the scheduler those of prefills that end early, and a cache nobody holds any more is
   closed when it is collected.
 
+- Persona prefixes: a slot cannot be shared, so ``SlotModel`` is the prefix cache's ``Snapshots``:
+  ``snapshot(cache, n)`` copies the slot's first ``n`` positions out (on the device), ``resume``
+  reserves a slot and copies a snapshot in (``slot_copy.py``).
+
 ``manifest.max_context`` is the slot capacity, so the server's size checks refuse what a slot
-cannot hold. Not done here (yet): persona-prefix snapshots (a slot cannot be shared; run with the
-prefix cache off: ``SchedulerConfig(prefix_cache_bytes=0)``), and sampling (top-k/top-p,
-penalties) on the device: a step with such a row copies every slot's logits back.
+cannot hold. Not done here (yet): sampling (top-k/top-p, penalties) on the device: a step with such
+a row copies every slot's logits back.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 from .bundle import load_manifest
 from .errors import ContextOverflowError, GenerationError, ServeError
 from .model import Model, Provider
+from .slot_copy import SlotSnapshot
 from .slots import SlotDecoder
 from .topk import Bonus, TopK, TopTokens
 
@@ -146,6 +150,26 @@ class SlotModel:
             prompts.append(ids[0])
         self.decoder.prefill_many(slots, prompts)
         return self.decoder.logits()[slots]  # (len(pieces), vocab)
+
+    def snapshot(self, cache: SlotCache, n: int) -> SlotSnapshot:
+        """The first ``n`` positions of ``cache``'s slot, copied (``prefix_cache.Snapshots``)."""
+        if not isinstance(cache, SlotCache) or cache.closed:
+            raise GenerationError("SlotModel.snapshot needs an open SlotCache.")
+        return self.decoder.snapshot(cache.slot, n)
+
+    def resume(self, snapshot: SlotSnapshot) -> SlotCache:
+        """A newly reserved slot holding ``snapshot``: the next ``forward`` runs after it."""
+        cache = self.new_cache()
+        try:
+            self.decoder.restore(cache.slot, snapshot)
+        except BaseException:
+            cache.close()
+            raise
+        return cache
+
+    @staticmethod
+    def snapshot_bytes(snapshot: SlotSnapshot) -> int:
+        return snapshot.nbytes
 
     def topk(self, k: int) -> TopK:
         """The ``k``-largest session on the decoder's device (made once per ``k``)."""

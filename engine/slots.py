@@ -15,6 +15,9 @@ place: no cache is copied or allocated while decoding.
   padding, and what the padding writes past a row's length is overwritten before it is read); then
   one ``step`` feeds every prompt's last token, which gives each row's logits at its own last
   position (the graph returns the last padded position only).
+- ``snapshot(slot, n)`` / ``restore(slot, snapshot)``: a slot's first ``n`` positions copied out,
+  and into an empty slot (``slot_copy.py``): an NPC's persona prefix is read once, then each turn
+  starts from its copy.
 - ``step(tokens)``: one token for every active slot at once. Only the first ``rows`` slots run, a
   power of two covering the last active one (streams take the lowest free slot), so one stream in a
   64-slot decoder costs one row. Ids, positions and lengths sit in device buffers at fixed
@@ -47,6 +50,7 @@ from .bundle import load_manifest
 from .errors import BundleError, ConfigError, ContextOverflowError, GenerationError
 from .kv_cache import KV_DTYPES
 from .model import CUDA, GraphIO, Provider, _create_session
+from .slot_copy import SlotCopier, SlotSnapshot
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,6 +111,9 @@ class SlotDecoder:
         self._host: list[np.ndarray] = []  # CPU provider: the numpy arrays the buffers wrap (kept alive)
         self._keys = [self._buffer() for _ in range(m.num_layers)]      # (slots, kv_heads, capacity + 1, head_dim)
         self._values = [self._buffer() for _ in range(m.num_layers)]
+        self._kv_arrays = list(self._host) if self.device == "cpu" else None  # keys then values, on the CPU
+        self._copier: SlotCopier | None = None  # made by the first snapshot
+        self.copy_graphs = False  # True before the first snapshot: the CPU copies by the GPU's graphs too (tests)
         self._total_host = np.array(self._physical, np.int32)  # total_sequence_length: () stays on the CPU
         self._total = ort.OrtValue.ortvalue_from_numpy(self._total_host)
         self._steps: dict[int, _StepBinding] = {}  # step bindings by row count
@@ -356,6 +363,37 @@ class SlotDecoder:
         if self._last_logits is None:
             raise GenerationError("No step has run yet.")
         return self._last_logits
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    def snapshot(self, slot: int, n: int | None = None) -> SlotSnapshot:
+        """A copy of the first ``n`` positions ``slot`` holds (default: all of them), on the decoder's
+        device; ``restore`` writes it into an empty slot (a persona prefix read once, resumed every turn)."""
+        self._check_slot(slot)
+        held = int(self.lengths[slot])
+        n = held if n is None else n
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= held:
+            raise GenerationError(f"A snapshot of slot {slot} takes 1..{held} positions (what it holds), got {n!r}.")
+        return self.copier.take(int(slot), int(n))
+
+    def restore(self, slot: int, snapshot: SlotSnapshot) -> None:
+        """Fill the empty ``slot`` with ``snapshot``: it then holds ``snapshot.length`` tokens, and
+        runs after them as after a prefill of the same tokens. The snapshot is not changed."""
+        self._check_slot(slot)
+        if self.lengths[slot]:
+            raise GenerationError(f"slot {slot} holds {int(self.lengths[slot])} tokens: restore needs an empty slot.")
+        if not isinstance(snapshot, SlotSnapshot) or not 1 <= snapshot.length <= self.capacity:
+            raise GenerationError(f"restore needs a SlotSnapshot of 1..{self.capacity} positions.")
+        self.copier.put(int(slot), snapshot)
+        self.lengths[slot] = snapshot.length
+
+    @property
+    def copier(self) -> SlotCopier:
+        """What copies snapshots in and out of the KV buffers (made at first use)."""
+        if self._copier is None:
+            self._copier = SlotCopier([*self._keys, *self._values], self._kv_arrays, np.dtype(self._kv_dtype), self.device,
+                                      graph=self.copy_graphs)
+        return self._copier
 
     def release(self, slot: int) -> None:
         """Empty ``slot`` (its stream ended); the next ``prefill`` there starts a new stream."""

@@ -129,7 +129,7 @@ def test_server_loads_slots_bundles_on_the_slot_decoder(gpt2_slots_bundle: Path,
     config = ServerConfig(scheduler=SchedulerConfig(max_batch=2))
     model, used = load_model(gpt2_slots_bundle, config, provider="cpu", slot_context=64)
     assert isinstance(model, SlotModel) and model.decoder.slots == 6 and model.manifest.max_context == 64
-    assert used.scheduler.prefix_cache_bytes == 0 and used.scheduler.max_batch == 2
+    assert used is config, "on the CPU the slot decoder keeps the configuration (persona prefixes cached too)"
     plain, same = load_model(gpt2_bundle, config, provider="cpu")
     assert isinstance(plain, Model) and same is config
 

@@ -1,0 +1,100 @@
+"""Persona prefixes on the slot decoder: snapshots copied into each turn's slot give the replies of
+reading the whole prompt, a burst of cold prompts read together leaves its prefixes behind, and the
+real server on a slots bundle reuses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from server_process import LONG_STREAMS, ServerProcess
+from test_prefix_cache import _prompts, _run, _say
+from test_scheduler import check_streams, run
+
+from npctalk.client import Client
+from npctalk.engine.model import Model
+from npctalk.engine.persona import find_persona
+from npctalk.engine.sampling import SearchOptions
+from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+from npctalk.engine.slot_model import SlotModel
+
+SAMPLED = SearchOptions(max_new_tokens=14, do_sample=True, temperature=0.9, top_k=30, seed=11)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def pair(request: pytest.FixtureRequest) -> tuple[Model, SlotModel]:
+    """The mask-layout Model and a slot model (4 slots of the model's context) of the same tiny weights."""
+    mask = Model(request.getfixturevalue(f"{request.param}_bundle"), provider="cpu", intra_op_threads=1)
+    slots = SlotModel.open(request.getfixturevalue(f"{request.param}_slots_bundle"), 4, None, provider="cpu",
+                           intra_op_threads=1)
+    return mask, slots
+
+
+def _reference(model: Model, prompts: list[list[int]], options: list[SearchOptions]) -> list[tuple[str, list[int]]]:
+    """Each prompt alone, read whole, on the mask-layout model without a prefix cache."""
+    plain = Scheduler(model, SchedulerConfig(prefix_cache_bytes=0))
+    out = []
+    for i, (prompt, option) in enumerate(zip(prompts, options)):
+        request = _say(model, str(i), prompt, option)
+        _run(plain, [(request, None)])
+        out.append((request.text, request.tokens))
+    return out
+
+
+def test_turns_start_from_the_prefix_snapshot_with_the_replies_of_whole_prompts(pair: tuple[Model, SlotModel]) -> None:
+    mask, slots = pair
+    _, prefix, prompts = _prompts(mask, find_persona("bram"))
+    options = [SearchOptions(max_new_tokens=12), SAMPLED, SearchOptions(max_new_tokens=12)]
+    want = _reference(mask, prompts, options)
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=16))  # chunks cross the prefix's end
+    hint = ("bram", len(prefix))
+    got = [_say(slots, str(i), p, o) for i, (p, o) in enumerate(zip(prompts, options))]
+    _run(scheduler, [(got[0], hint)])                  # cold: the prefix is read, snapshotted, then the turn
+    _run(scheduler, [(r, hint) for r in got[1:]])      # warm: two turns copy the snapshot into their slots
+    stats = scheduler.stats()["prefix_cache"]
+    assert (stats["misses"], stats["hits"], stats["entries"]) == (1, 2, 1)
+    m = slots.manifest
+    assert stats["bytes"] == 2 * m.num_layers * m.num_kv_heads * len(prefix) * m.head_dim * 4
+    assert [(r.text, r.tokens) for r in got] == want
+    assert slots.free_slots == 4, "every slot came back"
+
+
+def test_a_cold_burst_is_read_together_and_leaves_its_prefixes_for_the_next(pair: tuple[Model, SlotModel]) -> None:
+    """Three cold requests for two NPCs arrive at once: read in one call, and the two persona prefixes
+    are snapshotted from the slots afterwards; the next burst starts from them, read alone."""
+    mask, slots = pair
+    prompts, hints = [], []
+    for name in ("bram", "elda", "bram"):
+        _, prefix, persona_prompts = _prompts(mask, find_persona(name))
+        prompts.append(persona_prompts[len(prompts) % 2])
+        hints.append((name, len(prefix)))
+    options = [SearchOptions(max_new_tokens=10), SAMPLED, SearchOptions(max_new_tokens=10)]
+    want = _reference(mask, prompts, options)
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=4096))
+    for burst in range(2):
+        got = [_say(slots, f"{burst}-{i}", p, o) for i, (p, o) in enumerate(zip(prompts, options))]
+        for request, hint in zip(got, hints):
+            assert scheduler.submit(request, hint)
+        check_streams(run(scheduler), got)
+        assert [(r.text, r.tokens) for r in got] == want
+        stats = scheduler.stats()["prefix_cache"]
+        assert stats["entries"] == 2 and scheduler.counters["prefilled_together"] == 3
+    assert (stats["misses"], stats["hits"]) == (3, 3)
+    assert slots.free_slots == 4
+
+
+def test_the_server_on_a_slots_bundle_reuses_persona_prefixes(gpt2_slots_bundle: Path, tmp_path: Path) -> None:
+    server = ServerProcess(gpt2_slots_bundle, tmp_path, *LONG_STREAMS, "--memory-db", ":memory:",
+                           "--slot-context", "400").start()
+    try:
+        with Client(server.endpoint) as client:
+            first = client.say("bram", "Hello", max_new_tokens=4).wait()
+            second = client.say("bram", "Hello again", max_new_tokens=4).wait()
+            assert first.text and second.text and second.usage.prompt_tokens > 0
+            stats = client.stats()["prefix_cache"]
+            assert (stats["misses"], stats["hits"], stats["entries"]) == (1, 1, 1) and stats["bytes"] > 0
+            client.upsert_npc("bram", {**client.get_npc("bram"), "role": "a retired blacksmith"})
+            assert client.stats()["prefix_cache"]["entries"] == 0
+            assert client.say("bram", "Still smithing?", max_new_tokens=4).wait().text
+    finally:
+        server.stop()
