@@ -15,6 +15,10 @@ what loading it costs in device memory, and whether the CUDA-graph step gives th
   and whether the device's bonused candidates equal the host's.
 - parity: greedy tokens of four prompts, 32 each, through the slot decoder with the CUDA graph,
   without it, and through the generic engine path (``Model``); the share of equal tokens.
+- snapshots: persona-prefix snapshots on the device (``engine/slot_copy.py``): their graphs' nodes
+  by execution provider; a prompt's first half copied out of one slot and into another, then the
+  rest read and 32 greedy tokens, against the whole prompt read in one slot (share of equal tokens,
+  first logits); and the time to copy a 256-token prefix out and back in against reading it.
 
 Writes ``gpu-checks-<model>-<device>.json`` (and logs a summary) under ``--out``.
 """
@@ -185,6 +189,81 @@ def parity(bundle: Path, device: str) -> dict[str, Any]:
             "graph_used": bool(runs["slots_graph_used_graph"][0][0]), "tokens_each": 32, "prompts": len(prompts)}
 
 
+def _providers_seen(session: Any) -> dict[str, int]:
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    seen: dict[str, int] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and "provider" in event.get("args", {}) and event["name"].endswith("_kernel_time"):
+            seen[event["args"]["provider"]] = seen.get(event["args"]["provider"], 0) + 1
+    return seen
+
+
+def snapshots(bundle: Path, device: str, out: Path, repeats: int = 20) -> dict[str, Any]:
+    import time
+
+    import onnxruntime as ort
+
+    from npctalk.engine import onnx_proto, slot_copy
+    from npctalk.engine.bundle import load_manifest
+    from npctalk.engine.slots import SlotDecoder
+
+    decoder = SlotDecoder(bundle, slots=2, capacity=min(512, load_manifest(bundle).max_context), provider=device)
+    m = decoder.manifest
+    report: dict[str, Any] = {}
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    dtype = np.float16 if m.kv_dtype == "fp16" else np.float32
+    count, tensor = 2 * m.num_layers, np.ones((1, m.num_kv_heads, 8, m.head_dim), dtype)
+    feeds = {"take": {**{f"kv{i}": tensor for i in range(count)}, "length": np.array([4], np.int64)},
+             "put": {**{f"snap{i}": tensor for i in range(count)}, "pads": np.array([0, 0, 0, 0, 0, 0, 8, 0], np.int64)}}
+    for name, graph in slot_copy.graphs(count, onnx_proto.ELEMENT_TYPES[np.dtype(dtype).name]).items():
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(out / f"profile-copy-{name}")
+        session = ort.InferenceSession(graph, options, providers=providers)
+        session.run(None, feeds[name])
+        report[f"{name}_nodes_by_provider"] = _providers_seen(session)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(10, m.vocab_size, size=length).tolist() for length in (12, 40, 97)]
+    same, total, worst = 0, 0, 0.0
+    for prompt in prompts:
+        whole = decoder.greedy([prompt], 32)[0]
+        decoder.release(0)
+        decoder.prefill(0, prompt)
+        first_whole = decoder.logits()[0].copy()
+        half = len(prompt) // 2
+        snapshot = decoder.snapshot(0, half)
+        decoder.release(0)
+        decoder.restore(1, snapshot)
+        tokens = [decoder.prefill(1, prompt[half:])]
+        worst = max(worst, float(np.abs(decoder.logits()[0] - first_whole).max()))
+        while len(tokens) < 32:
+            tokens.append(int(decoder.step([0, tokens[-1]], [False, True])[1]))
+        decoder.release(1)
+        same += sum(a == b for a, b in zip(tokens, whole))
+        total += len(whole)
+    report.update(restored_vs_whole=round(same / total, 4), restored_first_logits_max_diff=round(worst, 5))
+    prefix = rng.integers(10, m.vocab_size, size=min(256, decoder.capacity)).tolist()
+    timings: dict[str, list[float]] = {"read_ms": [], "snapshot_ms": [], "restore_ms": []}
+    for _ in range(repeats + 2):  # the first two warm up
+        start = time.perf_counter()
+        decoder.prefill(0, prefix)
+        decoder.logits()  # what the scheduler reads after a prompt: the run has finished
+        timings["read_ms"].append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        snapshot = decoder.snapshot(0)
+        timings["snapshot_ms"].append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        decoder.restore(1, snapshot)
+        timings["restore_ms"].append((time.perf_counter() - start) * 1e3)
+        decoder.release(0)
+        decoder.release(1)
+    medians = {key: round(float(np.median(values[2:])), 3) for key, values in timings.items()}
+    report.update(prefix_tokens=len(prefix), **medians, read_over_restore=round(medians["read_ms"] / medians["restore_ms"], 2),
+                  snapshot_mb=round(snapshot.nbytes / 1e6, 2), copy_graphs=decoder.copier.graph)
+    del decoder
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_checks", description=__doc__.splitlines()[0])
@@ -195,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"bundle": str(args.bundle), "device": args.device}
     checks = [("placement", lambda: placement(args.bundle, args.device, args.out)),
-              ("topk", lambda: topk_placement(args.device, args.out)), ("parity", lambda: parity(args.bundle, args.device))]
+              ("topk", lambda: topk_placement(args.device, args.out)), ("parity", lambda: parity(args.bundle, args.device)),
+              ("snapshots", lambda: snapshots(args.bundle, args.device, args.out))]
     if args.device == "cuda":
         checks.insert(1, ("memory", lambda: memory(args.bundle)))
     for name, check in checks:

@@ -13,12 +13,15 @@
 #               CUDA graph, HF PyTorch fp16 generate() in the same run, batch 1/16/64 (16/64 also with
 #               the prompts read together: -together rows), and the first token of a 256-token prompt
 #   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
-#               CUDA-graph token parity, prompts read together against one by one
+#               CUDA-graph token parity, prompts read together against one by one, persona-prefix
+#               snapshots (placement, parity, copy time against reading the prefix)
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
 #               streams through the real socket (issue #4), greedy, then with the default sampling
 #               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other);
 #               the greedy run again with a 4096-token prefill budget per step (a burst's prompts are
 #               read together, up to that many tokens a step, instead of 512: TTFT against gaps);
+#               the greedy run again without the persona prefix cache (--prefix-cache-mb 0: every
+#               prompt read whole, as before snapshots on slots; tag noprefix);
 #               the greedy run again with serve --decode-ahead (the next step on a worker thread);
 #               and a steady state (each stream says again when done; tokens/s over an 8 s window)
 # Order: DialoGPT-medium's decode, checks and concurrency first (the targets), then the other models.
@@ -66,6 +69,8 @@ step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
 step concurrency-together 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--prefill-chunk=4096 --tag together4096
+step concurrency-noprefix 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--prefix-cache-mb=0 --tag noprefix
 step concurrency-steady 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $STEADY --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --steady 8 --warmup 3 --tag steady
 step concurrency-ahead 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \

@@ -45,7 +45,7 @@ from concurrency import free_endpoint, machine, percentile
 from npctalk.client import Client
 from npctalk.engine.bundle import load_manifest
 from npctalk.engine.chat import ChatSession
-from npctalk.engine.model import Model
+from npctalk.engine.slot_model import open_model
 from npctalk.engine.npcs import PromptBuilder
 from npctalk.engine.persona import Persona
 from npctalk.engine.rerank import RerankConfig
@@ -168,7 +168,7 @@ def measure_server_rerank(bundle: Path, persona: Persona, candidates: int, token
 
 def measure_rerank(bundle: Path, persona: Persona, candidates: int, tokens: int, turns: int, provider: str,
                    threads: int | None) -> list[dict[str, Any]]:
-    model = Model(bundle, provider=provider, intra_op_threads=threads)  # type: ignore[arg-type]
+    model = open_model(bundle, provider=provider, intra_op_threads=threads)  # type: ignore[arg-type]  # a slots bundle: SlotModel
     options = SearchOptions(max_new_tokens=tokens, do_sample=True, temperature=0.8, top_k=40, top_p=0.95,
                             repetition_penalty=1.15, no_repeat_ngram_size=4, seed=1)
     rows = []

@@ -1,14 +1,18 @@
-"""A reranked say in the scheduler: N candidate requests decode for one client request, which is
-answered with the candidate the scorer rates best (``Scheduler.submit_reranked``)."""
+"""Reranked says in the scheduler: N candidate requests decode for one client request, which is
+answered with the candidate the scorer rates best (``Scheduler.submit_reranked``).
+
+``RerankedSays`` is the scheduler's book of them: which requests are internal candidates (their
+messages are swallowed, their ends not counted), and when a say's candidates have all ended, its
+answer (``answer``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .protocol import ErrorCode
-from .request import Event, Request, RequestState
+from .request import Event, Request, RequestKey, RequestState
 from .rerank import best_index
 
 log = logging.getLogger(__name__)
@@ -48,3 +52,48 @@ def answer(group: Candidates, now: float) -> list[Event]:
     assert best.finish_reason is not None
     events.append(parent.finish(best.finish_reason, now))
     return events
+
+
+class RerankedSays:
+    """The live reranked says and their candidates. Not thread-safe: the engine loop owns it."""
+
+    def __init__(self) -> None:
+        self._says: dict[RequestKey, Candidates] = {}       # client's request key → its candidates
+        self._candidate_of: dict[Request, Candidates] = {}  # internal candidate → its group
+
+    def add(self, request: Request, candidates: Iterable[Request], scorer: Scorer) -> None:
+        group = Candidates(request, list(candidates), scorer)
+        self._says[request.key] = group
+        for child in group.children:
+            self._candidate_of[child] = group
+
+    def is_candidate(self, request: Request) -> bool:
+        return request in self._candidate_of
+
+    def visible(self, events: list[Event]) -> list[Event]:
+        """``events`` less the candidates' own (internal: the say they answer speaks)."""
+        return [e for e in events if e.request not in self._candidate_of]
+
+    def settle(self, events: list[Event], now: float, retire: Callable[[Request], None]) -> list[Event]:
+        """The visible ``events``, plus the answer of each say whose candidates have all ended (the
+        say is then ``retire``d). A say that ended first (cancelled, timed out) stops its candidates;
+        a group is forgotten once none of them is live."""
+        visible = self.visible(events)
+        for key, group in list(self._says.items()):
+            parent, children = group.parent, group.children
+            if parent.live and any(c.live for c in children):
+                continue
+            if parent.live:
+                visible += answer(group, now)
+                retire(parent)
+            for child in children:
+                child.cancel_requested = child.live  # the say was cancelled or timed out: stop its candidates
+            if not any(c.live for c in children):
+                del self._says[key]
+                for child in children:
+                    self._candidate_of.pop(child, None)
+        return visible
+
+    def clear(self) -> None:
+        self._says.clear()
+        self._candidate_of.clear()

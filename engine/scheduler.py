@@ -66,7 +66,7 @@ from .prefill import Prefill, group_together, read_together
 from .prefix_cache import PrefixCache, Snapshots
 from .protocol import ErrorCode
 from .request import Event, FinishReason, Request, RequestKey, RequestState
-from .reranked import Candidates, Scorer, answer
+from .reranked import RerankedSays, Scorer
 from .topk import DEFAULT_TOP_TOKENS
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,7 @@ class Scheduler:
         self._live: dict[RequestKey, Request] = {}
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes, model if isinstance(model, Snapshots) else None)
         self._prefixes: dict[RequestKey, tuple[str, int]] = {}  # live request → (NPC id, persona prefix length)
-        self._reranked: dict[RequestKey, Candidates] = {}       # client's request key → its candidates
-        self._candidate_of: dict[Request, Candidates] = {}      # internal candidate → its group
+        self._reranked = RerankedSays()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
         self._started = clock()
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
@@ -158,12 +157,10 @@ class Scheduler:
             raise ServeError(f"Request {request.key.id!r} or one of its candidates is already live; ids must be unique.")
         if not candidates or len(self._live) + 1 + len(candidates) > self.config.max_batch + self.config.max_queue:
             return False  # the say is live itself, and every candidate must fit: none is dropped on the way
-        group = Candidates(request, list(candidates), scorer)
         self._live[request.key] = request
-        self._reranked[request.key] = group
+        self._reranked.add(request, candidates, scorer)
         for child in candidates:
             self.submit(child, prefix)
-            self._candidate_of[child] = group
         return True
 
     def has_live(self, key: RequestKey) -> bool:
@@ -202,11 +199,10 @@ class Scheduler:
             if request.live:
                 events.append(request.fail(ErrorCode.INTERNAL, message, now))
             self._retire(request)
-        events = [e for e in events if e.request not in self._candidate_of]
+        events = self._reranked.visible(events)
         self._live.clear()
         self._prefixes.clear()
         self._reranked.clear()
-        self._candidate_of.clear()
         self._queue.clear()
         for prefill in self._prefilling:
             close_cache(prefill.cache)
@@ -235,17 +231,17 @@ class Scheduler:
         taken = self._take(outputs, events)
         self._admit(events)
         if ahead:
-            events = self._settle_reranked(events)  # scoring runs the model: before the launch
+            events = self._reranked.settle(events, self.clock(), self._retire)  # scoring runs the model: before the launch
             self._steps.launch(self._groups, self.model.manifest.vocab_size)
             booked: list[Event] = []
             for request, _ in taken:
                 self._took(request, request.book(), booked)
-            events += self._visible(booked)
+            events += self._reranked.visible(booked)
         else:
             self._steps.launch(self._groups, self.model.manifest.vocab_size)
             for request, _ in self._take(self._steps.join(), events):
                 self._took(request, request.book(), events)
-            events = self._settle_reranked(events)
+            events = self._reranked.settle(events, self.clock(), self._retire)
         now = self.clock()
         self.counters["steps"] += 1
         self.counters["tokens"] += self._step_tokens
@@ -400,33 +396,6 @@ class Scheduler:
         key = self._prefix_key(request)
         return request.prompt_tokens - (len(key[1]) if key is not None and key in self.prefix_cache else 0)
 
-    def _settle_reranked(self, events: list[Event]) -> list[Event]:
-        """Swallow candidates' messages; answer each reranked say whose candidates have all ended."""
-        visible = self._visible(events)
-        for key, group in list(self._reranked.items()):
-            parent, children = group.parent, group.children
-            if parent.live and any(c.live for c in children):
-                continue
-            if parent.live:
-                visible += self._choose(group)
-            for child in children:
-                child.cancel_requested = child.live  # the say was cancelled or timed out: stop its candidates
-            if not any(c.live for c in children):
-                del self._reranked[key]
-                for child in children:
-                    self._candidate_of.pop(child, None)
-        return visible
-
-    def _visible(self, events: list[Event]) -> list[Event]:
-        """``events`` less the reranking candidates' own (internal: the say they answer speaks)."""
-        return [e for e in events if e.request not in self._candidate_of]
-
-    def _choose(self, group: Candidates) -> list[Event]:
-        """The best finished candidate's text as the say's one token message, then its done."""
-        events = answer(group, self.clock())
-        self._retire(group.parent)
-        return events
-
     def _take(self, outputs: list[tuple[Flight, StepOutput | Exception]], events: list[Event]) -> list[tuple[Request, bool]]:
         """Each live row's next token from its step's output, taken (not yet text): (request, reply
         ends with it) per row. A failed step fails its rows; the server and other groups go on."""
@@ -471,7 +440,7 @@ class Scheduler:
     def _retire(self, request: Request) -> None:
         self._live.pop(request.key, None)
         self._prefixes.pop(request.key, None)
-        if request in self._candidate_of:
+        if self._reranked.is_candidate(request):
             return  # candidates are internal: the say they answer is what counts
         outcome = "failed" if request.state is RequestState.FAILED else (
             "cancelled" if request.finish_reason == "cancelled" else "completed")

@@ -59,6 +59,12 @@ def _put_graph(count: int, element: int) -> bytes:
                        name="npctalk_slot_put")
 
 
+def graphs(count: int, element: int) -> dict[str, bytes]:
+    """The copy graphs for ``count`` tensors of ONNX type ``element``, by name: for checking where a
+    device places their nodes."""
+    return {"take": _take_graph(count, element), "put": _put_graph(count, element)}
+
+
 class SlotCopier:
     """Copies between ``buffers`` (every layer's keys then values, (slots, kv_heads, physical,
     head_dim) each, ``OrtValue``s on ``device``) and snapshots. ``arrays``: the host arrays the
@@ -121,8 +127,7 @@ class SlotCopier:
     def _session(self, kind: str) -> ort.InferenceSession:
         session = self._sessions.get(kind)
         if session is None:
-            element = proto.ELEMENT_TYPES[self.dtype.name]
-            model = (_take_graph if kind == "take" else _put_graph)(len(self.buffers), element)
+            model = graphs(len(self.buffers), proto.ELEMENT_TYPES[self.dtype.name])[kind]
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.log_severity_level = 3

@@ -33,3 +33,15 @@ def test_decode_bench_reads_the_slots_prompts_together_or_one_by_one(gpt2_slots_
     for together in (False, True):
         ttft, decode, e2e, details = run_slots(gpt2_slots_bundle, settings, 3, together=together)
         assert ttft > 0 and decode > 0 and e2e > 0 and details["cuda_graph"] is False
+
+
+def test_snapshot_check_restores_prefixes_and_times_the_copies(gpt2_slots_bundle: Path, tmp_path: Path) -> None:
+    """On the CPU the copy graphs' nodes run on the CPU provider and a restored half prompt gives the
+    whole prompt's tokens; the copy times are measured beside the time to read the same prefix."""
+    from bench.gpu_checks import snapshots
+
+    report = snapshots(gpt2_slots_bundle, "cpu", tmp_path, repeats=3)
+    assert report["take_nodes_by_provider"] == {"CPUExecutionProvider": 4} == report["put_nodes_by_provider"]
+    assert report["restored_vs_whole"] == 1.0 and report["restored_first_logits_max_diff"] < 1e-4
+    assert report["read_ms"] > 0 and report["restore_ms"] > 0 and report["snapshot_mb"] > 0
+    assert report["copy_graphs"] is False  # the CPU copies with numpy; a GPU runs the graphs above
