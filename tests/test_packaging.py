@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "optimum", "accelerate", "gguf", "onnx")  # onnx: the export extra, not a game's
+# What a game's environment gets from `pip install npctalk` (pyproject's dependencies, by import name),
+# and optional extras a runtime module may import when present (guarded by ImportError).
+RUNTIME = {"onnxruntime", "numpy", "tokenizers", "zmq", "msgpack"}
+OPTIONAL = {"threadpoolctl"}
 
 _PROBE = """
 import importlib, json, pkgutil, sys
@@ -32,6 +36,9 @@ def test_runtime_import_graph_is_torch_free(tmp_path: Path) -> None:
     assert "npctalk.engine.generator" in report["imported"], "walk found no runtime modules"
     heavy = sorted(m for m in report["modules"] if m.split(".")[0] in HEAVY)
     assert heavy == [], f"runtime imports build-time packages: {heavy[:10]}"
+    top = {m.split(".")[0] for m in report["modules"]} - set(sys.stdlib_module_names) - {"npctalk", "__main__"}
+    third_party = {m for m in top if not m.startswith(("_", "cython")) and "editable" not in m}
+    assert third_party <= RUNTIME | OPTIONAL, f"runtime imports undeclared packages: {sorted(third_party - RUNTIME - OPTIONAL)}"
 
 
 def test_no_generic_top_level_modules(tmp_path: Path) -> None:
