@@ -122,24 +122,38 @@ class PrefixCache:
         return npc, tuple(int(t) for t in prefix_ids)
 
     def get(self, key: Key) -> Any:
-        """A new cache holding the prefix's KV (``Snapshots.resume``), or None; counts a hit or a miss."""
+        """A new cache holding the prefix's KV (``Snapshots.resume``), or None; counts a hit or a miss.
+        A snapshot that cannot be resumed (device memory, say) is dropped and counts as a miss."""
         entry = self._entries.get(key)
         if entry is None:
             self.counters["misses"] += 1
             return None
+        try:
+            cache = self.snapshots.resume(entry[0])
+        except Exception:  # the cache only saves work: the prompt is read whole instead
+            log.warning("Resuming NPC %r's persona prefix failed; dropping it and reading the prompt whole.",
+                        key[0], exc_info=True)
+            self._drop(key)
+            self.counters["misses"] += 1
+            return None
         self._entries.move_to_end(key)
         self.counters["hits"] += 1
-        return self.snapshots.resume(entry[0])
+        return cache
 
     def put(self, key: Key, cache: Any) -> bool:
         """Keep a snapshot of ``cache``'s first ``len(key[1])`` positions (one row; a ``KVCache`` must
-        hold exactly the prefix); False when it cannot fit."""
+        hold exactly the prefix); False when it cannot fit or the snapshot fails (logged: the request
+        goes on without it)."""
         if cache.batch_size != 1 or cache.length < len(key[1]):
             raise ConfigError(f"A prefix snapshot must be one row of {len(key[1])} positions, got "
                               f"{cache.batch_size} row(s) of {cache.length}.")
         if not self.enabled:
             return False
-        snapshot = self.snapshots.snapshot(cache, len(key[1]))
+        try:
+            snapshot = self.snapshots.snapshot(cache, len(key[1]))
+        except Exception:  # the request goes on; the next turn reads the prefix again
+            log.warning("Keeping NPC %r's persona prefix failed; not cached.", key[0], exc_info=True)
+            return False
         size = self.snapshots.snapshot_bytes(snapshot)
         if size > self.max_bytes:
             log.info("A %d-byte persona prefix of NPC %r exceeds the whole prefix cache (%d bytes); not cached.",

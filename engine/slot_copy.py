@@ -131,6 +131,8 @@ class SlotCopier:
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.log_severity_level = 3
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+            # Snapshots live in this session's arena: chunks of the size asked for, as the decoder's buffers.
+            cuda = ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
+            providers = [cuda, "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
             session = self._sessions[kind] = ort.InferenceSession(model, options, providers=providers)
         return session

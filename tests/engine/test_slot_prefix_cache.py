@@ -98,3 +98,32 @@ def test_the_server_on_a_slots_bundle_reuses_persona_prefixes(gpt2_slots_bundle:
             assert client.say("bram", "Still smithing?", max_new_tokens=4).wait().text
     finally:
         server.stop()
+
+
+def test_a_failing_copy_costs_the_cache_not_the_reply(pair: tuple[Model, SlotModel], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device memory runs out, say: a snapshot that cannot be taken is not kept, one that cannot be
+    copied in is dropped, and both turns read their whole prompt and give the same reply."""
+    mask, slots = pair
+    _, prefix, prompts = _prompts(mask, find_persona("tobin"))
+    want = _reference(mask, prompts[:2], [SearchOptions(max_new_tokens=8)] * 2)
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=2))
+    hint = ("tobin", len(prefix))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("out of device memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(slots.decoder, "snapshot", broken)
+        first = _say(slots, "a", prompts[0], SearchOptions(max_new_tokens=8))
+        _run(scheduler, [(first, hint)])
+    assert len(scheduler.prefix_cache) == 0 and first.finish_reason == "length"
+    _run(scheduler, [(_say(slots, "warm", prompts[0], SearchOptions(max_new_tokens=8)), hint)])  # stored now
+    assert len(scheduler.prefix_cache) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(slots.decoder, "restore", broken)
+        second = _say(slots, "b", prompts[1], SearchOptions(max_new_tokens=8))
+        _run(scheduler, [(second, hint)])
+    assert [(r.text, r.tokens) for r in (first, second)] == want
+    stats = scheduler.stats()["prefix_cache"]
+    assert stats["hits"] == 0 and stats["entries"] == 1  # dropped, then stored again by the turn that read it whole
+    assert slots.free_slots == 4
