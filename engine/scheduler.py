@@ -13,7 +13,9 @@ One ``step()`` does, in order::
                 every chunk instead of stalling for the whole prompt. A request whose prompt is in
                 samples its first token and joins the batch. A request submitted with a persona
                 prefix starts from the prefix cache's KV snapshot (``prefix_cache``) and prefills
-                only the rest; on a miss the prefix is prefilled first and stored
+                only the rest; on a miss the prefix is prefilled first and stored (read whole in a
+                group, its snapshot is taken from the slot's first positions afterwards); a
+                request whose prefix is cached is never grouped: it reads only its turn, alone
     3. decode   one decode step for every row (``_launch``: (B, 1) → argmax tokens, each row's top
                 logits, or logits (B, vocab)); each row takes its next token from it
                 (``Request.take``; rows whose reply ends with it by EOS or length leave the batch),
