@@ -127,3 +127,23 @@ def test_a_failing_copy_costs_the_cache_not_the_reply(pair: tuple[Model, SlotMod
     stats = scheduler.stats()["prefix_cache"]
     assert stats["hits"] == 0 and stats["entries"] == 1  # dropped, then stored again by the turn that read it whole
     assert slots.free_slots == 4
+
+
+def test_a_reranked_say_s_candidates_share_one_prefix_snapshot(pair: tuple[Model, SlotModel]) -> None:
+    """Four candidates of a say arrive together, cold: read in one call, the prefix kept once; the
+    next say's candidates all start from it. The chosen reply is the candidate the scorer likes."""
+    mask, slots = pair
+    _, prefix, prompts = _prompts(mask, find_persona("elda"))
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=4, prefill_chunk=4096))
+    hint = ("elda", len(prefix))
+    for turn, prompt in enumerate(prompts[:2]):
+        say = _say(slots, f"say{turn}", prompt)
+        candidates = [_say(slots, f"say{turn}\x00{i}", prompt,
+                           SearchOptions(max_new_tokens=6 + i, do_sample=True, temperature=0.9, seed=i))
+                      for i in range(4)]
+        assert scheduler.submit_reranked(say, candidates, lambda texts: [float(len(t)) for t in texts], hint)
+        check_streams(run(scheduler), [say])
+        assert say.text == max((c.text for c in candidates), key=len)
+    stats = scheduler.stats()["prefix_cache"]
+    assert (stats["misses"], stats["hits"], stats["entries"]) == (4, 4, 1)
+    assert scheduler.counters["prefilled_together"] == 4 and slots.free_slots == 4
