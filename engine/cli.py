@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "into messages (same replies; meant for a GPU, where the step is device time; on a 2-core CPU "
                           "it measured slower)")
     srv.add_argument("--prefix-cache-mb", type=int, default=256,
-                     help="memory for the NPCs' persona-prefix KV caches in MiB (0: off)")
+                     help="memory for the NPCs' persona-prefix KV caches in MiB, on the model's device (GPU memory for a CUDA bundle; 0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")
     srv.add_argument("--default-max-new-tokens", type=int, default=64, help="reply length when a say sets none")
     srv.add_argument("--request-timeout", type=float, default=60.0, help="seconds from receipt to done")
