@@ -71,7 +71,7 @@ def measure(bundle: Path, streams: int, args: argparse.Namespace) -> dict[str, A
     from npctalk.engine.scheduler import Scheduler, SchedulerConfig
     from npctalk.engine.slot_model import SlotModel
 
-    model = SlotModel.open(bundle, streams + 4, 256, provider="cpu", intra_op_threads=args.threads)
+    model = SlotModel.open(bundle, streams + 4, max(256, args.prompt_tokens + args.new_tokens + 8), provider="cpu", intra_op_threads=args.threads)
     options = (SearchOptions(max_new_tokens=args.new_tokens) if args.greedy else
                dataclasses.replace(CHAT_DEFAULTS, max_new_tokens=args.new_tokens, fact_bias=0.0))
     spent = [0.0]
@@ -89,6 +89,9 @@ def measure(bundle: Path, streams: int, args: argparse.Namespace) -> dict[str, A
                                                      prefill_chunk=0))
         for i in range(streams):
             prompt = model.tokenizer.encode(f"Hello traveller number {i}, what news from the village of Ashford?")
+            if args.prompt_tokens:  # a game's prompt: persona, memory and turn (~400 tokens for the built-in NPCs)
+                filler = model.tokenizer.encode(" The smith of Ashford mends ploughs and shoes the miller's horses.")
+                prompt = (filler * (args.prompt_tokens // len(filler) + 1))[:args.prompt_tokens - len(prompt)] + prompt
             request = Request(RequestKey(b"bench", f"{tag}{i}"), prompt, dataclasses.replace(options, seed=i),
                               model.tokenizer, frozenset(model.manifest.eos_token_ids), model.manifest.max_context,
                               received_at=0.0)
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--greedy", action="store_true", help="greedy without penalties instead of the sampled defaults")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (the model is a stand-in)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="grow each prompt to this many tokens (default: the ~15-token greeting alone)")
     parser.add_argument("--tokenizer-bundle", type=Path, default=None,
                         help="bundle whose tokenizer.json to use (default: the default bundle; `export-onnx default`)")
     parser.add_argument("--work", type=Path, default=None, help="where the stand-in model is built (default: NPCTALK_HOME/bench)")
@@ -141,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     mode = "greedy" if args.greedy else "sampled (server defaults, no fact steering)"
     report = {"date": date, "host": platform.node(), "processor": platform.processor() or platform.machine(),
-              "mode": mode, "new_tokens": args.new_tokens, "threads": args.threads, "note": args.note, "rows": rows}
+              "mode": mode, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "threads": args.threads, "note": args.note, "rows": rows}
     lines = [f"# Host work per decode step: {mode}", "",
              f"{date} · {report['host']} · stand-in: 2-layer Llama, hidden 32, SmolLM2's tokenizer and {VOCAB:,}-token "
-             f"vocabulary, slot decoder on the CPU ({args.threads} thread); {args.new_tokens} new tokens per stream; "
+             f"vocabulary, slot decoder on the CPU ({args.threads} thread); {args.new_tokens} new tokens per stream"
+             f"{f', {args.prompt_tokens}-token prompts' if args.prompt_tokens else ''}; "
              f"median of {args.rounds} rounds.", ""]
     if args.note:
         lines += [f"**Note:** {args.note}", ""]
