@@ -167,7 +167,7 @@ class Generator:
         """Keep the first ``n`` tokens and their KV cache (e.g. the persona prefix); a new reply starts there."""
         if not 0 <= n <= len(self._tokens):
             raise GenerationError(f"Cannot rewind to {n} tokens: the generator holds {len(self._tokens)}.")
-        del self._tokens[n:]
+        self._tokens = self._tokens[:n]  # a new list: the sampler's history index re-reads a cut history
         self._cache.rewind(min(self._cache.length, n))
         self._logits = None
         self._start_reply(n)

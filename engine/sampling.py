@@ -222,24 +222,29 @@ class HistoryIndex:
     """What the processors ask of one growing history, kept up to date as tokens are appended: the
     set of tokens seen, and each (n-1)-gram's next tokens (the n-gram ban). ``sync`` follows the
     caller's history list; when it is not an extension of what was indexed (a rewind), it starts
-    again. Costs O(new tokens) per call instead of O(history)."""
+    again. Costs O(new tokens) per call instead of O(history): the list ``sync`` saw last is taken
+    to have grown by appends only, so a history cut or changed in place must come as a new list
+    (``Generator.rewind_to`` makes one); any other list is compared with what was indexed."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self._reset()
 
     def _reset(self) -> None:
+        self._source: list[int] | None = None  # the list last synced: it only grows by appends
         self.tokens: list[int] = []
         self.seen: set[int] = set()
         self._seen_mask = np.zeros(1024, dtype=bool)  # seen as a mask over token ids, grown as needed
         self.followers: dict[tuple[int, ...], set[int]] = {}
 
     def sync(self, history: Sequence[int]) -> None:
-        history = history if isinstance(history, list) else [int(t) for t in history]
         done = len(self.tokens)
-        if len(history) < done or history[:done] != self.tokens:
-            self._reset()
-            done = 0
+        if history is not self._source or len(history) < done:
+            history = history if isinstance(history, list) else [int(t) for t in history]
+            if len(history) < done or history[:done] != self.tokens:
+                self._reset()
+                done = 0
+            self._source = history
         n = self.n
         for token in history[done:]:
             token = int(token)

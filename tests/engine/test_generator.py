@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from fake_model import ScriptedModel
 
 from npctalk.engine.errors import ConfigError, ContextOverflowError, GenerationError
 from npctalk.engine.generator import Generator, GeneratorParams
+from npctalk.engine.kv_cache import KVCache
 from npctalk.engine.model import Model
 from npctalk.engine.sampling import SearchOptions
 from npctalk.engine.tokenizer import Tokenizer
@@ -81,6 +84,51 @@ def test_rewind_then_append_equals_fresh_prefill(model: Model) -> None:
     while not gen.is_done():
         gen.generate_next_token()
     assert gen.tokens == fresh.tokens and gen.finish_reason == fresh.finish_reason
+
+
+class _WideModel(ScriptedModel):
+    """8,192 logits a position (above ``topk.MIN_VOCAB``, so the sampler picks from candidates and its
+    history index), drawn from a seed of the position and the token fed there."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        super().__init__(tokenizer, [], eos=0, max_context=512)
+        self.manifest = dataclasses.replace(self.manifest, vocab_size=8192)
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        super().forward(input_ids, cache)
+        seed = cache.length * 8192 + int(np.asarray(input_ids)[0, -1])
+        logits = np.random.default_rng(seed).standard_normal((1, 8192)).astype(np.float32)
+        logits[0, 100:140] += 6.0  # a few favourite tokens: replies share them, so penalties matter
+        logits[0, 0] = -1e9  # no EOS: every reply runs its length
+        return logits
+
+
+def test_a_rewound_reply_is_penalised_only_for_what_the_history_still_holds(byte_tokenizer: Tokenizer) -> None:
+    """Repetition penalty and n-gram ban read an index of the history: after ``rewind_to`` it must
+    forget the cut reply (a stale index would penalise its tokens), so the next reply equals a fresh
+    one, also when the new history outgrows the old (only a new list shows the cut then)."""
+    model = _WideModel(byte_tokenizer)
+    options = {"max_new_tokens": 30, "repetition_penalty": 3.0, "no_repeat_ngram_size": 2}
+    prefix, first, second = list(range(1, 11)), list(range(20, 25)), list(range(40, 90))
+
+    def reply(gen: Generator) -> list[int]:
+        while not gen.is_done():
+            gen.generate_next_token()
+        return gen.reply_tokens
+
+    params = GeneratorParams(model)
+    params.set_search_options(**options)
+    fresh = Generator(model, params)
+    fresh.append_tokens(prefix + second)
+    want = reply(fresh)
+    gen = Generator(model, params)
+    gen.append_tokens(prefix + first)
+    cut = reply(gen)
+    assert set(cut) & set(want), "the cut reply shares tokens with the next one: a stale index would ban them"
+    gen.rewind_to(len(prefix))
+    gen.append_tokens(second)
+    assert len(prefix + second) > len(prefix + first + cut)
+    assert reply(gen) == want
 
 
 def test_rewind_reuses_the_prefix_kv(byte_tokenizer: Tokenizer) -> None:
