@@ -70,6 +70,13 @@ _IDENTITY_ATTACK = re.compile(
     r"ignore (?:all |your |the |any |previous |prior )*(?:instructions|rules|prompt|persona|character)|"
     r"forget (?:who|what) you are|new instructions|stop being\b)|^\s*system\s*:")
 _ABOUT_PLAYER = re.compile(r"(?i)\bthe player\b")
+# "What is the inn called?", "the name of this town", "your horse's name": a line asking the name of a
+# thing (a noun after a determiner), not of the one it talks to ("What are you called?", "your name").
+_NAMES_A_THING = re.compile(
+    r"(?i)\b(?:the|this|that|these|those|your|my|our|his|her|their)\s+(?!name\b)[a-z][a-z'-]*\s+(?:is\s+|are\s+)?"
+    r"(?:called|named)\b"
+    r"|\bname\s+of\s+(?:the|this|that|these|those|your|my|our|his|her|their)\s+[a-z]"
+    r"|\b(?:the|this|that|your|my|our|his|her|their)\s+(?!name\b)[a-z][a-z-]*'s\s+name\b")
 _CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
 _CLAIM = re.compile(r"(?i:\bI am|\bI'm|\bmy name is|\bmy name's|\bcall me|\bthey call me)"
@@ -266,6 +273,8 @@ def asked_facts(grounding: Grounding) -> list[Fact]:
             owner = "player" if mine else "npc"
             break
     wanted = topic_weights(grounding.line)
+    if _NAMES_A_THING.search(grounding.line):
+        wanted.pop("name", None)  # the name of the inn, the town, the horse: not the NPC's name
     scored = [(sum(w * f.weight(k) for k, w in wanted.items()), f) for f in grounding.facts if not owner or f.owner == owner]
     best = max((s for s, _ in scored), default=0.0)
     return [f for s, f in scored if best > 0 and s >= best - 1e-9]

@@ -115,6 +115,20 @@ def test_a_request_without_a_question_mark_still_asks() -> None:
     assert answer("Your stew smells good.") == set()  # a remark asks nothing
 
 
+def test_the_name_of_a_thing_is_not_the_npc_s_name() -> None:
+    """'What is the inn called?' asks the inn's name: steering must not push 'Elda' into the reply
+    (it did: 'called' cued the name topic whatever was being called)."""
+    def answer(line: str) -> set[str]:
+        return {w for f in asked_facts(Grounding.build(find_persona("elda"), line)) for w in f.answer}
+
+    for line in ("What is the inn called?", "What's your horse's name?", "And what is this place called?",
+                 "What is the name of this town?", "What is your inn called?"):
+        assert "elda" not in answer(line), line
+    assert {"crooked", "kettle", "ashford"} <= answer("And what is this place called?")  # the place: her role's words
+    for line in ("What are you called?", "What is your name?", "Forgive me, what was your name?", "Who are you?"):
+        assert answer(line) == {"elda"}, line
+
+
 def test_a_price_question_meets_the_fact_that_names_the_price() -> None:
     """'How much is the toll to cross?' and the lore 'The crossing costs two coppers a head' share no
     word; they meet on the price topic and the stem of 'crossing'."""
