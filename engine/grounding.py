@@ -77,6 +77,11 @@ _NAMES_A_THING = re.compile(
     r"(?:called|named)\b"
     r"|\bname\s+of\s+(?:the|this|that|these|those|your|my|our|his|her|their)\s+[a-z]"
     r"|\b(?:the|this|that|your|my|our|his|her|their)\s+(?!name\b)[a-z][a-z-]*'s\s+name\b")
+# "Who are you?", "Who am I talking to?", "Who's there?": "who" asking a name of the two speaking. In
+# "Who gives you your orders?" or "Who is your captain?" it asks about someone else.
+_WHO_OF_US = re.compile(r"(?i)\bwho(?:'s|'re|\s+(?:are|is|am|was|were))?\s+(?:you|i|me|this|that|there|it|speaking)\b")
+_NAME_CUES = frozenset({"call", "called", "name", "named", "names"})
+_TALKING_TO = re.compile(r"(?i)\b(?:am\s+i|are\s+we)\s+(?:talking|speaking)\s+(?:to|with)\b")
 _CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
 _CLAIM = re.compile(r"(?i:\bI am|\bI'm|\bmy name is|\bmy name's|\bcall me|\bthey call me)"
@@ -266,15 +271,17 @@ def asked_facts(grounding: Grounding) -> list[Fact]:
         return []
     owner = ""
     # "Which town did I tell you I came from?": the "you" someone tells is not whose fact is asked.
-    whose = set(words(_TOLD_YOU.sub(" told ", grounding.line)))
+    # "Who am I talking to?": the one talked to is whose name is asked.
+    whose = set(words(_TALKING_TO.sub(" you ", _TOLD_YOU.sub(" told ", grounding.line))))
     for player_cue, npc_cue in zip(PLAYER_WORDS, NPC_WORDS):
         mine, yours = bool(whose & player_cue), bool(whose & npc_cue)
         if mine != yours:
             owner = "player" if mine else "npc"
             break
     wanted = topic_weights(grounding.line)
-    if _NAMES_A_THING.search(grounding.line):
-        wanted.pop("name", None)  # the name of the inn, the town, the horse: not the NPC's name
+    if _NAMES_A_THING.search(grounding.line) or (
+            "who" in said and not said & _NAME_CUES and not _WHO_OF_US.search(grounding.line)):
+        wanted.pop("name", None)  # the name of the inn, the town, the captain: not the NPC's (or player's) name
     scored = [(sum(w * f.weight(k) for k, w in wanted.items()), f) for f in grounding.facts if not owner or f.owner == owner]
     best = max((s for s, _ in scored), default=0.0)
     return [f for s, f in scored if best > 0 and s >= best - 1e-9]

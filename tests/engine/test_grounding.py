@@ -129,6 +129,20 @@ def test_the_name_of_a_thing_is_not_the_npc_s_name() -> None:
         assert answer(line) == {"elda"}, line
 
 
+def test_who_asks_the_npc_s_name_only_about_the_two_speaking() -> None:
+    """'Who gives you your orders?' asks about someone else (steering pushed 'Tobin' into the
+    answer); 'Who are you?' asks the NPC's name and 'Who am I talking to?' too, not the player's."""
+    def answer(line: str) -> list[tuple[str, list[str]]]:
+        grounding = Grounding.build(find_persona("tobin"), line, memory=["The player's name is Corin."])
+        return [(f.owner, sorted(f.answer)) for f in asked_facts(grounding)]
+
+    assert answer("Who gives you your orders?") == [] and answer("Who trained you?") == []
+    assert answer("Who is your captain?") == [("npc", ["ashford", "captain", "commands", "reyna", "watch"])]
+    assert answer("Who are you really?") == [("npc", ["tobin"])]
+    assert answer("Who am I talking to?") == [("npc", ["tobin"])]
+    assert answer("Who am I, again?") == [("player", ["corin"])]
+
+
 def test_a_price_question_meets_the_fact_that_names_the_price() -> None:
     """'How much is the toll to cross?' and the lore 'The crossing costs two coppers a head' share no
     word; they meet on the price topic and the stem of 'crossing'."""
