@@ -94,8 +94,8 @@ def int64_tensor(name: str, dims: Sequence[int], values: Sequence[int]) -> bytes
 
 def model(nodes: Sequence[bytes], inputs: Sequence[bytes], outputs: Sequence[bytes],
           initializers: Sequence[bytes] = (), *, opset: int = 17, name: str = "npctalk") -> bytes:
-    """ModelProto bytes (ir_version 1, graph 7, opset_import 8) of one graph (node 1, name 2,
-    initializer 5, input 11, output 12) in the default domain at ``opset``."""
+    """ModelProto bytes of one graph in the default domain at ``opset``. Field numbers: ModelProto
+    ir_version 1, graph 7, opset_import 8; GraphProto node 1, name 2, initializer 5, input 11, output 12."""
     graph = b"".join(_bytes(1, n) for n in nodes) + _bytes(2, name)
     graph += b"".join(_bytes(5, t) for t in initializers)
     graph += b"".join(_bytes(11, i) for i in inputs) + b"".join(_bytes(12, o) for o in outputs)

@@ -151,6 +151,8 @@ class PrefixCache:
             return False
         try:
             snapshot = self.snapshots.snapshot(cache, len(key[1]))
+        except ConfigError:  # a misuse (a KVCache longer than its prefix), not a device failure
+            raise
         except Exception:  # the request goes on; the next turn reads the prefix again
             log.warning("Keeping NPC %r's persona prefix failed; not cached.", key[0], exc_info=True)
             return False

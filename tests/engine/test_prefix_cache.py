@@ -47,6 +47,8 @@ def test_lru_is_bounded_in_bytes_and_invalidation_is_per_npc() -> None:
     assert cache.get(a) is None and cache.counters["misses"] == 1
     with pytest.raises(ConfigError, match="one row of 10"):
         cache.put(PrefixCache.key("x", range(10)), _snapshot(9))
+    with pytest.raises(ConfigError, match="holds the whole cache"):  # a KVCache snapshot is all of it
+        cache.put(PrefixCache.key("x", range(10)), _snapshot(11))
     with pytest.raises(ConfigError, match="byte count"):
         PrefixCache(-1)
     off = PrefixCache(0)
