@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -36,5 +38,6 @@ def test_steady_state_counts_the_servers_tokens_over_its_window(gpt2_slots_bundl
     for level in report["levels"]:
         assert level["mode"] == "steady" and 1.4 < level["window_s"] < 3.0
         assert level["replies_in_window"] > level["streams"]  # each stream answered more than once
-        assert abs(level["aggregate_tok_s"] - level["completion_tokens"] / level["window_s"]) < 1.0
+        # The report rounds the window to 1 ms: at ~5k tok/s that alone moves the quotient by ~1.5 tok/s.
+        assert level["aggregate_tok_s"] == pytest.approx(level["completion_tokens"] / level["window_s"], rel=1e-3)
         assert level["gap_ms_p50"] > 0
