@@ -72,11 +72,9 @@ _IDENTITY_ATTACK = re.compile(
 _ABOUT_PLAYER = re.compile(r"(?i)\bthe player\b")
 # "What is the inn called?", "the name of this town", "your horse's name": a line asking the name of a
 # thing (a noun after a determiner), not of the one it talks to ("What are you called?", "your name").
-_NAMES_A_THING = re.compile(
-    r"(?i)\b(?:the|this|that|these|those|your|my|our|his|her|their)\s+(?!name\b)[a-z][a-z'-]*\s+(?:is\s+|are\s+)?"
-    r"(?:called|named)\b"
-    r"|\bname\s+of\s+(?:the|this|that|these|those|your|my|our|his|her|their)\s+[a-z]"
-    r"|\b(?:the|this|that|your|my|our|his|her|their)\s+(?!name\b)[a-z][a-z-]*'s\s+name\b")
+_DETERMINER = r"(?:the|this|that|these|those|your|my|our|his|her|their)"
+_NAMES_A_THING = re.compile(rf"(?i)\b{_DETERMINER}\s+(?!name\b)[a-z][a-z'-]*\s+(?:is\s+|are\s+)?(?:called|named)\b"
+                            rf"|\bname\s+of\s+{_DETERMINER}\s+[a-z]|\b{_DETERMINER}\s+(?!name\b)[a-z][a-z-]*'s\s+name\b")
 # "Who are you?", "Who am I talking to?", "Who's there?": "who" asking a name of the two speaking. In
 # "Who gives you your orders?" or "Who is your captain?" it asks about someone else.
 _WHO_OF_US = re.compile(r"(?i)\bwho(?:'s|'re|\s+(?:are|is|am|was|were))?\s+(?:you|i|me|this|that|there|it|speaking)\b")
