@@ -16,6 +16,7 @@ HEAVY = ("torch", "transformers", "optimum", "accelerate", "gguf", "onnx")  # on
 # and optional extras a runtime module may import when present (guarded by ImportError).
 RUNTIME = {"onnxruntime", "numpy", "tokenizers", "zmq", "msgpack"}
 OPTIONAL = {"threadpoolctl"}
+FOLDERS = {"engine": "engine", "export": "export", "client": "bindings/python", "finetune": "finetune", "demo": "demo_game"}
 
 _PROBE = """
 import importlib, json, pkgutil, sys
@@ -60,6 +61,17 @@ def test_wheel_maps_folders_into_npctalk_namespace(tmp_path: Path) -> None:
     top = {n.split("/")[0] for n in names if not n.startswith("npctalk-")}
     assert top == {"npctalk"}, top
     for expected in ("npctalk/engine/generator.py", "npctalk/export/api.py", "npctalk/client/__init__.py",
-                     "npctalk/engine/personas/bram.toml"):
+                     "npctalk/engine/personas/bram.toml", "npctalk/engine/py.typed", "npctalk/client/py.typed"):
         assert expected in names
     assert any(n.endswith("LICENSE-NOTICES") for n in names)
+    # Every module and data file of each folder ships, subpackages too (export/lean once did not:
+    # an installed export-onnx failed; nor did the wren card: `npctalk personas` lacked it).
+    missing = []
+    for package, folder in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*")):
+            relative = path.relative_to(ROOT / folder)
+            if path.is_file() and (path.suffix == ".py" or relative.parts[0] in ("personas", "notices")) \
+                    and "__pycache__" not in relative.parts:
+                if f"npctalk/{package}/{relative.as_posix()}" not in names:
+                    missing.append(f"{folder}/{relative.as_posix()}")
+    assert missing == [], f"not in the wheel: {missing}"
