@@ -104,6 +104,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    import sacrebleu  # noqa: F401  (the scores need it: a missing extra fails now, not after generating every reply)
+
     from .evaluate import EvalOptions, engine_consistency, evaluate_bundle
     from .report import comparison_table
 
@@ -146,7 +148,9 @@ def main(command: str, argv: Sequence[str]) -> int:
         log.debug("details", exc_info=True)
         return 1
     except ImportError as exc:
-        log.error("error: %s needs the export and finetune extras: pip install 'npctalk[export,finetune]' (%s)", command, exc)
+        extras = "export,finetune" if command == "finetune" else "finetune"
+        log.error("error: %s needs the %s extra%s: pip install 'npctalk[%s]' (%s)", command, extras.replace(",", " and "),
+                  "s" if "," in extras else "", extras, exc)
         return 1
     except KeyboardInterrupt:
         log.error("error: interrupted%s.", "; resume with --resume latest" if command == "finetune" else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,23 @@ def test_cli_reports_bad_data_with_file_and_line(gpt2_bundle: Path, tmp_path: Pa
     assert f"error: {bad}:2: not valid JSON" in capsys.readouterr().err
     assert main(["finetune", "default", "--train", str(bad), "--valid", str(bad), "-o", str(tmp_path / "o")]) == 1
     assert f"error: {bad}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_evaluate_without_the_finetune_extra_fails_before_generating(gpt2_bundle: Path, tiny_data: tuple[Path, Path],
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A game's runtime-only install has no sacrebleu: evaluate says which extra to install before
+    it spends minutes generating replies it could not score."""
+    import npctalk.finetune.evaluate as evaluate
+
+    def generate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generated replies without the package that scores them")
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu → ImportError
+    monkeypatch.setattr(evaluate, "evaluate_bundle", generate)
+    assert main(["evaluate", str(gpt2_bundle), "--data", str(tiny_data[1]), "-o", str(tmp_path / "r")]) == 1
+    assert "error: evaluate needs the finetune extra: pip install 'npctalk[finetune]'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_finetune_cli_trains_and_prints_the_output(tiny_llama_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path,
