@@ -12,6 +12,7 @@ Progress goes to stderr through ``logging`` (and a progress bar on a terminal). 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -104,7 +105,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    import sacrebleu  # noqa: F401  (the scores need it: a missing extra fails now, not after generating every reply)
+    importlib.import_module("sacrebleu")  # the scores need it: a missing extra fails now, not after every reply
 
     from .evaluate import EvalOptions, engine_consistency, evaluate_bundle
     from .report import comparison_table
