@@ -144,7 +144,9 @@ def load_script(path: str | Path) -> Script:
 def load_scripts(folder: str | Path = DATA_DIR) -> list[Script]:
     paths = sorted(Path(folder).glob("*.toml"))
     if not paths:
-        raise PromptError(f"No consistency scripts (*.toml) in {folder}.")
+        hint = (" The scripts live in the repository's data/consistency/ (an installed package does not carry "
+                "them): pass --scripts PATH/TO/npctalk/data/consistency." if Path(folder) == DATA_DIR else "")
+        raise PromptError(f"No consistency scripts (*.toml) in {folder}.{hint}")
     return [load_script(p) for p in paths]
 
 

@@ -185,7 +185,17 @@ def test_cli_routes_evaluate_consistency_without_the_finetune_extra(tmp_path: Pa
     assert main(["evaluate", "--consistency", "--settings", "on/maybe"]) == 2
     assert "memory/rerank pairs" in capsys.readouterr().err
     assert main(["evaluate", "--consistency", str(tmp_path), "--scripts", str(tmp_path)]) == 1
-    assert "No consistency scripts" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "No consistency scripts" in err and "--scripts PATH" not in err  # a folder the user chose: no hint
+
+
+def test_an_installed_package_without_the_scripts_says_where_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed from a wheel, the default folder (beside the package) does not exist: say to pass --scripts."""
+    import npctalk.engine.consistency as consistency
+
+    monkeypatch.setattr(consistency, "DATA_DIR", tmp_path / "site-packages" / "npctalk" / "data" / "consistency")
+    with pytest.raises(PromptError, match="pass --scripts PATH/TO/npctalk/data/consistency"):
+        consistency.load_scripts(consistency.DATA_DIR)
 
 
 def test_wildcards_and_rejudging_a_saved_report(tmp_path: Path) -> None:
