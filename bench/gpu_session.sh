@@ -63,7 +63,7 @@ set -- $LIMITS
 run_decode "$first" "$1"
 
 bundle=$(ls -d "$WORK"/bundles/"$first"-lean-fp16-* 2>/dev/null | head -n 1)
-step checks 45 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
+step checks 75 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
 rm -f "$RES"/profile*.json
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
