@@ -104,12 +104,7 @@ def topk_placement(device: str, out: Path, vocab: int = 50257, rows: int = 64, k
         for output in session.get_outputs():
             binding.bind_output(output.name, "cpu")
         session.run_with_iobinding(binding)
-        trace = json.loads(Path(session.end_profiling()).read_text())
-        providers_seen: dict[str, int] = {}
-        for event in trace:
-            if event.get("cat") == "Node" and "provider" in event.get("args", {}) and event["name"].endswith("_kernel_time"):
-                providers_seen[event["args"]["provider"]] = providers_seen.get(event["args"]["provider"], 0) + 1
-        report[name] = providers_seen
+        report[name] = _providers_seen(session)
     ids, values = topk.TopK(k, device).of_value(value, vocab, bonus)
     host = add_bonus(logits[:, 0], {})  # (rows, vocab)
     same = all(set(ids[r].tolist()) == set(np.argsort(-add_bonus(host[r:r + 1], {int(outside[r]): 30.0, 0: float("-inf")})[0])[:k].tolist())
@@ -205,13 +200,14 @@ def snapshots(bundle: Path, device: str, out: Path, repeats: int = 20) -> dict[s
 
     from npctalk.engine import onnx_proto, slot_copy
     from npctalk.engine.bundle import load_manifest
+    from npctalk.engine.kv_cache import KV_DTYPES
     from npctalk.engine.slots import SlotDecoder
 
     decoder = SlotDecoder(bundle, slots=2, capacity=min(512, load_manifest(bundle).max_context), provider=device)
     m = decoder.manifest
     report: dict[str, Any] = {}
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    dtype = np.float16 if m.kv_dtype == "fp16" else np.float32
+    dtype = KV_DTYPES[m.kv_dtype]
     count, tensor = 2 * m.num_layers, np.ones((1, m.num_kv_heads, 8, m.head_dim), dtype)
     feeds = {"take": {**{f"kv{i}": tensor for i in range(count)}, "length": np.array([4], np.int64)},
              "put": {**{f"snap{i}": tensor for i in range(count)}, "pads": np.array([0, 0, 0, 0, 0, 0, 8, 0], np.int64)}}

@@ -78,7 +78,6 @@ _NAMES_A_THING = re.compile(rf"(?i)\b{_DETERMINER}\s+(?!name\b)[a-z][a-z'-]*\s+(
 # "Who are you?", "Who am I talking to?", "Who's there?": "who" asking a name of the two speaking. In
 # "Who gives you your orders?" or "Who is your captain?" it asks about someone else.
 _WHO_OF_US = re.compile(r"(?i)\bwho(?:'s|'re|\s+(?:are|is|am|was|were))?\s+(?:you|i|me|this|that|there|it|speaking)\b")
-_NAME_CUES = frozenset({"call", "called", "name", "named", "names"})
 _TALKING_TO = re.compile(r"(?i)\b(?:am\s+i|are\s+we)\s+(?:talking|speaking)\s+(?:to|with)\b")
 _CAPITAL = re.compile(r"[A-Z][a-z]+(?:[-'][A-Za-z]+)*")
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;\"“]\s*|\n\s*)$")
@@ -278,7 +277,7 @@ def asked_facts(grounding: Grounding) -> list[Fact]:
             break
     wanted = topic_weights(grounding.line)
     if _NAMES_A_THING.search(grounding.line) or (
-            "who" in said and not said & _NAME_CUES and not _WHO_OF_US.search(grounding.line)):
+            "who" in said and not said & (TOPICS["name"] - {"who"}) and not _WHO_OF_US.search(grounding.line)):
         wanted.pop("name", None)  # the name of the inn, the town, the captain: not the NPC's (or player's) name
     scored = [(sum(w * f.weight(k) for k, w in wanted.items()), f) for f in grounding.facts if not owner or f.owner == owner]
     best = max((s for s, _ in scored), default=0.0)

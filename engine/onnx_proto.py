@@ -1,7 +1,7 @@
 """Small ONNX graphs written as protobuf bytes, without the ``onnx`` package.
 
 The engine runs a few helper graphs of its own beside the model: TopK over the logits
-(``topk.py``) and the copies of a KV slot's prefix in and out (``slot_copy.py``). ``onnx`` is a
+(``topk.py``) and the copies of a KV slot's prefix in and out (``slot_copy.py``); ``session`` runs one. ``onnx`` is a
 build-time package (the ``export`` extra), not something a game installs, so these graphs are
 serialized here: the handful of ``ModelProto`` fields they use, in protobuf's wire format.
 
@@ -17,7 +17,9 @@ Field numbers are those of ``onnx/onnx.proto`` (proto2: repeated numbers are wri
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import onnxruntime as ort
 
 # TensorProto.DataType
 FLOAT, INT32, INT64, FLOAT16 = 1, 6, 7, 10
@@ -101,3 +103,16 @@ def model(nodes: Sequence[bytes], inputs: Sequence[bytes], outputs: Sequence[byt
     graph += b"".join(_bytes(11, i) for i in inputs) + b"".join(_bytes(12, o) for o in outputs)
     opset_id = _bytes(1, "") + _int(2, opset)  # OperatorSetIdProto: domain 1, version 2
     return _int(1, IR_VERSION) + _bytes(7, graph) + _bytes(8, opset_id)
+
+
+def session(graph: bytes, device: str, *, threads: int = 1,
+            cuda_options: Mapping[str, str] | None = None) -> ort.InferenceSession:
+    """A quiet ONNX Runtime session for one helper graph on ``device`` (``cpu`` or ``cuda``, with the
+    CPU provider behind it), ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    cpu = "CPUExecutionProvider"
+    providers = [("CUDAExecutionProvider", dict(cuda_options or {})), cpu] if device == "cuda" else [cpu]
+    return ort.InferenceSession(graph, options, providers=providers)

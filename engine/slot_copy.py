@@ -91,13 +91,14 @@ class SlotCopier:
         nbytes = len(self.buffers) * heads * n * head_dim * self.dtype.itemsize
         if self.arrays is not None:
             return SlotSnapshot(n, tuple(a[slot:slot + 1, :, :n].copy() for a in self.arrays), nbytes)
-        binding = self._session("take").io_binding()
+        session = self._session("take")
+        binding = session.io_binding()
         for i, buffer in enumerate(self.buffers):
             binding.bind_input(f"kv{i}", self.device, 0, self.dtype.type, self.slot_shape,
                                buffer.data_ptr() + slot * self.slot_bytes)
             binding.bind_output(f"snap{i}", self.device)  # ONNX Runtime allocates it on the device
         binding.bind_cpu_input("length", np.array([n], dtype=np.int64))
-        self._session("take").run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return SlotSnapshot(n, tuple(binding.get_outputs()), nbytes)
 
     def put(self, slot: int, snapshot: SlotSnapshot) -> None:
@@ -128,11 +129,7 @@ class SlotCopier:
         session = self._sessions.get(kind)
         if session is None:
             model = graphs(len(self.buffers), proto.ELEMENT_TYPES[self.dtype.name])[kind]
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.log_severity_level = 3
             # Snapshots live in this session's arena: chunks of the size asked for, as the decoder's buffers.
-            cuda = ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
-            providers = [cuda, "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
-            session = self._sessions[kind] = ort.InferenceSession(model, options, providers=providers)
+            session = self._sessions[kind] = proto.session(model, self.device,
+                                                           cuda_options={"arena_extend_strategy": "kSameAsRequested"})
         return session

@@ -119,19 +119,12 @@ class TopK:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}.")
         self.k, self.device = k, device
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda"
-            else ["CPUExecutionProvider"])
-        self.session = ort.InferenceSession(_topk_graph(k), options, providers=providers)
-        self._bonused = ort.InferenceSession(_bonused_topk_graph(k), options, providers=providers)
+        self.session = proto.session(_topk_graph(k), device, threads=threads)
+        self._bonused = proto.session(_bonused_topk_graph(k), device, threads=threads)
         # Off the host, a row the candidates cannot decide is gathered on the device (one row copied);
         # ``gather``: whether to (default: unless on the CPU, where the logits are host memory already).
         gather = device != "cpu" if gather is None else gather
-        self._rows = ort.InferenceSession(_row_graph(), options, providers=providers) if gather else None
+        self._rows = proto.session(_row_graph(), device, threads=threads) if gather else None
 
     def of_array(self, logits: np.ndarray, bonus: Bonus | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Host logits (rows, vocab) → (ids, values), each (rows, min(k, vocab)); with ``bonus``,
