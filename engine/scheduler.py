@@ -390,8 +390,7 @@ class Scheduler:
         return None if hint is None else PrefixCache.key(hint[0], request.prompt_ids[:hint[1]])
 
     def _has_cached_prefix(self, request: Request) -> bool:
-        key = self._prefix_key(request)
-        return key is not None and key in self.prefix_cache
+        return self._prefill_cost(request) < request.prompt_tokens  # a hint's prefix is never empty
 
     def _prefill_cost(self, request: Request) -> int:
         """Prompt tokens ``request``'s prefill will run (its cached prefix not counted)."""
