@@ -20,7 +20,8 @@ PY
 export PYTHONPATH=/tmp/site:$SHIM:$PWD PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 
 # pack_results DIR OUT: DIR's files into OUT/gpu-results.tgz (after every step, so a run cut short keeps them)
-pack_results() { tar czf "$2/gpu-results.tgz" -C "$1" . 2>/dev/null; }
+# Written aside and renamed: steps that run side by side (finetune_gpu.sh) never leave a torn archive.
+pack_results() { tar czf "$2/.gpu-results.tgz.$BASHPID" -C "$1" . 2>/dev/null; mv -f "$2/.gpu-results.tgz.$BASHPID" "$2/gpu-results.tgz"; }
 
 # timed_step DIR OUT NAME SECONDS COMMAND...: time-limited, logged to DIR/NAME.log, packed after; never stops the script
 timed_step() {

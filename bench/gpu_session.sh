@@ -39,8 +39,13 @@ else
     STREAMS="1 16 64"; EXTRA=""; CONC="1 8 32 64"; SLOTCTX=1024; STEADY="1 64"
 fi
 
+STREAMS=${STREAMS_OVERRIDE:-$STREAMS}
 pack() { pack_results "$RES" "$OUT"; }
-step() { timed_step "$RES" "$OUT" "$@"; }  # step NAME SECONDS COMMAND...
+# step NAME SECONDS COMMAND...; with ONLY="name ..." set, the steps not named are skipped
+step() {
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then echo "== $1 skipped (not in ONLY)"; return 0; fi
+    timed_step "$RES" "$OUT" "$@"
+}
 
 step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 - <<PY
 import onnxruntime as ort, numpy, sys
@@ -60,8 +65,16 @@ run_decode() {  # run_decode MODEL LIMIT
 set -- $MODELS
 first=$1
 set -- $LIMITS
-run_decode "$first" "$1"
-
+first_limit=$1
+# The first model's bundle, as decode-$first builds it (the decode step reuses it): the checks and the
+# server runs need only this, so a short lease can run them without the decode step.
+step export 90 python3 -c "
+import logging, sys
+from pathlib import Path
+from bench.decode import build_hf_folder, export
+logging.basicConfig(level=logging.INFO)
+bundle, note = export(build_hf_folder('$first', Path('$WORK')), Path('$WORK'), 'fp16', 'lean', '$DEVICE', '${EXTRA:+slots}' or 'auto')
+print(bundle, note)"
 bundle=$(ls -d "$WORK"/bundles/"$first"-lean-fp16-* 2>/dev/null | head -n 1)
 step checks 75 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
 rm -f "$RES"/profile*.json
@@ -71,6 +84,7 @@ step concurrency-together 60 python3 bench/concurrency.py --model "${bundle:-mis
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--prefill-chunk=4096 --tag together4096
 step concurrency-noprefix 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--prefix-cache-mb=0 --tag noprefix
+run_decode "$first" "$first_limit"
 step concurrency-steady 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $STEADY --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --steady 8 --warmup 3 --tag steady
 step concurrency-ahead 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
