@@ -40,8 +40,11 @@ class TrainState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
-    def improves(self, bleu: float, loss: float) -> bool:
-        """Higher eval BLEU is better; equal BLEU (e.g. both 0 early on) is broken by lower eval loss."""
+    def improves(self, bleu: float, loss: float, by: str = "bleu") -> bool:
+        """``by`` "bleu": higher eval BLEU is better, equal BLEU (e.g. both 0 early on) broken by lower
+        eval loss; "loss": lower eval loss is better, equal loss broken by higher BLEU."""
+        if by == "loss":
+            return (-loss, bleu) > (-self.best_loss, self.best_bleu)
         return (bleu, -loss) > (self.best_bleu, -self.best_loss)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from npctalk.engine.errors import NpctalkError
 
-from .config import DEVICES, PRECISIONS, SCHEDULES, FinetuneConfig
+from .config import DEVICES, PRECISIONS, SCHEDULES, SELECT_BY, FinetuneConfig
 
 log = logging.getLogger("npctalk.finetune")
 _NOISY = ("transformers", "torch", "urllib3", "huggingface_hub")
@@ -53,7 +53,10 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="validation examples generated for BLEU")
     p.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
     p.add_argument("--patience", dest="early_stopping_patience", type=int, default=d.early_stopping_patience,
-                   help="evaluations without a better BLEU before stopping (0: never)")
+                   help="evaluations without a better model (see --select-by) before stopping (0: never)")
+    p.add_argument("--select-by", choices=SELECT_BY, default=d.select_by,
+                   help="what makes a model better: eval BLEU (the recipe's) or eval loss (steadier on a small "
+                        "validation set)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="auto: bf16 on a GPU that has it, else fp32")
     p.add_argument("--device", choices=DEVICES, default=d.device)
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens of prompt + reply; older turns dropped first")

@@ -15,6 +15,7 @@ from npctalk.engine.errors import ConfigError
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+SELECT_BY = ("bleu", "loss")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class FinetuneConfig:
     eval_examples: int | None = None
     eval_max_new_tokens: int = 48
     early_stopping_patience: int = 3
+    select_by: str = "bleu"
     precision: str = "auto"
     device: str = "auto"
     max_length: int = 512
@@ -72,7 +74,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer or None, got {value!r}")
-        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("device", DEVICES)):
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("device", DEVICES),
+                              ("select_by", SELECT_BY)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if problems:

@@ -296,7 +296,7 @@ def _evaluate_and_keep(model: Any, encoder: ExampleEncoder, valid: list[Example]
     replies = generate_replies(model, encoder, subset, config.eval_max_new_tokens, device)
     bleu = corpus_bleu(replies, [[e.completion] for e in subset])
     state.history.append({"step": state.step, "eval_loss": loss, "eval_bleu": bleu})
-    if state.improves(bleu, loss):
+    if state.improves(bleu, loss, config.select_by):
         state.best_step, state.best_bleu, state.best_loss, state.bad_evals = state.step, bleu, loss, 0
         with _inference_config(model):
             model.save_pretrained(output)

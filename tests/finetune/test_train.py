@@ -129,3 +129,33 @@ def test_config_defaults_and_validation() -> None:
         FinetuneConfig(learning_rate=0, warmup_ratio=1.5)
     with pytest.raises(ConfigError, match="schedule must be one of"):
         FinetuneConfig(schedule="step")
+
+
+def test_the_better_model_follows_select_by() -> None:
+    from npctalk.finetune.checkpoint import TrainState
+
+    best = TrainState(best_step=4, best_bleu=1.0, best_loss=3.4)
+    assert best.improves(1.1, 3.5) and not best.improves(0.9, 3.3)  # BLEU decides (the recipe)
+    assert best.improves(1.0, 3.3) and not best.improves(1.0, 3.5)  # equal BLEU: the loss breaks the tie
+    assert best.improves(0.9, 3.3, "loss") and not best.improves(1.1, 3.5, "loss")
+    assert best.improves(1.1, 3.4, "loss") and not best.improves(0.9, 3.4, "loss")  # equal loss: BLEU
+    with pytest.raises(ConfigError, match="select_by must be one of bleu, loss"):
+        FinetuneConfig(select_by="chrf")
+
+
+@pytest.mark.parametrize("select_by", ["bleu", "loss"])
+def test_the_kept_step_follows_select_by(select_by: str, tiny_data: tuple[Path, Path], tiny_llama_dir: Path,
+                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from npctalk.finetune import train
+
+    bleus = iter([10.0, 9.0, 8.0, 7.0])  # BLEU falls while the loss falls: the two choices disagree
+    monkeypatch.setattr(train, "corpus_bleu", lambda replies, refs: next(bleus))
+    config = dataclasses.replace(QUICK, max_steps=4, eval_every=1, select_by=select_by)
+    result = train.finetune(tiny_llama_dir, tiny_data[0], tiny_data[1], tmp_path / "run", config)
+    losses = {h["step"]: h["eval_loss"] for h in result.history}
+    assert len(losses) == 4 and min(losses, key=losses.__getitem__) != 1, losses
+    if select_by == "loss":
+        assert result.best_step == min(losses, key=losses.__getitem__)
+        assert result.best_eval_loss == min(losses.values())
+    else:
+        assert result.best_step == 1 and result.best_bleu == 10.0
