@@ -10,11 +10,11 @@ per row to int8 (error at most the row's largest change / 254) and deflated, is 
     # here, with every piece, index.json, check.npz and run.tgz gathered in one folder
     python3 bench/finetune_delta.py unpack PIECES_FOLDER --source default -o runs/smollm2-npc
 
-`pack` also stores the fine-tuned model's fp32 logits on a fixed prompt (check.npz) and the run's small
-files (config, finetune.json, tokenizer files under 8 MiB) in run.tgz. `unpack` rebuilds the model,
-writes the tokenizer and model card as `npctalk finetune` does, lays the run's files over them (loose
-files beside the pieces count too), compares the logits with the GPU machine's and refuses to save
-when they differ by more than --atol.
+`pack` also stores the fine-tuned model's fp32 logits on a fixed prompt (check.npz, beside each row's
+int8 scale) and the run's small files (config, finetune.json, tokenizer files under 8 MiB) in run.tgz.
+`unpack` rebuilds the model, writes the tokenizer and model card as `npctalk finetune` does, lays the
+run's files over them (loose files beside the pieces count too), compares the logits with the GPU
+machine's and refuses to save when they differ by more than --atol.
 """
 from __future__ import annotations
 
