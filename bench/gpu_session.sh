@@ -12,6 +12,7 @@
 #               slots bundles exported and validated on CUDA, the slot decoder with and without the
 #               CUDA graph, HF PyTorch fp16 generate() in the same run, batch 1/16/64 (16/64 also with
 #               the prompts read together: -together rows), and the first token of a 256-token prompt
+#   kernels-*   bench/kernel_times.py: each CUDA kernel's time in a decode step at 1 and 64 rows (ncu)
 #   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
 #               CUDA-graph token parity, prompts read together against one by one, persona-prefix
 #               snapshots (placement, parity, copy time against reading the prefix)
@@ -78,6 +79,9 @@ print(bundle, note)"
 bundle=$(ls -d "$WORK"/bundles/"$first"-lean-fp16-* 2>/dev/null | head -n 1)
 step checks 75 python3 -m bench.gpu_checks --bundle "${bundle:-missing}" --device "$DEVICE" --out "$RES"
 rm -f "$RES"/profile*.json
+# Each kernel's time in a decode step (Nsight Compute), 1 and 64 rows: kernels or the gaps between them?
+step kernels-1 90 python3 -m bench.kernel_times --bundle "${bundle:-missing}" --streams 1 --out "$RES"
+step kernels-64 90 python3 -m bench.kernel_times --bundle "${bundle:-missing}" --streams 64 --out "$RES"
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
 step concurrency-together 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
