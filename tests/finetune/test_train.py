@@ -159,3 +159,19 @@ def test_the_kept_step_follows_select_by(select_by: str, tiny_data: tuple[Path, 
         assert result.best_eval_loss == min(losses.values())
     else:
         assert result.best_step == 1 and result.best_bleu == 10.0
+
+
+def test_a_hint_when_bleu_stops_the_run_while_the_loss_falls() -> None:
+    from npctalk.finetune.checkpoint import TrainState
+    from npctalk.finetune.train import loss_still_falling
+
+    history = [{"step": 4, "eval_loss": 3.59, "eval_bleu": 0.45}, {"step": 8, "eval_loss": 3.46, "eval_bleu": 1.08},
+               {"step": 12, "eval_loss": 3.29, "eval_bleu": 1.06}]
+    state = TrainState(step=12, total_steps=80, best_step=8, best_bleu=1.08, best_loss=3.46, stopped_early=True,
+                       history=history)
+    hint = loss_still_falling(state, FinetuneConfig())
+    assert hint is not None and "step 12 of 80" in hint and "3.4600 at the kept step 8" in hint and "--select-by loss" in hint
+    assert loss_still_falling(dataclasses.replace(state, stopped_early=False), FinetuneConfig()) is None
+    assert loss_still_falling(state, FinetuneConfig(select_by="loss")) is None
+    rising = dataclasses.replace(state, history=[*history[:2], {"step": 12, "eval_loss": 3.50, "eval_bleu": 1.0}])
+    assert loss_still_falling(rising, FinetuneConfig()) is None
