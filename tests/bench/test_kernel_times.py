@@ -56,3 +56,41 @@ def test_the_timed_steps_run_on_a_slots_bundle(gpt2_slots_bundle: Path) -> None:
     assert result["steps"] == 3 and result["streams"] == 2 and result["device"] == "cpu"
     assert result["cuda_graph"] is False  # a CPU session has no CUDA graph, whatever was asked
     assert 0 < result["wall_us_per_step"] < 5e6
+
+
+FAKE_NCU = r'''#!/usr/bin/env bash
+# Stands in for ncu: writes a CSV of two kernels per step to --log-file, then runs the program.
+log=""; while [ "$1" != "{python}" ]; do [ "$1" = "--log-file" ] && {{ shift; log=$1; }}; shift; done
+graph=yes; for a in "$@"; do [ "$a" = "--no-graph" ] && graph=no; done
+echo "$@" >> "{calls}"
+{{ echo '==PROF== Connected to process 1'
+  echo '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+  if [ $graph = {kernels_with_graph} ]; then for i in 1 2 3 4; do
+    echo '"0","1","python3","h","gemv","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","m","gpu__time_duration.sum","nsecond","3,000"'
+    echo '"1","1","python3","h","attention","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","m","gpu__time_duration.sum","nsecond","1,000"'
+  done; fi; }} > "$log"
+exec "$@"
+'''
+
+
+@pytest.mark.parametrize("kernels_with_graph", ["yes", "no"])
+def test_the_whole_run_with_a_stand_in_for_ncu(kernels_with_graph: str, gpt2_slots_bundle: Path, tmp_path: Path) -> None:
+    import json
+    import sys
+
+    fake, calls = tmp_path / "ncu", tmp_path / "calls"
+    fake.write_text(FAKE_NCU.format(python=sys.executable, calls=calls, kernels_with_graph=kernels_with_graph))
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    assert kernel_times.main(["--bundle", str(gpt2_slots_bundle), "--streams", "2", "--steps", "4", "--warmup", "1",
+                              "--ncu", str(fake), "--provider", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / f"kernel-times-{gpt2_slots_bundle.name}-2.json").read_text())
+    assert report["kernels_per_step"] == 2.0 and report["kernel_us_per_step"] == pytest.approx(4.0)
+    assert [g["kernel"] for g in report["groups"]] == ["gemv", "attention"]
+    assert report["wall_us_per_step"] > 0 and report["meta"]["streams"] == 2
+    runs = calls.read_text().splitlines()
+    if kernels_with_graph == "yes":
+        assert len(runs) == 1 and report["meta"]["note"] == ""
+    else:  # nothing seen in the graph's replays: profiled again without the graph
+        assert len(runs) == 2 and "--no-graph" in runs[1] and "without the graph" in report["meta"]["note"]
+    assert (out / f"kernel-times-{gpt2_slots_bundle.name}-2.md").read_text().startswith("# Kernel time per decode step")
