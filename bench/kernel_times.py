@@ -75,8 +75,8 @@ def run_steps(bundle: Path, streams: int, warmup: int, steps: int, graph: bool, 
 
     import onnxruntime as ort
 
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # the CUDA libraries PyTorch ships, before the session needs them
     from npctalk.engine.slots import SlotDecoder
 
     decoder = SlotDecoder(bundle, slots=streams, capacity=256, provider=provider, cuda_graph=graph)  # type: ignore[arg-type]
