@@ -345,6 +345,23 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.0%}"
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a share of ``hits`` in ``n`` probes ((0, 1) for none): how far
+    a share of 62 probes can move by chance, before two reports are compared."""
+    if n <= 0:
+        return 0.0, 1.0
+    share = hits / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (share * (1 - share) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval(setting: dict[str, Any]) -> str:
+    probes = setting["probes"]
+    low, high = wilson_interval(sum(1 for p in probes if p["consistent"]), len(probes))
+    return f"{low:.0%}–{high:.0%}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown page: the share table (all, tuning, held-out, per kind), then every reply."""
     m = report["model"]
@@ -362,11 +379,11 @@ def markdown(report: dict[str, Any]) -> str:
     if where:
         lines += [f"Machine: {where['platform']}, {where['cpus']} CPUs, load average (1/5/15 min) at the end "
                   f"{' / '.join(map(str, where['load_average_1_5_15']))}; wall {report.get('wall_s', '?')} s.", ""]
-    lines += ["| memory | rerank | consistent | tuning | held out | " + " | ".join(kinds) + " |",
-              "|---|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    lines += ["| memory | rerank | consistent | 95 % interval | tuning | held out | " + " | ".join(kinds) + " |",
+              "|---|---|---:|---:|---:|---:|" + "---:|" * len(kinds)]
     for s in report["settings"]:
         cells = " | ".join(f"{s['by_kind'].get(k, float('nan')):.0%}" for k in kinds)
-        lines.append(f"| {s['memory']} | {s['rerank']} | **{s['consistent_share']:.0%}** | "
+        lines.append(f"| {s['memory']} | {s['rerank']} | **{s['consistent_share']:.0%}** | {_interval(s)} | "
                      f"{_pct(s.get('tuning_share'))} | {_pct(s.get('heldout_share'))} | {cells} |")
     for s in report["settings"]:
         lines += ["", f"## memory {s['memory']}, rerank {s['rerank']}", "", "| script | probe | reply | ok |",

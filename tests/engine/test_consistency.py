@@ -239,28 +239,51 @@ def test_concurrent_scripts_stay_within_what_the_server_takes(tmp_path: Path) ->
     and its candidates) against a server that takes 96: the run would end in 'busy'. The scripts at
     once are capped by capacity // (candidates + 1)."""
     import threading
-    import time
 
     (tmp_path / "small.toml").write_text(SMALL, encoding="utf-8")
     scripts = load_scripts(tmp_path) * 6
-    lock, now, peak = threading.Lock(), [0], [0]
+    jobs = 6 * 2  # scripts × salts
+    cond, now, peak, started, target = threading.Condition(), [0], [0], [0], [0]
 
     class Counting(FakeClient):
         def __enter__(self) -> Counting:
-            with lock:
+            # Each job holds its connection until `target` run at once (or every job has started), so
+            # the peak is the pool's cap however slowly a loaded machine starts its workers: a larger
+            # cap shows as a higher peak, a smaller one as a lower peak after the wait times out.
+            with cond:
                 now[0] += 1
+                started[0] += 1
                 peak[0] = max(peak[0], now[0])
-            time.sleep(0.02)  # long enough for the pool to start every worker it has
+                cond.notify_all()
+                cond.wait_for(lambda: now[0] >= target[0] or started[0] >= jobs, timeout=5)
             return self
 
         def __exit__(self, *exc: object) -> None:
-            with lock:
+            with cond:
                 now[0] -= 1
+                cond.notify_all()
 
+    target[0] = 3
     result = run_setting(FakeClient("Bram."), scripts, "on", "on", 4, 8, "r1", connect=lambda: Counting("Bram."),
                          salts=range(2), capacity=15)
     assert len(result.probes) == 2 * 6 * 2 and peak[0] == 3  # 15 live / (4 candidates + the say)
-    peak[0] = 0
+    peak[0], started[0], target[0] = 0, 0, 12
     run_setting(FakeClient("Bram."), scripts, "on", "off", 4, 8, "r1", connect=lambda: Counting("Bram."),
                 salts=range(2), capacity=15)
     assert peak[0] == 12  # without reranking a say is one stream (12 jobs)
+
+
+def test_the_report_gives_each_share_its_interval() -> None:
+    from npctalk.engine.consistency import wilson_interval
+
+    low, high = wilson_interval(31, 62)  # half of issue 5's 62 probes
+    assert (round(low, 3), round(high, 3)) == (0.379, 0.621)  # p = 0.5 ± 1.96·√(0.25/62 + 1.96²/(4·62²)) / (1 + 1.96²/62)
+    assert wilson_interval(0, 62)[0] == 0.0 and wilson_interval(62, 62)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    narrow, wide = wilson_interval(310, 620), wilson_interval(31, 62)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3  # ten times the probes: about a third as wide
+    probes = [{"script": "s", "probe": "p", "reply": "r", "consistent": i < 31, "reasons": []} for i in range(62)]
+    report = {"model": {"name": "m", "architecture": "gpt2", "dtype": "fp32", "provider": "cpu"}, "date": "d",
+              "probes_per_setting": 62, "scripts": ["s"], "sampling": "x", "candidates": 4, "max_new_tokens": 8,
+              "settings": [{"memory": "on", "rerank": "off", "consistent_share": 0.5, "by_kind": {}, "probes": probes}]}
+    assert "| on | off | **50%** | 38%–62% |" in markdown(report)
