@@ -38,18 +38,13 @@ log = logging.getLogger("bench.gpu_checks")
 
 
 def placement(bundle: Path, device: str, out: Path) -> dict[str, Any]:
-    import onnxruntime as ort
-
     from npctalk.engine.bundle import load_manifest
+    from npctalk.engine.kv_cache import KV_DTYPES
 
     manifest = load_manifest(bundle)
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(out / "profile")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(bundle / manifest.model_file), options, providers=providers)
+    session = _profiled_session(str(bundle / manifest.model_file), device, out / "profile")
     io = manifest.io
-    kv = np.float16 if manifest.kv_dtype == "fp16" else np.float32
+    kv = KV_DTYPES[manifest.kv_dtype]
     n = 8
     past = {io[f"past_{kind}"].format(layer=i): np.zeros((1, manifest.num_kv_heads, 0, manifest.head_dim), kv)
             for i in range(manifest.num_layers) for kind in ("key", "value")}
@@ -80,7 +75,6 @@ def topk_placement(device: str, out: Path, vocab: int = 50257, rows: int = 64, k
     from npctalk.engine import topk
     from npctalk.engine.sampling import add_bonus
 
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((rows, 1, vocab)).astype(np.float32)
     outside = np.argsort(-logits[:, 0], axis=-1)[:, k + 5]  # (rows,): lifted into the top by the bonus
@@ -91,10 +85,7 @@ def topk_placement(device: str, out: Path, vocab: int = 50257, rows: int = 64, k
              "row": {"logits": value, "index": np.array([3], np.int64)}}
     report: dict[str, Any] = {}
     for name, graph in topk.graphs(k).items():
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(out / f"profile-{name}")
-        session = ort.InferenceSession(graph, options, providers=providers)
+        session = _profiled_session(graph, device, out / f"profile-{name}")
         binding = session.io_binding()
         for key, feed in feeds[name].items():
             if isinstance(feed, ort.OrtValue):
@@ -184,6 +175,18 @@ def parity(bundle: Path, device: str) -> dict[str, Any]:
             "graph_used": bool(runs["slots_graph_used_graph"][0][0]), "tokens_each": 32, "prompts": len(prompts)}
 
 
+def _profiled_session(model: bytes | str, device: str, prefix: Path) -> Any:
+    """A session of a graph (bytes, or a model file's path) on ``device`` (CPU behind CUDA, as the engine
+    runs it) that profiles its runs to ``prefix``*.json, for ``_providers_seen``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(prefix)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(model, options, providers=providers)
+
+
 def _providers_seen(session: Any) -> dict[str, int]:
     trace = json.loads(Path(session.end_profiling()).read_text())
     seen: dict[str, int] = {}
@@ -196,8 +199,6 @@ def _providers_seen(session: Any) -> dict[str, int]:
 def snapshots(bundle: Path, device: str, out: Path, repeats: int = 20) -> dict[str, Any]:
     import time
 
-    import onnxruntime as ort
-
     from npctalk.engine import onnx_proto, slot_copy
     from npctalk.engine.bundle import load_manifest
     from npctalk.engine.kv_cache import KV_DTYPES
@@ -206,16 +207,12 @@ def snapshots(bundle: Path, device: str, out: Path, repeats: int = 20) -> dict[s
     decoder = SlotDecoder(bundle, slots=2, capacity=min(512, load_manifest(bundle).max_context), provider=device)
     m = decoder.manifest
     report: dict[str, Any] = {}
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     dtype = KV_DTYPES[m.kv_dtype]
     count, tensor = 2 * m.num_layers, np.ones((1, m.num_kv_heads, 8, m.head_dim), dtype)
     feeds = {"take": {**{f"kv{i}": tensor for i in range(count)}, "length": np.array([4], np.int64)},
              "put": {**{f"snap{i}": tensor for i in range(count)}, "pads": np.array([0, 0, 0, 0, 0, 0, 8, 0], np.int64)}}
     for name, graph in slot_copy.graphs(count, onnx_proto.ELEMENT_TYPES[np.dtype(dtype).name]).items():
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(out / f"profile-copy-{name}")
-        session = ort.InferenceSession(graph, options, providers=providers)
+        session = _profiled_session(graph, device, out / f"profile-copy-{name}")
         session.run(None, feeds[name])
         report[f"{name}_nodes_by_provider"] = _providers_seen(session)
     rng = np.random.default_rng(11)
