@@ -42,12 +42,6 @@ SMALL_FILE = 8 * 1024 * 1024  # the GGUF tokenizer's tokenizer.model (98 MB) sta
 DELTA_FILES = {"index.json", "check.npz", "run.tgz"}
 
 
-def _base_model(source: str) -> Any:
-    from npctalk.export.sources import load_pretrained, resolve
-
-    return load_pretrained(resolve(source)).model
-
-
 def _tensors(model: Any) -> dict[str, Any]:
     """Every distinct parameter tensor by name (a tied lm_head is its embedding, kept once)."""
     seen: set[int] = set()
@@ -73,9 +67,11 @@ def _logits(model: Any, tokenizer_folder: Path) -> tuple[np.ndarray, np.ndarray]
 def pack(run: Path, source: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
+    from npctalk.finetune.output import load_base
+
     out.mkdir(parents=True, exist_ok=True)
     tuned = AutoModelForCausalLM.from_pretrained(run, dtype="float32").eval()
-    base = _tensors(_base_model(source))
+    base = _tensors(load_base(source)[1].model)  # as `npctalk finetune` loaded it
     names, shapes, scales, chunks = [], [], [], []
     for name, tensor in _tensors(tuned).items():
         delta = (tensor.float() - base[name].float()).numpy().reshape(tensor.shape[0] if tensor.ndim > 1 else 1, -1)
@@ -102,6 +98,7 @@ def pack(run: Path, source: str, out: Path) -> None:
 
 def unpack(folder: Path, source: str, output: Path, atol: float) -> float:
     import torch
+
     from npctalk.finetune.output import load_base, write_card
 
     index = json.loads((folder / "index.json").read_text())
