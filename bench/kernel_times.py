@@ -140,7 +140,7 @@ def summarize(launches: list[tuple[str, float]], steps: int, wall_us_per_step: f
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [f"# Kernel time per decode step: {meta['bundle']}", "",
-             f"{meta['date']} · {meta['device']} · {meta['streams']} stream(s), CUDA graph "
+             f"{meta['date']} · {meta['machine'].get('gpu', meta['machine']['cpu'])} · {meta['streams']} stream(s), CUDA graph "
              f"{'on' if meta['cuda_graph'] else 'off'}, {meta['steps']} profiled steps after {meta['warmup']} warm-up "
              f"steps · ncu {METRIC}", "", *([f"**Note:** {meta['note']}", ""] if meta.get("note") else []),
              f"- kernels per step: {summary['kernels_per_step']:.1f}",
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print("KERNEL_TIMES " + json.dumps(result), flush=True)
         return 0
 
+    from bench.decode import machine
+
     ncu = args.ncu or find_ncu()
     if ncu is None:
         log.error("ncu (Nsight Compute) was not found on PATH or under /opt/nvidia/nsight-compute")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         launches = parse_ncu_csv(report.read_text())
     summary = summarize(launches, args.steps, result["wall_us_per_step"])
     meta = {"bundle": args.bundle.name, "streams": args.streams, "steps": args.steps, "warmup": args.warmup,
-            "cuda_graph": result["cuda_graph"], "date": time.strftime("%Y-%m-%d"), "device": _device_name(),
+            "cuda_graph": result["cuda_graph"], "date": time.strftime("%Y-%m-%d"), "machine": machine(args.provider),
             "note": note}
     stem = args.out / f"kernel-times-{args.bundle.name}-{args.streams}{'' if args.graph else '-nograph'}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **summary}, indent=1) + "\n")
@@ -215,14 +217,6 @@ def _child_result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
         if line.startswith("KERNEL_TIMES "):
             return json.loads(line[len("KERNEL_TIMES "):])
     raise SystemExit(f"the decode run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-
-
-def _device_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown GPU"
-    except OSError:
-        return "unknown GPU"
 
 
 if __name__ == "__main__":

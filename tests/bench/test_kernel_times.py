@@ -35,9 +35,9 @@ def test_summary_per_step_and_by_kernel() -> None:
     first, second = summary["groups"]
     assert (first["kernel"], first["launches_per_step"], first["us_per_step"]) == ("gemv", 1.0, pytest.approx(5.0))
     assert second["kernel"] == "attention" and second["share"] == pytest.approx(6.0 / 16.0)
-    text = kernel_times.markdown(summary, {"bundle": "b", "date": "d", "device": "GPU", "streams": 1, "cuda_graph": True,
-                                           "steps": 2, "warmup": 8})
-    assert "kernels busy 50% of it" in text and "| `gemv` | 1.0 | 5.0 | 5.00 | 62.5% |" in text
+    text = kernel_times.markdown(summary, {"bundle": "b", "date": "d", "machine": {"cpu": "x86", "gpu": "GPU"},
+                                           "streams": 1, "cuda_graph": True, "steps": 2, "warmup": 8})
+    assert "d · GPU · 1 stream(s)" in text and "kernels busy 50% of it" in text and "| `gemv` | 1.0 | 5.0 | 5.00 | 62.5% |" in text
     with pytest.raises(ValueError, match="no kernel launches"):
         kernel_times.summarize([], steps=2, wall_us_per_step=None)
 
