@@ -152,6 +152,19 @@ def engine_step_ms(bundle: Path, prompt_tokens: int, new_tokens: int, threads: i
     return statistics.median(decode_steps_ms(model, prompt_tokens, new_tokens - 1))
 
 
+def paced_note(paced: dict[str, Any]) -> str:
+    """The report's sentence on a paced server (``bench/paced.py``): the times its runs were held to."""
+    runs = paced["runs"]
+    over = sum(r["over_target"] for r in runs.values())
+    steps = ", ".join(f"{rows} rows {ms} ms" for rows, ms in paced["steps"])
+    held = "; ".join(f"{kind} {r['runs']} × {r['wall_ms'] / max(r['runs'], 1):.2f} ms (target {r['target_ms'] / max(r['runs'], 1):.2f})"
+                     for kind, r in sorted(runs.items()))
+    return (f"\n\n**Paced** (`bench/paced.py`): no model runs a decode step, which takes the GPU's time instead "
+            f"(decode step: {steps}, linear between; a prompt read: {paced['prefill_ms']} ms, or "
+            f"{paced['prefill_ms_per_token']} ms a token when longer; outputs by rule). Runs over the server's "
+            f"life, each kind's mean wall time: {held}; {over} ran over their target.")
+
+
 def free_endpoint() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -192,10 +205,17 @@ def main() -> int:
     parser.add_argument("--sampled", action="store_true",
                         help="the server's default sampling (temperature, top-k/p, repetition controls) instead of "
                              "greedy; replies may then end early at EOS")
+    parser.add_argument("--paced", default=None, metavar="OPTIONS",
+                        help="serve through bench/paced.py: every decoder run padded to a GPU's measured time "
+                             "(its options, one string; '' for its H100 defaults)")
     args = parser.parse_args()
 
     endpoint = free_endpoint()
-    command = [sys.executable, "-m", "npctalk.engine.cli", "serve", "--model", str(args.model), "--bind", endpoint,
+    scratch = tempfile.TemporaryDirectory(prefix="npctalk-concurrency-")  # a memory database of its own
+    pace_report = Path(scratch.name) / "paced.json"
+    serve = ([sys.executable, str(ROOT / "paced.py"), *shlex.split(args.paced), "--report", str(pace_report), "--"]
+             if args.paced is not None else [sys.executable, "-m", "npctalk.engine.cli"])
+    command = [*serve, "serve", "--model", str(args.model), "--bind", endpoint,
                "--provider", args.provider, "--max-batch", str(max(args.streams)), "--max-new-tokens",
                str(args.max_new_tokens)]
     if not args.sampled:
@@ -207,7 +227,6 @@ def main() -> int:
     if args.top_tokens is not None:
         command += ["--top-tokens", str(args.top_tokens)]
     command += shlex.split(args.server_args)
-    scratch = tempfile.TemporaryDirectory(prefix="npctalk-concurrency-")  # a memory database of its own
     command += ["--memory-db", str(Path(scratch.name) / "memory.sqlite3"), "--memory-embeddings", "off"]
     server = subprocess.Popen(command, stderr=subprocess.DEVNULL if not args.server_log else open(args.server_log, "wb"))
     try:
@@ -229,6 +248,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
+        paced = json.loads(pace_report.read_text(encoding="utf-8")) if pace_report.exists() else None
         scratch.cleanup()
     # Protocol overhead per token: one stream's median gap through the socket minus the same bundle's
     # median decode step in-process (after a prompt as long as the server's), measured right after.
@@ -243,7 +263,8 @@ def main() -> int:
               "model": hello["model"], "provider": hello["model"]["provider"], "max_new_tokens": args.max_new_tokens,
               "server_threads": args.threads or "server default (all cores but one)", "sampled": args.sampled, "top_tokens": args.top_tokens, "server_args": args.server_args,
               "steady_window_s": args.steady or None, "warmup_s": args.warmup if args.steady else None,
-              "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead, "levels": levels}
+              "protocol_us_per_token": round(protocol_cost_us(), 2), "overhead_vs_engine": overhead,
+              "paced": paced, "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"concurrency-{hello['model']['name']}-{platform.node()}-{report['date'][:10]}{'-sampled' if args.sampled else ''}{'-steady' if args.steady else ''}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -266,6 +287,7 @@ def main() -> int:
             + (f" Overhead per token through the server (1 stream, median gap {overhead['socket_gap_ms_p50']} ms) over "
                f"the engine alone in-process (median step {overhead['engine_step_ms_p50']} ms): "
                f"**{overhead['overhead_ms_per_token']} ms**." if overhead else "")
+            + (paced_note(paced) if paced else "")
             + "\n\n" + "\n".join(rows) + "\n")
     (args.out / f"{stem}.md").write_text(text, encoding="utf-8")
     sys.stdout.write(text)

@@ -1,0 +1,201 @@
+"""Serve on the CPU with the slot decoder's runs paced to a GPU's measured times.
+
+    python bench/paced.py [--step-ms 1:1.27 16:1.43 64:2.23] [--prefill-ms 2.5] [--report FILE] -- serve ...
+
+What a server on the GPU machine can reach depends on the model's step time, on what the engine does
+on the host around it (scheduler, sampling, detokenizing, sockets) and on how much of that overlaps
+the step. Device time is scarce; host behaviour is not. This runs ``npctalk serve`` (everything after
+``--``) on a slots bundle whose decoder runs take the GPU's time:
+
+- a decode step of ``rows`` rows (the slot decoder's power-of-two row count) does not run the model:
+  its outputs are written by a fixed rule (each row's next token from its input token and position,
+  never an end-of-sequence token; logits peaked at that token over a fixed random row), and it takes
+  the ``--step-ms`` table's time, interpolated linearly between its points. So the model costs the
+  host no CPU here, as on a GPU, and replies run to their length;
+- a prompt read (``prefill``, or one batch of ``prefill_many``) runs the real model and is padded to
+  ``--prefill-ms``, or ``--prefill-ms-per-token`` × its tokens when that is longer.
+
+The waits sleep, releasing the GIL as ONNX Runtime does while it waits for the GPU, so host work that
+would overlap a step on the GPU overlaps it here. Runs hold one lock from start to end: the GPU runs
+one session's work on one stream, so two runs never overlap each other (``serve --decode-ahead`` runs
+steps on a worker thread).
+
+Defaults are run 2's H100 figures for DialoGPT-medium, fp16 slots bundle with the CUDA graph
+(``results/decode-nvidia-h100-80gb-hbm3-*-dialogpt-medium-run2``): 787.9 / 11,193 / 28,677 decode tok/s
+at 1 / 16 / 64 streams are 1.27 / 1.43 / 2.23 ms a step, and a 64- or 256-token prompt took 2.5-2.9 ms to
+its first token. The per-token prefill default (0.0018 ms) is not measured: it is medium's 2 × 355 M
+flops a token at 400 TFLOP/s, for grouped reads of many prompts.
+
+Real prompt reads must be faster than their target for the pacing to hold (a tiny model);
+``--report`` writes, when the server exits, how many runs of each kind there were, the time they were
+paced to, the wall time they took and how many ran over their target (the emulation is off for those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# H100 run 2, DialoGPT-medium fp16 slots with the CUDA graph: rows -> ms per decode step.
+DEFAULT_STEPS = ((1, 1.27), (16, 1.43), (64, 2.23))
+DEFAULT_PREFILL_MS = 2.5
+DEFAULT_PREFILL_MS_PER_TOKEN = 0.0018
+
+
+@dataclass
+class Pace:
+    """Target times: ``steps`` (rows, ms) points of a decode step, sorted by rows; a prompt read
+    takes ``max(prefill_ms, prefill_ms_per_token * tokens)``."""
+
+    steps: tuple[tuple[int, float], ...] = DEFAULT_STEPS
+    prefill_ms: float = DEFAULT_PREFILL_MS
+    prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)
+    device: threading.Lock = field(default_factory=threading.Lock)  # one run at a time, as on one CUDA stream
+
+    def step_ms(self, rows: int) -> float:
+        """The decode step's time at ``rows`` rows: linear between the table's points, flat beyond them."""
+        points = sorted(self.steps)
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (r0, t0), (r1, t1) in zip(points, points[1:]):
+            if rows <= r1:
+                return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+        return points[-1][1]
+
+    def read_ms(self, tokens: int) -> float:
+        return max(self.prefill_ms, self.prefill_ms_per_token * tokens)
+
+    def hold(self, kind: str, target_ms: float, run: Callable[[], Any]) -> Any:
+        """``run()``, then sleep until ``target_ms`` has passed since it began; counted under ``kind``."""
+        with self.device:
+            start = time.perf_counter()
+            out = run()
+            ran = time.perf_counter() - start
+            if ran * 1000 < target_ms:
+                time.sleep(target_ms / 1000 - ran)
+            wall = time.perf_counter() - start
+        count = self.counts.setdefault(kind, {"runs": 0, "target_ms": 0.0, "wall_ms": 0.0, "over_target": 0})
+        count["runs"] += 1
+        count["target_ms"] += target_ms
+        count["wall_ms"] += wall * 1000
+        count["over_target"] += ran * 1000 > target_ms
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": [list(p) for p in self.steps], "prefill_ms": self.prefill_ms,
+                "prefill_ms_per_token": self.prefill_ms_per_token,
+                "runs": {k: {**v, "target_ms": round(v["target_ms"], 1), "wall_ms": round(v["wall_ms"], 1)}
+                         for k, v in self.counts.items()}}
+
+
+class SyntheticSteps:
+    """Stands in for a slot decoder's session: a run of one of its step bindings writes outputs by
+    rule instead of running the model; any other run (prompt reads) goes to the real session."""
+
+    def __init__(self, session: Any, decoder: Any) -> None:
+        import numpy as np
+
+        self._session, self._decoder = session, decoder
+        vocab = decoder.manifest.vocab_size
+        banned = set(decoder.manifest.eos_token_ids)
+        self._tokens = np.array([t for t in range(vocab) if t not in banned], dtype=np.int64)
+        self._base = np.random.default_rng(0).normal(0.0, 1.0, vocab).astype(np.float32)  # (vocab,)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
+        import numpy as np
+
+        made = next((m for m in self._decoder._steps.values() if m.binding is binding), None)
+        if made is None:
+            self._session.run_with_iobinding(binding, run_options)
+            return
+        ids, positions = made.ids.numpy().reshape(-1), made.positions.numpy().reshape(-1)   # (rows,)
+        picked = self._tokens[(ids * 31 + positions * 7) % len(self._tokens)]               # (rows,)
+        logits = np.broadcast_to(self._base, (len(ids), len(self._base))).copy()            # (rows, vocab)
+        logits[np.arange(len(ids)), picked] += 8.0
+        made.next.update_inplace(picked.reshape(-1, 1, 1))
+        made.logits.update_inplace(logits.reshape(len(ids), 1, -1))
+
+
+def install(pace: Pace) -> Callable[[], None]:
+    """Pace every ``SlotDecoder`` made in this process from now on: decode steps synthetic
+    (``SyntheticSteps``), single prefills and batched reads real; each padded to its target time.
+    Returns the function that puts the decoder back as it was."""
+    from npctalk.engine import slots
+
+    decoder = slots.SlotDecoder
+    session, step, prefill, prefill_run = decoder._session, decoder._step, decoder.prefill, decoder._prefill_run
+
+    def synthetic_session(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return SyntheticSteps(session(self, *args, **kwargs), self)
+
+    def paced_step(self: Any, ids: Any, mask: Any) -> Any:
+        rows = min(self.slots, 1 << int(mask.nonzero()[0][-1]).bit_length())  # as _step counts them
+        return pace.hold(f"step-{rows}", pace.step_ms(rows), lambda: step(self, ids, mask))
+
+    def paced_prefill(self: Any, slot: int, ids: Any) -> int:
+        return pace.hold("prefill", pace.read_ms(len(ids)), lambda: prefill(self, slot, ids))
+
+    def paced_prefill_run(self: Any, run_slots: list[int], bodies: list[Any]) -> None:
+        tokens = sum(len(b) for b in bodies)
+        return pace.hold("prefill-many", pace.read_ms(tokens), lambda: prefill_run(self, run_slots, bodies))
+
+    decoder._session = synthetic_session  # type: ignore[method-assign]
+    decoder._step, decoder.prefill, decoder._prefill_run = paced_step, paced_prefill, paced_prefill_run  # type: ignore[method-assign]
+
+    def restore() -> None:
+        decoder._session, decoder._step, decoder.prefill, decoder._prefill_run = session, step, prefill, prefill_run  # type: ignore[method-assign]
+
+    return restore
+
+
+def parse_steps(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """``ROWS:MS`` items → sorted (rows, ms) points."""
+    points = []
+    for item in items:
+        rows, _, ms = item.partition(":")
+        try:
+            points.append((int(rows), float(ms)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--step-ms takes ROWS:MS items, got {item!r}") from None
+        if points[-1][0] < 1 or points[-1][1] <= 0:
+            raise argparse.ArgumentTypeError(f"--step-ms wants rows >= 1 and ms > 0, got {item!r}")
+    return tuple(sorted(points))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step-ms", nargs="+", default=[f"{r}:{ms}" for r, ms in DEFAULT_STEPS],
+                        help="ROWS:MS points of a decode step's time (default: H100, DialoGPT-medium fp16)")
+    parser.add_argument("--prefill-ms", type=float, default=DEFAULT_PREFILL_MS)
+    parser.add_argument("--prefill-ms-per-token", type=float, default=DEFAULT_PREFILL_MS_PER_TOKEN)
+    parser.add_argument("--report", type=Path, default=None, help="write the run counts here when the server exits")
+    args = parser.parse_args(ours)
+    try:
+        steps = parse_steps(args.step_ms)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    pace = Pace(steps, args.prefill_ms, args.prefill_ms_per_token)
+    install(pace)
+    if args.report is not None:
+        atexit.register(lambda: args.report.write_text(json.dumps(pace.summary(), indent=2) + "\n", encoding="utf-8"))
+    from npctalk.engine.cli import main as cli_main
+
+    return cli_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

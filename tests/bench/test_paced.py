@@ -1,0 +1,105 @@
+"""bench/paced.py: the slot decoder paced to a GPU's step times, in process and under the socket bench."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import paced  # noqa: E402
+
+
+def test_step_time_is_linear_between_points_and_flat_beyond() -> None:
+    pace = paced.Pace(steps=((1, 1.0), (16, 2.5), (64, 4.9)))
+    assert pace.step_ms(1) == 1.0 and pace.step_ms(16) == 2.5
+    assert pace.step_ms(8) == pytest.approx(1.0 + 1.5 * 7 / 15)
+    assert pace.step_ms(32) == pytest.approx(2.5 + 2.4 * 16 / 48)
+    assert pace.step_ms(128) == 4.9  # beyond the table: its last point
+    reads = paced.Pace(prefill_ms=2.0, prefill_ms_per_token=0.01)
+    assert reads.read_ms(50) == 2.0 and reads.read_ms(1000) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("item", ["16", "a:1", "0:1.5", "4:0", "4:-2"])
+def test_step_points_refuse_what_is_not_rows_colon_ms(item: str) -> None:
+    with pytest.raises(Exception, match="--step-ms"):
+        paced.parse_steps([item])
+
+
+@pytest.fixture
+def paced_decoder(gpt2_slots_bundle: Path) -> Iterator[tuple[paced.Pace, object]]:
+    """A slot decoder opened while the pace is installed (every step 15 ms, a prompt read 25 ms)."""
+    from npctalk.engine.slots import SlotDecoder
+
+    pace = paced.Pace(steps=((1, 15.0), (4, 15.0)), prefill_ms=25.0)
+    restore = paced.install(pace)
+    try:
+        yield pace, SlotDecoder(gpt2_slots_bundle, 4, 64, provider="cpu")
+    finally:
+        restore()
+
+
+def test_paced_steps_take_the_target_time_and_write_tokens_by_rule(paced_decoder: tuple[paced.Pace, object]) -> None:
+    pace, decoder = paced_decoder
+    eos = set(decoder.manifest.eos_token_ids)
+    start = time.perf_counter()
+    decoder.prefill(0, [5, 6, 7])
+    decoder.prefill(1, [8, 9])
+    assert time.perf_counter() - start >= 0.050  # two reads, 25 ms each
+    tokens = np.array([10, 11, 0, 0])
+    seen = []
+    for _ in range(4):
+        start = time.perf_counter()
+        out = decoder.step(tokens, np.array([True, True, False, False]))
+        assert time.perf_counter() - start >= 0.015
+        logits = decoder.logits()
+        assert list(logits[:2].argmax(axis=1)) == list(out[:2])  # the logits agree with the tokens
+        assert not eos & set(out[:2].tolist())  # a reply never ends early
+        seen.append(out[:2].tolist())
+        tokens = out
+    assert len({tuple(s) for s in seen}) > 1  # tokens change as positions advance
+    assert list(decoder.lengths[:2]) == [7, 6]  # the decoder's bookkeeping ran as usual
+    runs = pace.counts
+    assert runs["prefill"]["runs"] == 2 and runs["step-2"]["runs"] == 4
+    assert runs["step-2"]["over_target"] == 0  # synthetic steps cost next to nothing
+
+
+def test_restore_gives_back_the_real_decoder(gpt2_slots_bundle: Path) -> None:
+    from npctalk.engine.slots import SlotDecoder
+
+    plain = SlotDecoder(gpt2_slots_bundle, 2, 32, provider="cpu").greedy([[5, 6, 7]], 6)
+    restore = paced.install(paced.Pace(steps=((1, 1.0),), prefill_ms=1.0))
+    restore()
+    again = SlotDecoder(gpt2_slots_bundle, 2, 32, provider="cpu")
+    assert type(again.session).__name__ == "InferenceSession"
+    assert again.greedy([[5, 6, 7]], 6) == plain
+
+
+def test_socket_bench_through_a_paced_server_runs_at_the_pace(gpt2_slots_bundle: Path, tmp_path: Path) -> None:
+    """One stream whose prompt read takes 5 ms and every step 20 ms cannot pass 12 tokens in 225 ms
+    (the tiny model alone runs hundreds a second); the report carries the paced runs, and every reply
+    still runs to its length."""
+    command = [sys.executable, "bench/concurrency.py", "--model", str(gpt2_slots_bundle), "--provider", "cpu",
+               "--streams", "1", "3", "--max-new-tokens", "12", "--slot-context", "400", "--out", str(tmp_path),
+               "--paced", "--step-ms 1:20 4:20 --prefill-ms 5", "--tag", "paced"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [report_file] = tmp_path.glob("concurrency-*-paced.json")
+    report = json.loads(report_file.read_text())
+    one, three = report["levels"]
+    assert one["completion_tokens"] == 12 and three["completion_tokens"] == 36
+    assert one["aggregate_tok_s"] <= 12 / (0.005 + 11 * 0.020)
+    assert one["gap_ms_p50"] >= 19.5
+    runs = report["paced"]["runs"]
+    assert report["paced"]["steps"] == [[1, 20.0], [4, 20.0]]
+    steps = [r for kind, r in runs.items() if kind.startswith("step-")]
+    assert sum(r["runs"] for r in steps) >= 11 and all(r["over_target"] == 0 for r in steps)
+    assert "**Paced**" in next(tmp_path.glob("concurrency-*-paced.md")).read_text()
