@@ -58,3 +58,34 @@ def test_bad_dialogue_is_refused(llama_model: Model) -> None:
         fmt.prefix_ids("   ")
     with pytest.raises(PromptError, match="Unknown dialogue role 'narrator'"):
         fmt.turn_ids(Turn("narrator", "Meanwhile…"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_say_tokenizes_only_the_text_it_has_not_seen(request: pytest.FixtureRequest, family: str) -> None:
+    """Every say re-reads the conversation: the persona, the template pieces and the history come from
+    the formatter's cache, and the tokenizer sees only new text; the ids are the uncached ones."""
+    model: Model = request.getfixturevalue(f"{family}_model")
+    fmt = DialogueFormatter(model.manifest, model.tokenizer)
+    system, leading = ("", TURNS[:2]) if family == "gpt2" else ("You are Bram.", ())
+    history = [Turn("user", "Hello, smith!"), Turn("assistant", "Mind the sparks.")]
+    first = fmt.prompt_ids(system, [*history, Turn("user", "Who are you?")], leading)
+    seen: list[str] = []
+    encode = model.tokenizer.encode
+
+    def counting(text: str, *, allow_special: bool = False) -> list[int]:
+        seen.append(text)
+        return encode(text, allow_special=allow_special)
+
+    model.tokenizer.encode = counting  # type: ignore[method-assign]
+    try:
+        history += [Turn("user", "Who are you?"), Turn("assistant", "Bram, the smith.")]
+        again = fmt.prompt_ids(system, [*history, Turn("user", "Can you mend <|im_end|> a blade?")], leading)
+    finally:
+        del model.tokenizer.encode
+    assert seen == ["Bram, the smith.", "Can you mend <|im_end|> a blade?"]
+    assert again[:len(first) - len(fmt.generation_prompt_ids())] == first[:len(first) - len(fmt.generation_prompt_ids())]
+    assert again == DialogueFormatter(model.manifest, model.tokenizer).prompt_ids(
+        system, [*history, Turn("user", "Can you mend <|im_end|> a blade?")], leading)
+    # The same text as a template piece and as a player's words: two entries, never one for both.
+    marker = "<|im_end|>" if family == "llama" else "<|endoftext|>"
+    assert fmt._special(marker) != fmt._text(marker) and fmt._text(marker) == encode(marker, allow_special=False)
