@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 50            # how long the idle loop waits for a message before checking signals
 MAX_INCOMING_PER_TURN = 256  # messages answered between two steps, so a flood cannot starve decoding
+# Time answering messages between two steps (at least one is read): a say costs ~0.3 ms (persona,
+# memory, grounding), so 64 says at once held every running stream ~25 ms; the rest wait in the
+# socket for the next turn. Prompts are read one step at a time anyway, so admission loses nothing.
+RECEIVE_BUDGET_S = 0.002
 SWEEP_S = 0.25               # how often quiet clients are looked for
 CLOSE_LINGER_MS = 1000       # how long closing waits to flush the last messages
 
@@ -195,9 +199,13 @@ class Server:
                 next_sweep = now + SWEEP_S
 
     def _receive(self, timeout_ms: int) -> None:
+        """Answer waiting messages until ``RECEIVE_BUDGET_S`` or ``MAX_INCOMING_PER_TURN`` is spent."""
         if not self._socket.poll(timeout_ms, zmq.POLLIN):
             return
+        until = time.monotonic() + RECEIVE_BUDGET_S
         for _ in range(MAX_INCOMING_PER_TURN):
+            if time.monotonic() > until:
+                return
             try:
                 identity, *frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
