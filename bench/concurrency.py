@@ -159,8 +159,8 @@ def paced_note(paced: dict[str, Any]) -> str:
     steps = ", ".join(f"{rows} rows {ms} ms" for rows, ms in paced["steps"])
     held = "; ".join(f"{kind} {r['runs']} × {r['wall_ms'] / max(r['runs'], 1):.2f} ms (target {r['target_ms'] / max(r['runs'], 1):.2f})"
                      for kind, r in sorted(runs.items()))
-    return (f"\n\n**Paced** (`bench/paced.py`): no model runs a decode step, which takes the GPU's time instead "
-            f"(decode step: {steps}, linear between; a prompt read: {paced['prefill_ms']} ms, or "
+    return (f"\n\n**Paced** (`bench/paced.py`): no model runs; each decode step and prompt read takes the GPU's "
+            f"time instead (decode step: {steps}, linear between; a prompt read: {paced['prefill_ms']} ms, or "
             f"{paced['prefill_ms_per_token']} ms a token when longer; outputs by rule). Runs over the server's "
             f"life, each kind's mean wall time: {held}; {over} ran over their target.")
 

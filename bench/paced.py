@@ -5,30 +5,29 @@
 What a server on the GPU machine can reach depends on the model's step time, on what the engine does
 on the host around it (scheduler, sampling, detokenizing, sockets) and on how much of that overlaps
 the step. Device time is scarce; host behaviour is not. This runs ``npctalk serve`` (everything after
-``--``) on a slots bundle whose decoder runs take the GPU's time:
+``--``) on a slots bundle whose decoder never runs its model; instead each run takes the GPU's time:
 
-- a decode step of ``rows`` rows (the slot decoder's power-of-two row count) does not run the model:
-  its outputs are written by a fixed rule (each row's next token from its input token and position,
-  never an end-of-sequence token; logits peaked at that token over a fixed random row), and it takes
-  the ``--step-ms`` table's time, interpolated linearly between its points. So the model costs the
-  host no CPU here, as on a GPU, and replies run to their length;
-- a prompt read (``prefill``, or one batch of ``prefill_many``) runs the real model and is padded to
-  ``--prefill-ms``, or ``--prefill-ms-per-token`` × its tokens when that is longer.
+- a decode step of ``rows`` rows (the slot decoder's power-of-two row count) takes the ``--step-ms``
+  table's time, interpolated linearly between its points;
+- a prompt read (``prefill``, or one batch of ``prefill_many``) takes ``--prefill-ms``, or
+  ``--prefill-ms-per-token`` × its tokens when that is longer.
 
-The waits sleep, releasing the GIL as ONNX Runtime does while it waits for the GPU, so host work that
-would overlap a step on the GPU overlaps it here. Runs hold one lock from start to end: the GPU runs
-one session's work on one stream, so two runs never overlap each other (``serve --decode-ahead`` runs
-steps on a worker thread).
+Outputs come from a fixed rule (each row's next token from its last token and position, never an
+end-of-sequence token; logits peaked at that token over a fixed random row), so replies run to their
+length, and the decoder's bookkeeping (lengths, slots, snapshots) runs as usual. The model costs the
+host no CPU, as beside a GPU. The waits sleep, releasing the GIL as ONNX Runtime does while it waits
+for the GPU, so host work that would overlap a run on the GPU overlaps it here. Runs hold one lock
+from start to end: the GPU runs one session's work on one stream, so two runs never overlap
+(``serve --decode-ahead`` runs steps on a worker thread).
 
 Defaults are run 2's H100 figures for DialoGPT-medium, fp16 slots bundle with the CUDA graph
 (``results/decode-nvidia-h100-80gb-hbm3-*-dialogpt-medium-run2``): 787.9 / 11,193 / 28,677 decode tok/s
 at 1 / 16 / 64 streams are 1.27 / 1.43 / 2.23 ms a step, and a 64- or 256-token prompt took 2.5-2.9 ms to
 its first token. The per-token prefill default (0.0018 ms) is not measured: it is medium's 2 × 355 M
-flops a token at 400 TFLOP/s, for grouped reads of many prompts.
+flops a token at 400 TFLOP/s, which only decides reads of many prompts together.
 
-Real prompt reads must be faster than their target for the pacing to hold (a tiny model);
 ``--report`` writes, when the server exits, how many runs of each kind there were, the time they were
-paced to, the wall time they took and how many ran over their target (the emulation is off for those).
+paced to, the wall time they took and how many ran over their target (none should: nothing runs).
 """
 
 from __future__ import annotations
@@ -97,41 +96,58 @@ class Pace:
                          for k, v in self.counts.items()}}
 
 
-class SyntheticSteps:
-    """Stands in for a slot decoder's session: a run of one of its step bindings writes outputs by
-    rule instead of running the model; any other run (prompt reads) goes to the real session."""
+class Synthetic:
+    """Outputs by rule for one decoder: next tokens from (token, position), never an end-of-sequence
+    token, and logits rows peaked at them."""
 
-    def __init__(self, session: Any, decoder: Any) -> None:
+    def __init__(self, decoder: Any) -> None:
         import numpy as np
 
-        self._session, self._decoder = session, decoder
         vocab = decoder.manifest.vocab_size
         banned = set(decoder.manifest.eos_token_ids)
-        self._tokens = np.array([t for t in range(vocab) if t not in banned], dtype=np.int64)
-        self._base = np.random.default_rng(0).normal(0.0, 1.0, vocab).astype(np.float32)  # (vocab,)
+        self.tokens = np.array([t for t in range(vocab) if t not in banned], dtype=np.int64)
+        self.base = np.random.default_rng(0).normal(0.0, 1.0, vocab).astype(np.float32)  # (vocab,)
+
+    def pick(self, ids: Any, positions: Any) -> Any:
+        """(rows,) next tokens for (rows,) input tokens at (rows,) positions."""
+        return self.tokens[(ids * 31 + positions * 7) % len(self.tokens)]
+
+    def logits(self, picked: Any) -> Any:
+        """(rows, 1, vocab) float32 logits whose argmax is ``picked``."""
+        import numpy as np
+
+        rows = np.broadcast_to(self.base, (len(picked), len(self.base))).copy()
+        rows[np.arange(len(picked)), picked] += 8.0
+        return rows.reshape(len(picked), 1, -1)
+
+
+class SyntheticSteps:
+    """Stands in for a slot decoder's session: a run of one of its step bindings writes its outputs by
+    rule; no other run reaches it (prompt reads are replaced before they would)."""
+
+    def __init__(self, session: Any, decoder: Any) -> None:
+        self._session, self._decoder, self.rule = session, decoder, Synthetic(decoder)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
 
     def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
-        import numpy as np
-
         made = next((m for m in self._decoder._steps.values() if m.binding is binding), None)
         if made is None:
-            self._session.run_with_iobinding(binding, run_options)
-            return
+            raise RuntimeError("paced: a run that is neither a decode step nor a prompt read reached the model")
         ids, positions = made.ids.numpy().reshape(-1), made.positions.numpy().reshape(-1)   # (rows,)
-        picked = self._tokens[(ids * 31 + positions * 7) % len(self._tokens)]               # (rows,)
-        logits = np.broadcast_to(self._base, (len(ids), len(self._base))).copy()            # (rows, vocab)
-        logits[np.arange(len(ids)), picked] += 8.0
+        picked = self.rule.pick(ids, positions)                                              # (rows,)
         made.next.update_inplace(picked.reshape(-1, 1, 1))
-        made.logits.update_inplace(logits.reshape(len(ids), 1, -1))
+        made.logits.update_inplace(self.rule.logits(picked))
 
 
 def install(pace: Pace) -> Callable[[], None]:
-    """Pace every ``SlotDecoder`` made in this process from now on: decode steps synthetic
-    (``SyntheticSteps``), single prefills and batched reads real; each padded to its target time.
-    Returns the function that puts the decoder back as it was."""
+    """Pace every ``SlotDecoder`` made in this process from now on: decode steps and prompt reads
+    by rule (``SyntheticSteps``, ``Synthetic``), each held to its target time. Returns the function
+    that puts the decoder back as it was."""
+    import numpy as np
+    import onnxruntime as ort
+
     from npctalk.engine import slots
 
     decoder = slots.SlotDecoder
@@ -144,12 +160,29 @@ def install(pace: Pace) -> Callable[[], None]:
         rows = min(self.slots, 1 << int(mask.nonzero()[0][-1]).bit_length())  # as _step counts them
         return pace.hold(f"step-{rows}", pace.step_ms(rows), lambda: step(self, ids, mask))
 
+    def read(self: Any, slot: int, ids: Any) -> int:
+        """``SlotDecoder.prefill``'s checks and bookkeeping; its outputs by rule."""
+        self._check_slot(slot)
+        past = int(self.lengths[slot])
+        tokens = self._checked_prompt(slot, ids, past)                                       # (n,)
+        rule = self.session.rule
+        picked = rule.pick(tokens[-1:], np.array([past + len(tokens) - 1]))                  # (1,)
+        self._last_logits = ort.OrtValue.ortvalue_from_numpy(rule.logits(picked))           # (1, 1, vocab)
+        self.lengths[slot] = past + len(tokens)
+        return int(picked[0])
+
     def paced_prefill(self: Any, slot: int, ids: Any) -> int:
-        return pace.hold("prefill", pace.read_ms(len(ids)), lambda: prefill(self, slot, ids))
+        return pace.hold("prefill", pace.read_ms(len(ids)), lambda: read(self, slot, ids))
 
     def paced_prefill_run(self: Any, run_slots: list[int], bodies: list[Any]) -> None:
-        tokens = sum(len(b) for b in bodies)
-        return pace.hold("prefill-many", pace.read_ms(tokens), lambda: prefill_run(self, run_slots, bodies))
+        if not any(len(b) for b in bodies):
+            return  # one-token prompts: the step feeds them (as ``_prefill_run``)
+
+        def run() -> None:  # ``_prefill_run``'s bookkeeping: each slot holds its body
+            for slot, body in zip(run_slots, bodies):
+                self.lengths[slot] = len(body)
+
+        pace.hold("prefill-many", pace.read_ms(sum(len(b) for b in bodies)), run)
 
     decoder._session = synthetic_session  # type: ignore[method-assign]
     decoder._step, decoder.prefill, decoder._prefill_run = paced_step, paced_prefill, paced_prefill_run  # type: ignore[method-assign]

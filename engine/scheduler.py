@@ -88,7 +88,11 @@ class SchedulerConfig:
     that samples takes each row's this many best logits (``topk``) instead of the whole row, and
     the full row only where they cannot decide (0: always the full row); ``decode_ahead``: the next
     decode step runs on a worker thread while the last one's tokens become text and messages
-    (see the module doc; off by default)."""
+    (see the module doc; off by default); ``group_cached``: queued prompts are read together whole
+    (``forward_many``) even when their persona prefix is cached, instead of each turn alone from the
+    snapshot: on a GPU a read of a few hundred tokens costs about what a short one does (latency, not
+    arithmetic), so one read for several says beats one each (off by default: on a CPU the prefix
+    costs its arithmetic again)."""
 
     max_batch: int = 32
     max_queue: int = 64
@@ -97,6 +101,7 @@ class SchedulerConfig:
     prefix_cache_bytes: int = 256 * 1024 * 1024
     top_tokens: int = DEFAULT_TOP_TOKENS
     decode_ahead: bool = False
+    group_cached: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_tokens", "prefix_cache_bytes", "top_tokens"):
@@ -331,13 +336,14 @@ class Scheduler:
         if not hasattr(self.model, "forward_many"):
             return 0
         room = self.config.max_batch - self.active_count - len(joiners)
-        group = group_together(self._queue, budget, room, self._has_cached_prefix)
+        cached = (lambda request: False) if self.config.group_cached else self._has_cached_prefix
+        group = group_together(self._queue, budget, room, cached)
         if len(group) < 2:
             return 0
         prefills = []
         for request in group:
             self._queue.popleft()  # the group is the queue's head, in order
-            prefills.append(self._begin(request))
+            prefills.append(self._begin(request, whole=True))
         cost = sum(request.prompt_tokens for request in group)
         try:
             logits = read_together(self.model, prefills, self.prefix_cache)
@@ -377,12 +383,15 @@ class Scheduler:
         """Queued → prefilling, from the persona prefix's snapshot when the prefix cache holds it."""
         self._prefilling.append(self._begin(request))
 
-    def _begin(self, request: Request) -> Prefill:
-        """``request``'s prefill, admitted now (its state and admission time set)."""
+    def _begin(self, request: Request, whole: bool = False) -> Prefill:
+        """``request``'s prefill, admitted now (its state and admission time set); ``whole``: its
+        prompt is read from the start even when its persona prefix is cached (a group's read)."""
         request.advance(RequestState.PREFILLING)
         request.admitted_at = self.clock()
         key = self._prefix_key(request)
         self._prefixes.pop(request.key, None)
+        if whole and key is not None and key in self.prefix_cache:
+            key = None  # cached already: nothing to store, and the slot starts empty
         return Prefill.start(request, self.model, self.prefix_cache, key)
 
     def _prefix_key(self, request: Request) -> tuple[str, tuple[int, ...]] | None:

@@ -51,7 +51,8 @@ def test_paced_steps_take_the_target_time_and_write_tokens_by_rule(paced_decoder
     pace, decoder = paced_decoder
     eos = set(decoder.manifest.eos_token_ids)
     start = time.perf_counter()
-    decoder.prefill(0, [5, 6, 7])
+    first = decoder.prefill(0, [5, 6, 7])
+    assert int(decoder.logits()[0].argmax()) == first and first not in eos
     decoder.prefill(1, [8, 9])
     assert time.perf_counter() - start >= 0.050  # two reads, 25 ms each
     tokens = np.array([10, 11, 0, 0])
@@ -69,7 +70,9 @@ def test_paced_steps_take_the_target_time_and_write_tokens_by_rule(paced_decoder
     assert list(decoder.lengths[:2]) == [7, 6]  # the decoder's bookkeeping ran as usual
     runs = pace.counts
     assert runs["prefill"]["runs"] == 2 and runs["step-2"]["runs"] == 4
-    assert runs["step-2"]["over_target"] == 0  # synthetic steps cost next to nothing
+    assert runs["step-2"]["over_target"] == 0 and runs["prefill"]["over_target"] == 0  # nothing runs the model
+    decoder.prefill_many([2, 3], [[5, 6, 7, 8], [9, 10]])  # one read of both, then a step
+    assert runs["prefill-many"]["runs"] == 1 and list(decoder.lengths) == [7, 6, 4, 2]
 
 
 def test_restore_gives_back_the_real_decoder(gpt2_slots_bundle: Path) -> None:

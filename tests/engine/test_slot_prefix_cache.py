@@ -83,6 +83,31 @@ def test_a_cold_burst_is_read_together_and_leaves_its_prefixes_for_the_next(pair
     assert slots.free_slots == 4
 
 
+def test_group_cached_reads_a_warm_burst_together_whole(pair: tuple[Model, SlotModel]) -> None:
+    """With ``group_cached`` (for a GPU) a burst whose persona prefixes are all cached is still read in
+    one call, whole, instead of one turn at a time from the snapshots: the same replies, the snapshots
+    neither used nor stored again."""
+    mask, slots = pair
+    prompts, hints = [], []
+    for name in ("bram", "elda", "bram"):
+        _, prefix, persona_prompts = _prompts(mask, find_persona(name))
+        prompts.append(persona_prompts[len(prompts) % 2])
+        hints.append((name, len(prefix)))
+    options = [SearchOptions(max_new_tokens=10), SAMPLED, SearchOptions(max_new_tokens=10)]
+    want = _reference(mask, prompts, options)
+    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=4096, group_cached=True))
+    for burst in range(2):
+        got = [_say(slots, f"{burst}-{i}", p, o) for i, (p, o) in enumerate(zip(prompts, options))]
+        for request, hint in zip(got, hints):
+            assert scheduler.submit(request, hint)
+        check_streams(run(scheduler), got)
+        assert [(r.text, r.tokens) for r in got] == want
+        assert scheduler.counters["prefilled_together"] == 3 * (burst + 1)
+    stats = scheduler.stats()["prefix_cache"]
+    assert (stats["entries"], stats["hits"]) == (2, 0)  # stored by the cold burst, then read past
+    assert slots.free_slots == 4
+
+
 def test_the_server_on_a_slots_bundle_reuses_persona_prefixes(gpt2_slots_bundle: Path, tmp_path: Path) -> None:
     server = ServerProcess(gpt2_slots_bundle, tmp_path, *LONG_STREAMS, "--memory-db", ":memory:",
                            "--slot-context", "400").start()
