@@ -23,7 +23,7 @@
 #               read together, up to that many tokens a step, instead of 512: TTFT against gaps);
 #               the greedy run again reading queued prompts whole and together even when their persona
 #               prefix is cached (--prefill-chunk 0 --group-cached-prompts; tag grouped: the paced CPU
-#               run predicts 10.7k -> 14.6k tok/s at 64 streams, results/paced-admission-*);
+#               run predicts 11.7k -> 14.5k tok/s at 64 streams, results/paced-admission-*);
 #               the greedy run again without the persona prefix cache (--prefix-cache-mb 0: every
 #               prompt read whole, as before snapshots on slots; tag noprefix);
 #               the greedy run again with serve --decode-ahead (the next step on a worker thread);

@@ -106,3 +106,19 @@ def test_socket_bench_through_a_paced_server_runs_at_the_pace(gpt2_slots_bundle:
     steps = [r for kind, r in runs.items() if kind.startswith("step-")]
     assert sum(r["runs"] for r in steps) >= 11 and all(r["over_target"] == 0 for r in steps)
     assert "**Paced**" in next(tmp_path.glob("concurrency-*-paced.md")).read_text()
+
+
+def test_the_paced_server_takes_a_cuda_server_s_prompt_budget(gpt2_slots_bundle: Path) -> None:
+    from npctalk.engine import server
+    from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK, SchedulerConfig
+
+    restore = paced.install(paced.Pace())
+    try:
+        _, config = server.load_model(gpt2_slots_bundle, server.ServerConfig(), provider="cpu")
+        assert config.scheduler.prefill_chunk == server.CUDA_PREFILL_CHUNK
+        asked = server.ServerConfig(scheduler=SchedulerConfig(prefill_chunk=0))
+        assert server.load_model(gpt2_slots_bundle, asked, provider="cpu")[1].scheduler.prefill_chunk == 0
+    finally:
+        restore()
+    _, plain = server.load_model(gpt2_slots_bundle, server.ServerConfig(), provider="cpu")
+    assert plain.scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK
