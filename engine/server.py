@@ -66,7 +66,7 @@ IDLE_POLL_MS = 50            # how long the idle loop waits for a message before
 MAX_INCOMING_PER_TURN = 256  # messages answered between two steps, so a flood cannot starve decoding
 # Time answering messages between two steps (at least one is read): a say costs ~0.3 ms (persona,
 # memory, grounding), so 64 says at once held every running stream ~25 ms; the rest wait in the
-# socket for the next turn. Prompts are read one step at a time anyway, so admission loses nothing.
+# socket for the next turn. A step reads a bounded share of the queued prompts anyway (prefill_chunk).
 RECEIVE_BUDGET_S = 0.002
 SWEEP_S = 0.25               # how often quiet clients are looked for
 CLOSE_LINGER_MS = 1000       # how long closing waits to flush the last messages
