@@ -59,9 +59,10 @@ def test_turns_start_from_the_prefix_snapshot_with_the_replies_of_whole_prompts(
     assert slots.free_slots == 4, "every slot came back"
 
 
-def test_a_cold_burst_is_read_together_and_leaves_its_prefixes_for_the_next(pair: tuple[Model, SlotModel]) -> None:
-    """Three cold requests for two NPCs arrive at once: read in one call, and the two persona prefixes
-    are snapshotted from the slots afterwards; the next burst starts from them, read alone."""
+def _two_bursts(pair: tuple[Model, SlotModel], config: SchedulerConfig) -> tuple[Scheduler, list[tuple[int, int]]]:
+    """Three requests for two NPCs (bram, elda, bram) arrive at once, twice, on the slot model; every
+    reply must be the reply of its whole prompt read alone. Returns the scheduler and, after each
+    burst, (prompts read together so far, persona prefixes cached)."""
     mask, slots = pair
     prompts, hints = [], []
     for name in ("bram", "elda", "bram"):
@@ -70,42 +71,35 @@ def test_a_cold_burst_is_read_together_and_leaves_its_prefixes_for_the_next(pair
         hints.append((name, len(prefix)))
     options = [SearchOptions(max_new_tokens=10), SAMPLED, SearchOptions(max_new_tokens=10)]
     want = _reference(mask, prompts, options)
-    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=4096))
+    scheduler = Scheduler(slots, config)
+    after = []
     for burst in range(2):
         got = [_say(slots, f"{burst}-{i}", p, o) for i, (p, o) in enumerate(zip(prompts, options))]
         for request, hint in zip(got, hints):
             assert scheduler.submit(request, hint)
         check_streams(run(scheduler), got)
         assert [(r.text, r.tokens) for r in got] == want
-        stats = scheduler.stats()["prefix_cache"]
-        assert stats["entries"] == 2 and scheduler.counters["prefilled_together"] == 3
-    assert (stats["misses"], stats["hits"]) == (3, 3)
+        after.append((scheduler.counters["prefilled_together"], scheduler.stats()["prefix_cache"]["entries"]))
     assert slots.free_slots == 4
+    return scheduler, after
+
+
+def test_a_cold_burst_is_read_together_and_leaves_its_prefixes_for_the_next(pair: tuple[Model, SlotModel]) -> None:
+    """The cold burst is read in one call, and the two persona prefixes are snapshotted from the
+    slots afterwards; the next burst starts from them, each turn read alone."""
+    scheduler, after = _two_bursts(pair, SchedulerConfig(max_batch=3, prefill_chunk=4096))
+    assert after == [(3, 2), (3, 2)]
+    stats = scheduler.stats()["prefix_cache"]
+    assert (stats["misses"], stats["hits"]) == (3, 3)
 
 
 def test_group_cached_reads_a_warm_burst_together_whole(pair: tuple[Model, SlotModel]) -> None:
-    """With ``group_cached`` (for a GPU) a burst whose persona prefixes are all cached is still read in
-    one call, whole, instead of one turn at a time from the snapshots: the same replies, the snapshots
-    neither used nor stored again."""
-    mask, slots = pair
-    prompts, hints = [], []
-    for name in ("bram", "elda", "bram"):
-        _, prefix, persona_prompts = _prompts(mask, find_persona(name))
-        prompts.append(persona_prompts[len(prompts) % 2])
-        hints.append((name, len(prefix)))
-    options = [SearchOptions(max_new_tokens=10), SAMPLED, SearchOptions(max_new_tokens=10)]
-    want = _reference(mask, prompts, options)
-    scheduler = Scheduler(slots, SchedulerConfig(max_batch=3, prefill_chunk=4096, group_cached=True))
-    for burst in range(2):
-        got = [_say(slots, f"{burst}-{i}", p, o) for i, (p, o) in enumerate(zip(prompts, options))]
-        for request, hint in zip(got, hints):
-            assert scheduler.submit(request, hint)
-        check_streams(run(scheduler), got)
-        assert [(r.text, r.tokens) for r in got] == want
-        assert scheduler.counters["prefilled_together"] == 3 * (burst + 1)
-    stats = scheduler.stats()["prefix_cache"]
-    assert (stats["entries"], stats["hits"]) == (2, 0)  # stored by the cold burst, then read past
-    assert slots.free_slots == 4
+    """With ``group_cached`` (for a GPU) the warm burst, whose persona prefixes are all cached, is
+    read in one call too, whole, instead of one turn at a time from the snapshots: the same replies,
+    the snapshots neither used nor stored again."""
+    scheduler, after = _two_bursts(pair, SchedulerConfig(max_batch=3, prefill_chunk=4096, group_cached=True))
+    assert after == [(3, 2), (6, 2)]
+    assert scheduler.stats()["prefix_cache"]["hits"] == 0
 
 
 def test_the_server_on_a_slots_bundle_reuses_persona_prefixes(gpt2_slots_bundle: Path, tmp_path: Path) -> None:
