@@ -1,6 +1,7 @@
 """Serve on the CPU with the slot decoder's runs paced to a GPU's measured times.
 
     python bench/paced.py [--step-ms 1:1.27 16:1.43 64:2.23] [--prefill-ms 2.5] [--report FILE] -- serve ...
+    python bench/paced.py --from-decode results/decode-<gpu>-<date>.json --model-name dialogpt-medium -- serve ...
 
 What a server on the GPU machine can reach depends on the model's step time, on what the engine does
 on the host around it (scheduler, sampling, detokenizing, sockets) and on how much of that overlaps
@@ -208,6 +209,19 @@ def install(pace: Pace) -> Callable[[], None]:
     return restore
 
 
+def from_decode(path: Path, model: str) -> tuple[tuple[tuple[int, float], ...], float]:
+    """The step table and the prompt read time of ``model``'s slot decoder (CUDA graph) in a
+    ``bench/decode.py`` results file: each stream count's ms a step (streams ÷ decode tok/s), and the
+    batch-1 time to first token of its 256-token prompt (else of its 64-token one)."""
+    rows = [r for r in json.loads(path.read_text(encoding="utf-8"))["rows"]
+            if r.get("model") == model and r.get("engine") == "npctalk-slots" and r.get("decode_tok_s")]
+    if not rows:
+        raise ValueError(f"{path} holds no npctalk-slots decode row for {model!r}")
+    steps = tuple(sorted((int(r["streams"]), round(r["streams"] / r["decode_tok_s"] * 1000, 3)) for r in rows))
+    first = min(rows, key=lambda r: r["streams"])
+    return steps, float(first.get("ttft_long_ms") or first["ttft_ms"])
+
+
 def parse_steps(items: list[str]) -> tuple[tuple[int, float], ...]:
     """``ROWS:MS`` items → sorted (rows, ms) points."""
     points = []
@@ -229,14 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", nargs="+", default=[f"{r}:{ms}" for r, ms in DEFAULT_STEPS],
                         help="ROWS:MS points of a decode step's time (default: H100, DialoGPT-medium fp16)")
     parser.add_argument("--prefill-ms", type=float, default=DEFAULT_PREFILL_MS)
+    parser.add_argument("--from-decode", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="take the step table and prompt read time from a bench/decode.py results file "
+                             "(its npctalk-slots rows of --model-name), instead of --step-ms and --prefill-ms")
+    parser.add_argument("--model-name", default="dialogpt-medium", help="the architecture's rows in --from-decode")
     parser.add_argument("--prefill-ms-per-token", type=float, default=DEFAULT_PREFILL_MS_PER_TOKEN)
     parser.add_argument("--report", type=Path, default=None, help="write the run counts here when the server exits")
     args = parser.parse_args(ours)
     try:
-        steps = parse_steps(args.step_ms)
-    except argparse.ArgumentTypeError as exc:
+        steps, prefill_ms = parse_steps(args.step_ms), args.prefill_ms
+        if args.from_decode is not None:
+            steps, prefill_ms = from_decode(args.from_decode, args.model_name)
+    except (argparse.ArgumentTypeError, ValueError, OSError, KeyError) as exc:
         parser.error(str(exc))
-    pace = Pace(steps, args.prefill_ms, args.prefill_ms_per_token)
+    pace = Pace(steps, prefill_ms, args.prefill_ms_per_token)
     install(pace)
     if args.report is not None:
         atexit.register(lambda: args.report.write_text(json.dumps(pace.summary(), indent=2) + "\n", encoding="utf-8"))

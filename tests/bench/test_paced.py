@@ -122,3 +122,15 @@ def test_the_paced_server_takes_a_cuda_server_s_prompt_budget(gpt2_slots_bundle:
         restore()
     _, plain = server.load_model(gpt2_slots_bundle, server.ServerConfig(), provider="cpu")
     assert plain.scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK
+
+
+def test_the_table_comes_from_a_decode_results_file(tmp_path: Path) -> None:
+    """H100 run 2's committed DialoGPT-medium file gives the defaults' table; a file without the
+    architecture's slot-decoder rows is refused."""
+    run2 = REPO / "bench" / "results" / "decode-nvidia-h100-80gb-hbm3-vm-2026-11-26-dialogpt-medium-run2.json"
+    steps, prefill = paced.from_decode(run2, "dialogpt-medium")
+    assert [rows for rows, _ in steps] == [1, 16, 64]
+    assert [round(ms, 2) for _, ms in steps] == [ms for _, ms in paced.DEFAULT_STEPS]
+    assert prefill == 2.49
+    with pytest.raises(ValueError, match="no npctalk-slots decode row for 'smollm2-135m'"):
+        paced.from_decode(run2, "smollm2-135m")
