@@ -19,6 +19,11 @@ what loading it costs in device memory, and whether the CUDA-graph step gives th
   by execution provider; a prompt's first half copied out of one slot and into another, then the
   rest read and 32 greedy tokens, against the whole prompt read in one slot (share of equal tokens,
   first logits); and the time to copy a 256-token prefix out and back in against reading it.
+- reads: what a burst of N says with a cached persona prefix costs the device to admit, N = 2 and 6
+  (prompts of a 280-token prefix and a 44-token turn): each turn read alone after the prefix's
+  snapshot is copied into its slot (the default), against the N whole prompts read together in one
+  ``prefill_many`` (``serve --group-cached-prompts``); median ms of each, their ratio, and whether
+  both ways give every say the same greedy first token.
 
 Writes ``gpu-checks-<model>-<device>.json`` (and logs a summary) under ``--out``.
 """
@@ -257,6 +262,52 @@ def snapshots(bundle: Path, device: str, out: Path, repeats: int = 20) -> dict[s
     return report
 
 
+def reads(bundle: Path, device: str, repeats: int = 10, groups: tuple[int, ...] = (2, 6),
+          prefix_tokens: int = 280, turn_tokens: int = 44) -> dict[str, Any]:
+    import time
+
+    from npctalk.engine.bundle import load_manifest
+    from npctalk.engine.slots import SlotDecoder
+
+    n_max = max(groups)
+    decoder = SlotDecoder(bundle, slots=n_max + 1, capacity=min(512, load_manifest(bundle).max_context), provider=device)
+    rng = np.random.default_rng(5)
+    vocab = decoder.manifest.vocab_size
+    prefix = rng.integers(10, vocab, size=prefix_tokens).tolist()
+    turns = [rng.integers(10, vocab, size=turn_tokens).tolist() for _ in range(n_max)]
+    decoder.prefill(n_max, prefix)
+    snapshot = decoder.snapshot(n_max)
+    decoder.release(n_max)
+
+    def alone(n: int) -> list[int]:
+        first = []
+        for slot in range(n):
+            decoder.restore(slot, snapshot)
+            decoder.prefill(slot, turns[slot])
+            first.append(int(decoder.logits()[0].argmax()))  # sampled from these: the read has finished
+        return first
+
+    def together(n: int) -> list[int]:
+        decoder.prefill_many(list(range(n)), [prefix + turns[slot] for slot in range(n)])
+        return [int(t) for t in decoder.logits()[:n].argmax(axis=1)]
+
+    report: dict[str, Any] = {"prefix_tokens": prefix_tokens, "turn_tokens": turn_tokens}
+    for n in groups:
+        times: dict[str, list[float]] = {"alone_ms": [], "together_ms": []}
+        first: dict[str, list[int]] = {}
+        for _ in range(repeats + 2):  # the first two warm up
+            for name, run in (("alone_ms", alone), ("together_ms", together)):
+                start = time.perf_counter()
+                first[name] = run(n)
+                times[name].append((time.perf_counter() - start) * 1e3)
+                for slot in range(n):
+                    decoder.release(slot)
+        medians = {key: round(float(np.median(values[2:])), 3) for key, values in times.items()}
+        report[f"says_{n}"] = {**medians, "alone_over_together": round(medians["alone_ms"] / medians["together_ms"], 2),
+                               "same_first_tokens": first["alone_ms"] == first["together_ms"]}
+    return report  # the decoder goes with this frame
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_checks", description=__doc__.splitlines()[0])
@@ -268,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"bundle": str(args.bundle), "device": args.device}
     checks = [("placement", lambda: placement(args.bundle, args.device, args.out)),
               ("topk", lambda: topk_placement(args.device, args.out)), ("parity", lambda: parity(args.bundle, args.device)),
-              ("snapshots", lambda: snapshots(args.bundle, args.device, args.out))]
+              ("snapshots", lambda: snapshots(args.bundle, args.device, args.out)),
+              ("reads", lambda: reads(args.bundle, args.device))]
     if args.device == "cuda":
         checks.insert(1, ("memory", lambda: memory(args.bundle)))
     for name, check in checks:

@@ -45,3 +45,16 @@ def test_snapshot_check_restores_prefixes_and_times_the_copies(gpt2_slots_bundle
     assert report["restored_vs_whole"] == 1.0 and report["restored_first_logits_max_diff"] < 1e-4
     assert report["read_ms"] > 0 and report["restore_ms"] > 0 and report["snapshot_mb"] > 0
     assert report["copy_graphs"] is False  # the CPU copies with numpy; a GPU runs the graphs above
+
+
+def test_reads_check_times_turns_alone_against_whole_prompts_together(gpt2_slots_bundle: Path) -> None:
+    """Both ways of admitting a burst of says with a cached persona prefix give each say the same
+    first token; the check times them (on the H100 it decides ``--group-cached-prompts``)."""
+    from bench.gpu_checks import reads
+
+    report = reads(gpt2_slots_bundle, "cpu", repeats=1, groups=(2, 3), prefix_tokens=40, turn_tokens=6)
+    for n in (2, 3):
+        says = report[f"says_{n}"]
+        assert says["same_first_tokens"] is True
+        assert says["alone_ms"] > 0 and says["together_ms"] > 0
+        assert says["alone_over_together"] == round(says["alone_ms"] / says["together_ms"], 2)
