@@ -15,7 +15,8 @@
 #   kernels-*   bench/kernel_times.py: each CUDA kernel's time in a decode step at 1 and 64 rows (ncu)
 #   checks      bench/gpu_checks.py on the DialoGPT-medium bundle: node placement, device memory,
 #               CUDA-graph token parity, prompts read together against one by one, persona-prefix
-#               snapshots (placement, parity, copy time against reading the prefix)
+#               snapshots (placement, parity, copy time against reading the prefix), and a burst's
+#               reads: cached turns alone against whole prompts together (--group-cached-prompts)
 #   concurrency bench/concurrency.py: npctalk serve on that bundle (the slot decoder), 1/8/32/64
 #               streams through the real socket (issue #4), greedy, then with the default sampling
 #               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other);
