@@ -22,9 +22,10 @@
 #               from each row's top 64 logits and from whole rows (--top-tokens 64 / 0, one after the other);
 #               the greedy run again with a 4096-token prefill budget per step (a burst's prompts are
 #               read together, up to that many tokens a step, instead of 512: TTFT against gaps);
-#               the greedy run again reading queued prompts whole and together even when their persona
-#               prefix is cached (--prefill-chunk 0 --group-cached-prompts; tag grouped: the paced CPU
-#               run predicts 11.7k -> 14.5k tok/s at 64 streams, results/paced-admission-*);
+#               (the server times a burst of cached-prefix says read alone and together at start and
+#               takes the cheaper: its log, concurrency-server.log, says which); the greedy run again
+#               with every cached-prefix say's turn read alone (--group-cached-prompts=off; tag alone:
+#               the paced CPU run predicts 11.6k alone against 13.5k together at 64 streams);
 #               the greedy run again without the persona prefix cache (--prefix-cache-mb 0: every
 #               prompt read whole, as before snapshots on slots; tag noprefix);
 #               the greedy run again with serve --decode-ahead (the next step on a worker thread);
@@ -88,9 +89,8 @@ step kernels-1 90 python3 -m bench.kernel_times --bundle "${bundle:-missing}" --
 step kernels-64 90 python3 -m bench.kernel_times --bundle "${bundle:-missing}" --streams 64 --out "$RES"
 step concurrency 90 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-log "$RES/concurrency-server.log"
-step concurrency-grouped 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
-    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" \
-    "--server-args=--prefill-chunk=0 --group-cached-prompts" --tag grouped
+step concurrency-alone 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
+    --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--group-cached-prompts=off --tag alone
 step concurrency-together 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \
     --streams $CONC --max-new-tokens 128 --slot-context $SLOTCTX --out "$RES" --server-args=--prefill-chunk=4096 --tag together4096
 step concurrency-noprefix 60 python3 bench/concurrency.py --model "${bundle:-missing}" --provider "$DEVICE" \

@@ -16,8 +16,9 @@ the step. Device time is scarce; host behaviour is not. This runs ``npctalk serv
 Outputs come from a fixed rule (each row's next token from its last token and position, never an
 end-of-sequence token; logits peaked at that token over a fixed random row), so replies run to their
 length, and the decoder's bookkeeping (lengths, slots, snapshots) runs as usual. The model costs the
-host no CPU, as beside a GPU. The server takes a CUDA bundle's settings (``server.load_model``: a
-prompt budget of ``CUDA_PREFILL_CHUNK`` tokens a step unless ``--prefill-chunk`` says otherwise). The waits sleep, releasing the GIL as ONNX Runtime does while it waits
+host no CPU, as beside a GPU. The server takes a CUDA bundle's settings (``server.slot_settings``: a
+prompt budget of ``CUDA_PREFILL_CHUNK`` tokens a step unless ``--prefill-chunk`` says otherwise, and
+the read policy ``read_policy.time_reads`` picks, timing these paced reads). The waits sleep, releasing the GIL as ONNX Runtime does while it waits
 for the GPU, so host work that would overlap a run on the GPU overlaps it here. Runs hold one lock
 from start to end: the GPU runs one session's work on one stream, so two runs never overlap
 (``serve --decode-ahead`` runs steps on a worker thread).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import dataclasses
 import json
 import sys
 import threading
@@ -146,13 +146,12 @@ class SyntheticSteps:
 
 def install(pace: Pace) -> Callable[[], None]:
     """Pace every ``SlotDecoder`` made in this process from now on: decode steps and prompt reads
-    by rule (``SyntheticSteps``, ``Synthetic``), each held to its target time; the server loads a
-    bundle with a CUDA server's settings. Returns the function that puts everything back."""
+    by rule (``SyntheticSteps``, ``Synthetic``), each held to its target time; the server's slot
+    settings are a CUDA server's. Returns the function that puts everything back."""
     import numpy as np
     import onnxruntime as ort
 
     from npctalk.engine import server, slots
-    from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK
 
     decoder = slots.SlotDecoder
     session, step, prefill, prefill_run = decoder._session, decoder._step, decoder.prefill, decoder._prefill_run
@@ -190,21 +189,17 @@ def install(pace: Pace) -> Callable[[], None]:
 
     decoder._session = synthetic_session  # type: ignore[method-assign]
     decoder._step, decoder.prefill, decoder._prefill_run = paced_step, paced_prefill, paced_prefill_run  # type: ignore[method-assign]
-    load_model = server.load_model
+    settings = server.slot_settings
 
-    def load_as_on_cuda(*args: Any, **kwargs: Any) -> Any:
-        """The server's settings as for a CUDA bundle: its prompt budget a step when not set."""
-        model, config = load_model(*args, **kwargs)
-        if config.scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK:
-            config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
-                                                                               prefill_chunk=server.CUDA_PREFILL_CHUNK))
-        return model, config
+    def settings_on_gpu(model: Any, config: Any, *, on_gpu: bool) -> Any:
+        """The server's settings as for a CUDA bundle: its prompt budget, and the timed read policy."""
+        return settings(model, config, on_gpu=True)
 
-    server.load_model = load_as_on_cuda
+    server.slot_settings = settings_on_gpu
 
     def restore() -> None:
         decoder._session, decoder._step, decoder.prefill, decoder._prefill_run = session, step, prefill, prefill_run  # type: ignore[method-assign]
-        server.load_model = load_model
+        server.slot_settings = settings
 
     return restore
 

@@ -79,7 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
         bind=args.bind,
         scheduler=SchedulerConfig(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                                   prefix_cache_bytes=args.prefix_cache_mb * 1024 * 1024, top_tokens=args.top_tokens,
-                                  decode_ahead=args.decode_ahead, group_cached=args.group_cached_prompts),
+                                  decode_ahead=args.decode_ahead),
+        group_cached=args.group_cached_prompts,
         defaults=_search_options(args, min(args.default_max_new_tokens, args.max_new_tokens)),
         max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout,
         client_timeout_s=args.client_timeout, send_hwm=args.send_hwm, send_buffer=args.send_buffer, drain_timeout_s=args.drain_timeout,
@@ -221,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run each decode step on a worker thread while the engine loop turns the last step's tokens "
                           "into messages (same replies; meant for a GPU, where the step is device time; on a 2-core CPU "
                           "it measured slower)")
-    srv.add_argument("--group-cached-prompts", action="store_true",
-                     help="read queued prompts together whole even when their persona prefix is cached, instead of "
-                          "each player's turn alone after the prefix's snapshot (slots bundles; meant for a GPU, where "
-                          "a read costs its latency more than its tokens; pair it with a --prefill-chunk that holds "
-                          "whole prompts, e.g. 0)")
+    srv.add_argument("--group-cached-prompts", choices=["auto", "on", "off"], default="auto",
+                     help="read says whose persona prefix is cached together, whole, instead of each player's turn "
+                          "alone after the prefix's snapshot (slots bundles). auto: a GPU server times both ways at "
+                          "start and takes the cheaper (a GPU's read costs its latency more than its tokens); a CPU "
+                          "reads turns alone. Reading together makes a default --prefill-chunk whole prompts (0)")
     srv.add_argument("--prefix-cache-mb", type=int, default=256,
                      help="memory for the NPCs' persona-prefix KV caches in MiB, on the model's device (GPU memory for a CUDA bundle; 0: off)")
     srv.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one say may ask for")

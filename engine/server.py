@@ -48,12 +48,13 @@ import zmq
 
 from . import protocol
 from .delivery import Delivery, SendResult
-from .errors import ServeError
+from .errors import ConfigError, ServeError
 from .handlers import Handlers
 from .memory import MemoryConfig
 from .model import Model
 from .npcs import NpcRegistry
 from .request import Event
+from .read_policy import SAYS, time_reads
 from .sampling import CHAT_DEFAULTS, SearchOptions
 from .scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerConfig
 from .store import MemoryStore
@@ -94,6 +95,11 @@ class ServerConfig:
     max_npcs: int = 1024
     curve: CurveServerConfig | None = None  # CURVE keys for remote use (security.py); None: plain TCP
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # SQLite file (":memory:" here; serve: a file), window
+    group_cached: str = "auto"        # cached-prefix says read together whole: "on", "off", "auto" (timed on a GPU)
+
+    def __post_init__(self) -> None:
+        if self.group_cached not in ("auto", "on", "off"):
+            raise ConfigError(f"ServerConfig.group_cached must be 'auto', 'on' or 'off', got {self.group_cached!r}.")
 
 
 class Server:
@@ -322,15 +328,33 @@ def load_model(bundle: Path, config: ServerConfig, *, provider: str = "auto", in
                spin: bool = True, slot_context: int | None = None) -> tuple[Model | SlotModel, ServerConfig]:
     """The bundle as the server runs it (``slot_model.open_model``): a slots-layout bundle (CUDA) on
     the slot decoder with a KV slot for each of ``max_batch`` streams (+ spares; persona prefixes are
-    copied into them from snapshots on the device) and bigger prefill chunks on CUDA; anything else
-    on ``Model``."""
+    copied into them from snapshots on the device), its settings from ``slot_settings``; anything
+    else on ``Model``."""
     model = open_model(bundle, provider=provider, intra_op_threads=intra_op_threads, spin=spin,  # type: ignore[arg-type]
                        slots=config.scheduler.max_batch + SPARE_SLOTS, slot_context=slot_context)
     if not isinstance(model, SlotModel):
         return model, config
+    return model, slot_settings(model, config, on_gpu=model.provider == "cuda")
+
+
+def slot_settings(model: SlotModel, config: ServerConfig, *, on_gpu: bool) -> ServerConfig:
+    """``config`` for the slot decoder. On a GPU: ``CUDA_PREFILL_CHUNK`` prompt tokens a step unless
+    ``--prefill-chunk`` says otherwise, and says whose persona prefix is cached read the way
+    ``read_policy.time_reads`` finds cheaper on this device (``group_cached`` "auto"). Read together
+    ("auto" chose it, or "on"), a default prompt budget becomes whole prompts (chunk 0) so groups form."""
     scheduler = config.scheduler
-    if model.provider == "cuda" and scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK:
+    default_chunk = scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK
+    if on_gpu and default_chunk:
         # The CPU's chunk would admit 64 prompt tokens a step; a GPU prefills 512 in a few ms.
         scheduler = dataclasses.replace(scheduler, prefill_chunk=CUDA_PREFILL_CHUNK)
-        log.info("Slot decoder on CUDA: prefill chunk %d tokens per step.", CUDA_PREFILL_CHUNK)
-    return model, dataclasses.replace(config, scheduler=scheduler) if scheduler != config.scheduler else config
+        log.info("Slot decoder on %s: prefill chunk %d tokens per step.", model.provider, CUDA_PREFILL_CHUNK)
+    together = config.group_cached == "on"
+    if config.group_cached == "auto" and on_gpu:
+        times = time_reads(model.decoder)
+        if times is not None:
+            together = times.together
+            log.info("%d says with a cached persona prefix: read alone %.2f ms, whole and together %.2f ms; "
+                     "reading them %s.", SAYS, times.alone_ms, times.together_ms, "together" if together else "alone")
+    if together:
+        scheduler = dataclasses.replace(scheduler, group_cached=True, prefill_chunk=0 if default_chunk else scheduler.prefill_chunk)
+    return dataclasses.replace(config, scheduler=scheduler) if scheduler != config.scheduler else config

@@ -108,20 +108,25 @@ def test_socket_bench_through_a_paced_server_runs_at_the_pace(gpt2_slots_bundle:
     assert "**Paced**" in next(tmp_path.glob("concurrency-*-paced.md")).read_text()
 
 
-def test_the_paced_server_takes_a_cuda_server_s_prompt_budget(gpt2_slots_bundle: Path) -> None:
+def test_the_paced_server_takes_a_cuda_server_s_settings(gpt2_slots_bundle: Path) -> None:
+    """As on a GPU: 512 prompt tokens a step, and the read policy timed on the paced reads, where four
+    turns alone (4 × 10 ms) lose to four whole prompts together (one 10 ms read and a step): together,
+    with whole prompts a step."""
     from npctalk.engine import server
     from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK, SchedulerConfig
 
-    restore = paced.install(paced.Pace())
+    restore = paced.install(paced.Pace(steps=((1, 2.0), (8, 2.0)), prefill_ms=10.0))
     try:
         _, config = server.load_model(gpt2_slots_bundle, server.ServerConfig(), provider="cpu")
-        assert config.scheduler.prefill_chunk == server.CUDA_PREFILL_CHUNK
-        asked = server.ServerConfig(scheduler=SchedulerConfig(prefill_chunk=0))
-        assert server.load_model(gpt2_slots_bundle, asked, provider="cpu")[1].scheduler.prefill_chunk == 0
+        assert config.scheduler.group_cached is True and config.scheduler.prefill_chunk == 0
+        off = server.ServerConfig(group_cached="off")
+        assert server.load_model(gpt2_slots_bundle, off, provider="cpu")[1].scheduler.prefill_chunk == server.CUDA_PREFILL_CHUNK
+        asked = server.ServerConfig(scheduler=SchedulerConfig(prefill_chunk=32), group_cached="off")
+        assert server.load_model(gpt2_slots_bundle, asked, provider="cpu")[1].scheduler.prefill_chunk == 32
     finally:
         restore()
     _, plain = server.load_model(gpt2_slots_bundle, server.ServerConfig(), provider="cpu")
-    assert plain.scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK
+    assert plain.scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK and plain.scheduler.group_cached is False
 
 
 def test_the_table_comes_from_a_decode_results_file(tmp_path: Path) -> None:
