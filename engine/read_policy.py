@@ -51,26 +51,30 @@ def time_reads(decoder: SlotDecoder, says: int = SAYS, prefix: int = PREFIX, tur
     vocab = decoder.manifest.vocab_size
     head = rng.integers(10, vocab, size=prefix).tolist()
     tails = [rng.integers(10, vocab, size=turn).tolist() for _ in range(says)]
-    decoder.prefill(says, head)
-    snapshot = decoder.snapshot(says)
-    decoder.release(says)
+    try:
+        decoder.prefill(says, head)
+        snapshot = decoder.snapshot(says)
+        decoder.release(says)
 
-    def alone() -> None:
-        for slot in range(says):
-            decoder.restore(slot, snapshot)
-            decoder.prefill(slot, tails[slot])
-            decoder.logits()  # on the host: the read has finished
-
-    def together() -> None:
-        decoder.prefill_many(list(range(says)), [head + tail for tail in tails])
-        decoder.logits()
-
-    times: dict[str, list[float]] = {"alone": [], "together": []}
-    for _ in range(repeats + 1):
-        for name, run in (("alone", alone), ("together", together)):
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
+        def alone() -> None:
             for slot in range(says):
-                decoder.release(slot)
+                decoder.restore(slot, snapshot)
+                decoder.prefill(slot, tails[slot])
+                decoder.logits()  # on the host: the read has finished
+
+        def together() -> None:
+            decoder.prefill_many(list(range(says)), [head + tail for tail in tails])
+            decoder.logits()
+
+        times: dict[str, list[float]] = {"alone": [], "together": []}
+        for _ in range(repeats + 1):
+            for name, run in (("alone", alone), ("together", together)):
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1e3)
+                for slot in range(says):
+                    decoder.release(slot)
+    finally:  # a failure leaves the slots as it found them: empty
+        for slot in range(says + 1):
+            decoder.release(slot)
     return ReadTimes(float(np.median(times["alone"][1:])), float(np.median(times["together"][1:])))

@@ -350,7 +350,11 @@ def slot_settings(model: SlotModel, config: ServerConfig, *, on_gpu: bool) -> Se
         log.info("Slot decoder on %s: prefill chunk %d tokens per step.", model.provider, CUDA_PREFILL_CHUNK)
     together = config.group_cached == "on"
     if config.group_cached == "auto" and on_gpu:
-        times = time_reads(model.decoder)
+        try:
+            times = time_reads(model.decoder)
+        except Exception as exc:  # a device that cannot run the timing still serves, reading turns alone
+            log.warning("Timing the reads of cached-prefix says failed (%s); reading their turns alone.", exc)
+            times = None
         if times is not None:
             together = times.together
             log.info("%d says with a cached persona prefix: read alone %.2f ms, whole and together %.2f ms; "

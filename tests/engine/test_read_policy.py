@@ -22,6 +22,22 @@ def test_both_ways_are_timed_and_the_slots_left_empty(gpt2_slots_bundle: Path) -
     assert decoder.greedy([[5, 6, 7]], 4)  # and the decoder still decodes
 
 
+def test_a_failing_read_leaves_the_slots_empty_and_the_server_reads_turns_alone(
+        gpt2_slots_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = SlotDecoder(gpt2_slots_bundle, 5, 400, provider="cpu")
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(decoder, "prefill_many", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        time_reads(decoder)
+    assert not decoder.lengths.any()
+    model = SlotModel(decoder)
+    config = server.slot_settings(model, server.ServerConfig(), on_gpu=True)  # logs a warning, serves on
+    assert config.scheduler.group_cached is False and config.scheduler.prefill_chunk == server.CUDA_PREFILL_CHUNK
+
+
 def test_no_timing_without_room_for_the_burst(gpt2_slots_bundle: Path) -> None:
     assert time_reads(SlotDecoder(gpt2_slots_bundle, 4, 400, provider="cpu")) is None  # 4 says + 1 slot
     assert time_reads(SlotDecoder(gpt2_slots_bundle, 5, 200, provider="cpu")) is None  # 256 + 48 tokens
