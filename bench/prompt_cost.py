@@ -1,4 +1,4 @@
-"""Building one say's prompt: the formatter's text cache against tokenizing every text again.
+"""A say's host work: the engine's text caches against splitting and tokenizing every text again.
 
     python -m bench.prompt_cost [--bundle BUNDLE] [--turns 0 10 30] [--says 40] [--rounds 3]
 
@@ -8,6 +8,11 @@ times ``PromptBuilder.persona_prefix`` + ``build`` (what the server's ``say`` ha
 built-in persona with a history of N turns and a new line each say, alternating rounds where the
 cache is cleared before every say (the peer: every text tokenized, as before the cache) and rounds
 where it is kept. Reports the median ms per say of each and their ratio.
+
+Then the whole of a say as the server's handler takes it (``Handlers.handle``: the request parsed,
+memory recalled, the prompt built, grounding and fact steering for the line, the request queued),
+on a fresh in-memory store, with every cache of the engine's texts cleared before each say (the
+formatter's ids, ``grounding``'s words, content words and facts) against kept, alternating rounds.
 Writes ``bench/results/prompt-cost-<host>-<date>[-tag].{json,md}``.
 """
 
@@ -58,6 +63,46 @@ def measure(bundle: Path, npc: str, turns: int, says: int, rounds: int) -> dict[
             "cached_ms": round(cached, 4), "speedup": round(tokenized / cached, 1)}
 
 
+def measure_handle(bundle: Path, npc: str, says: int, rounds: int) -> dict[str, Any]:
+    import msgpack
+
+    from npctalk.engine import grounding
+    from npctalk.engine.handlers import Handlers
+    from npctalk.engine.model import Model
+    from npctalk.engine.npcs import NpcRegistry
+    from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+    from npctalk.engine.server import ServerConfig
+    from npctalk.engine.store import MemoryStore
+
+    model = Model(bundle, provider="cpu", intra_op_threads=1)
+    total = 2 * says * rounds + 1
+    handlers = Handlers(model, Scheduler(model, SchedulerConfig(max_batch=1, max_queue=total)), ServerConfig(),
+                        NpcRegistry.with_builtins(None, 16), MemoryStore())
+
+    def clear() -> None:
+        handlers.prompts.formatter._encode.cache_clear()
+        for cached in (grounding._words, grounding.content, grounding._fact):
+            cached.cache_clear()
+
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    count = 0
+    for _ in range(rounds):
+        for mode in times:
+            for _ in range(says):
+                if mode == "uncached":
+                    clear()
+                frame = msgpack.packb({"v": 1, "id": f"s{count}", "op": "say", "npc": npc, "player": "Ava",
+                                       "text": f"What news from the village? ({count})", "max_new_tokens": 64})
+                count += 1
+                start = time.perf_counter()
+                reply = handlers.handle(b"bench", [frame])
+                times[mode].append((time.perf_counter() - start) * 1000)
+                if reply is not None:
+                    raise RuntimeError(f"the say was refused: {reply}")
+    uncached, cached = (statistics.median(times[m][1:]) for m in ("uncached", "cached"))
+    return {"uncached_ms": round(uncached, 4), "cached_ms": round(cached, 4), "speedup": round(uncached / cached, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=None, help="a bundle (default: the default model's)")
@@ -76,14 +121,19 @@ def main() -> int:
     for turns in args.turns:
         rows.append(measure(bundle, args.npc, turns, args.says, args.rounds))
         log.info("%d turns of history: %s", turns, rows[-1])
+    handle = measure_handle(bundle, args.npc, args.says, args.rounds)
+    log.info("a whole say: %s", handle)
     date = dt.datetime.now(dt.timezone.utc)
     report = {"date": date.isoformat(timespec="seconds"), "host": platform.node(), "python": platform.python_version(),
-              "bundle": bundle.name, "npc": args.npc, "says": args.says, "rounds": args.rounds, "rows": rows}
+              "bundle": bundle.name, "npc": args.npc, "says": args.says, "rounds": args.rounds, "rows": rows,
+              "handle": handle}
     table = ["| history turns | prompt tokens | every text tokenized ms/say | cached ms/say | × |", "|---:|---:|---:|---:|---:|"]
     table += [f"| {r['turns']} | {r['prompt_tokens']} | {r['tokenized_ms']} | {r['cached_ms']} | {r['speedup']} |" for r in rows]
     markdown = (f"# Building a say's prompt ({bundle.name}, persona {args.npc})\n\n{report['date']} · {report['host']} · "
                 f"Python {report['python']}\n\n`PromptBuilder.persona_prefix` + `build` per say, a new line each say, "
-                f"{args.rounds} alternating rounds of {args.says} says each way; median ms per say.\n\n" + "\n".join(table) + "\n")
+                f"{args.rounds} alternating rounds of {args.says} says each way; median ms per say.\n\n" + "\n".join(table) + "\n"
+                f"\nA whole say in the server's handler (`Handlers.handle`, no history): {handle['uncached_ms']} ms with "
+                f"every text cache cleared before it, {handle['cached_ms']} ms kept ({handle['speedup']}×).\n")
     write_files(args.out, ["prompt-cost", platform.node(), date.date().isoformat(), args.tag], report, markdown)
     print(markdown)
     return 0

@@ -20,6 +20,7 @@ Topic words are plain English question words, not tied to any persona. Stateless
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -92,14 +93,25 @@ remember player player's said say told
 """.split())
 
 
+# Every say splits the persona's texts, the player's earlier lines and the memory notes again: the
+# same texts, so their words are kept (bounded, per process).
+TEXT_CACHE = 8192
+
+
+@functools.lru_cache(maxsize=TEXT_CACHE)
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.lower().removesuffix("'s").strip("'-") for w in _WORD.findall(text))
+
+
 def words(text: str) -> list[str]:
     """Lower-case words of ``text`` (apostrophes kept, possessive 's dropped)."""
-    return [w.lower().removesuffix("'s").strip("'-") for w in _WORD.findall(text)]
+    return list(_words(text))
 
 
+@functools.lru_cache(maxsize=TEXT_CACHE)
 def content(text: str) -> frozenset[str]:
     """Words of ``text`` that carry meaning: no stop words, at least 3 letters."""
-    return frozenset(w for w in words(text) if len(w) >= 3 and w not in _STOP)
+    return frozenset(w for w in _words(text) if len(w) >= 3 and w not in _STOP)
 
 
 def stem(word: str) -> str:
@@ -157,6 +169,7 @@ class Fact:
         return dict(self.weights).get(key, 0.0)
 
 
+@functools.lru_cache(maxsize=TEXT_CACHE)
 def _fact(owner: str, text: str, answer: frozenset[str]) -> Fact:
     """A fact from its sentence; a fact about the player also weighs the topic its form states
     ("The player is a carpenter." is about work, though it names none of work's cue words)."""

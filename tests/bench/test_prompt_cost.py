@@ -1,4 +1,4 @@
-"""bench/prompt_cost.py end to end on the tiny Llama bundle: both ways build the same prompt, timed."""
+"""bench/prompt_cost.py end to end on the tiny Llama bundle: prompts and whole says, both ways, timed."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ def test_prompt_cost_times_both_ways_for_each_history(llama_bundle: Path, tmp_pa
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     [report_file] = tmp_path.glob("prompt-cost-*-test.json")
-    rows = json.loads(report_file.read_text())["rows"]
+    report = json.loads(report_file.read_text())
+    rows = report["rows"]
     assert [r["turns"] for r in rows] == [0, 4]
     assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]  # the history is in the prompt
     for row in rows:
         assert row["tokenized_ms"] > 0 and row["cached_ms"] > 0
         assert row["speedup"] == round(row["tokenized_ms"] / row["cached_ms"], 1)
+    handle = report["handle"]  # a whole say through the handler, both ways, and accepted (else the bench fails)
+    assert handle["uncached_ms"] > 0 and handle["cached_ms"] > 0

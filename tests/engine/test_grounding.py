@@ -155,3 +155,19 @@ def test_a_price_question_meets_the_fact_that_names_the_price() -> None:
     asked = asked_facts(Grounding.build(wren, line, context=wren.lore_for([line])))
     assert asked and all({"two", "coppers"} <= f.answer for f in asked)
     assert not asked_facts(Grounding.build(wren, "Thick mist on the river today."))  # a remark asks nothing
+
+
+def test_a_text_s_words_are_split_once_and_a_caller_cannot_spoil_them() -> None:
+    """``words`` is kept per text (every say splits the same persona texts again): each call still
+    hands out its own list, so a caller that changes it changes nothing for the next."""
+    from npctalk.engine import grounding
+
+    text = "Bram's forge stands by the old mill-race."
+    first = grounding.words(text)
+    assert first == ["bram", "forge", "stands", "by", "the", "old", "mill-race"]
+    first.append("dragon")
+    first[0] = "nobody"
+    hits = grounding._words.cache_info().hits
+    assert grounding.words(text) == ["bram", "forge", "stands", "by", "the", "old", "mill-race"]
+    assert grounding._words.cache_info().hits == hits + 1
+    assert grounding.content(text) == frozenset({"bram", "forge", "stands", "old", "mill-race"})
