@@ -221,15 +221,18 @@ class Scheduler:
 
     # --- the step ----------------------------------------------------------------------------------------
 
-    def step(self) -> list[Event]:
+    def step(self, emit: Callable[[list[Event]], None] | None = None) -> list[Event]:
         """Reap, admit, decode once; the events in the order they happened.
 
         Decode is split around the model: a step is launched for every row, each row takes its next
         token from it (``Request.take``), and the taken tokens become text and events
-        (``Request.book``). Plainly, the step runs and is joined at once, after prefill. With
-        ``decode_ahead`` the step is launched on a worker thread at the end of the call and joined
-        at the start of the next, and the tokens taken from the previous step are booked while it
-        runs (and while the server sends them)."""
+        (``Request.book``). Plainly, the step runs and is joined at once, after prefill; given
+        ``emit``, the events before it (reaped requests, the first tokens of the prompts just read)
+        go to ``emit`` before the decode step runs, so a reply's first token does not wait for the
+        other streams' step, and only the rest are returned. With ``decode_ahead`` the step is
+        launched on a worker thread at the end of the call and joined at the start of the next, and
+        the tokens taken from the previous step are booked while it runs (and while the server sends
+        them); ``emit`` is not used then (the launch comes first)."""
         events: list[Event] = []
         self._step_tokens = 0
         ahead = self._steps.ahead
@@ -245,6 +248,9 @@ class Scheduler:
                 self._took(request, request.book(), booked)
             events += self._reranked.visible(booked)
         else:
+            if emit is not None and events:
+                emit(self._reranked.settle(events, self.clock(), self._retire))
+                events = []
             self._steps.launch(self._groups, self.model.manifest.vocab_size)
             for request, _ in self._take(self._steps.join(), events):
                 self._took(request, request.book(), events)

@@ -224,10 +224,14 @@ class Server:
 
     def _step(self) -> None:
         try:
-            events: list[Event] = self.scheduler.step()
+            events: list[Event] = self.scheduler.step(emit=self._deliver)  # first tokens go out before the decode
         except Exception:  # a scheduler bug must not take the server down with it
             log.exception("The engine step failed; failing every live stream.")
             events = self.scheduler.abort_all("The engine failed; the error is in the server's log.")
+        self._deliver(events)
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Send each event's message to its client (unless gone); finished exchanges are recorded."""
         now = time.monotonic()
         messages = self.handlers.messages_for(events)  # also records the finished exchanges, one commit for all
         for event, message in zip(events, messages):

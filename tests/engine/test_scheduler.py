@@ -120,6 +120,40 @@ def test_requests_share_decode_steps_and_join_between_steps(counting: CountingMo
     assert (a.finish_reason, b.finish_reason, late.finish_reason) == ("length", "length", "length")
 
 
+def test_emit_gets_what_admission_made_before_the_decode_step_runs(counting: CountingModel) -> None:
+    """Requests joining while another decodes: given ``emit``, what reading their prompts made (here
+    a one-token reply, whole, and a longer reply's start) is handed out before that step's decode
+    forward runs; every stream's events, emitted and returned, are whole and in order."""
+    scheduler = Scheduler(counting, SchedulerConfig(max_batch=8))
+    a = make_request(counting, "a", [FIRST], max_new_tokens=8)
+    assert scheduler.submit(a)
+    events = scheduler.step() + scheduler.step()
+    short = make_request(counting, "short", [FIRST + 20, FIRST + 21], max_new_tokens=1)
+    late = make_request(counting, "late", [FIRST + 40], max_new_tokens=4)
+    assert scheduler.submit(short) and scheduler.submit(late)
+    order: list[tuple[str, object]] = []
+    forward = counting.forward
+
+    def recording(input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        order.append(("forward", input_ids.shape[0]))
+        return forward(input_ids, cache)
+
+    def emit(early: list[Event]) -> None:
+        order.append(("emit", [e.request.key.id for e in early if isinstance(e, DoneEvent)]))
+        events.extend(early)
+
+    counting.forward = recording  # type: ignore[method-assign]
+    events += scheduler.step(emit=emit)
+    # two prompt reads, then the one-token reply's done goes out, then the decode step of a and late
+    assert order == [("forward", 1), ("forward", 1), ("emit", ["short"]), ("forward", 2)]
+    for _ in range(50):
+        if not scheduler.has_work:
+            break
+        events += scheduler.step(emit=emit)
+    check_streams(events, [a, short, late])
+    assert late.tokens[1:] == [FIRST + 41 + i for i in range(4)]
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_batched_decoding_matches_single_stream_generation(family: str, batched: bool,
