@@ -88,6 +88,7 @@ async def run_level(endpoint: str, streams: int, max_new_tokens: int) -> dict[st
         **latency(ttft, gaps),
         "server_ttft_ms_p50": round(statistics.median(r["server_ttft_ms"] for r in replies), 2),
         "finish_reasons": sorted({r["finish_reason"] for r in replies}), "server_batched": stats["batched"],
+        "server_prefill_chunk": stats.get("prefill_chunk"), "server_group_cached": stats.get("group_cached"),
         "prompt_tokens_p50": prompt_tokens, "sampled_total": sampled,
     }
 

@@ -495,7 +495,7 @@ class Scheduler:
         return {
             "active": self.active_count, "prefilling": self.prefilling_count, "queued": self.queued_count,
             "max_batch": self.config.max_batch, "max_queue": self.config.max_queue, "batched": self.batched,
-            "prefill_chunk": self.config.prefill_chunk,
+            "prefill_chunk": self.config.prefill_chunk, "group_cached": self.config.group_cached,
             "tokens_per_s": round(self.tokens_per_second(), 1), **self.counters, "sampled": dict(self._steps.sampled),
             "prefix_cache": self.prefix_cache.stats(),
         }

@@ -100,6 +100,9 @@ def test_socket_bench_through_a_paced_server_runs_at_the_pace(gpt2_slots_bundle:
     one, three = report["levels"]
     assert one["completion_tokens"] == 12 and three["completion_tokens"] == 36
     assert one["aggregate_tok_s"] <= 12 / (0.005 + 11 * 0.020)
+    # A CUDA server's settings: 512 prompt tokens a step; at this pace four turns alone (4 × 5 ms) beat
+    # four whole prompts together (a 5 ms read and a 20 ms step), so the timed policy reads them alone.
+    assert (one["server_prefill_chunk"], one["server_group_cached"]) == (512, False)
     assert one["gap_ms_p50"] >= 19.5
     runs = report["paced"]["runs"]
     assert report["paced"]["steps"] == [[1, 20.0], [4, 20.0]]
