@@ -16,12 +16,12 @@ the step. Device time is scarce; host behaviour is not. This runs ``npctalk serv
 Outputs come from a fixed rule (each row's next token from its last token and position, never an
 end-of-sequence token; logits peaked at that token over a fixed random row), so replies run to their
 length, and the decoder's bookkeeping (lengths, slots, snapshots) runs as usual. The model costs the
-host no CPU, as beside a GPU. The server takes a CUDA bundle's settings (``server.slot_settings``: a
-prompt budget of ``CUDA_PREFILL_CHUNK`` tokens a step unless ``--prefill-chunk`` says otherwise, and
-the read policy ``read_policy.time_reads`` picks, timing these paced reads). The waits sleep, releasing the GIL as ONNX Runtime does while it waits
-for the GPU, so host work that would overlap a run on the GPU overlaps it here. Runs hold one lock
-from start to end: the GPU runs one session's work on one stream, so two runs never overlap
-(``serve --decode-ahead`` runs steps on a worker thread).
+host no CPU, as beside a GPU. The server takes a CUDA bundle's settings (``server.slot_settings``:
+a prompt budget of ``CUDA_PREFILL_CHUNK`` tokens a step unless ``--prefill-chunk`` says otherwise,
+and the read policy ``read_policy.time_reads`` picks, timing these paced reads). The waits sleep,
+releasing the GIL as ONNX Runtime does while it waits for the GPU, so host work that would overlap a
+run on the GPU overlaps it here. Runs hold one lock from start to end: the GPU runs one session's
+work on one stream, so two runs never overlap (``serve --decode-ahead`` runs steps on a worker thread).
 
 Defaults are run 2's H100 figures for DialoGPT-medium, fp16 slots bundle with the CUDA graph
 (``results/decode-nvidia-h100-80gb-hbm3-*-dialogpt-medium-run2``): 787.9 / 11,193 / 28,677 decode tok/s
