@@ -358,14 +358,14 @@ def slot_settings(model: SlotModel, config: ServerConfig, *, on_gpu: bool) -> Se
             times = time_reads(model.decoder)
         except Exception as exc:  # a device that cannot run the timing still serves, reading turns alone
             log.warning("Timing the reads of cached-prefix says failed (%s); reading their turns alone.", exc)
-            times = None
-        if times is not None:
-            together = times.together
-            log.info("%d says with a cached persona prefix: read alone %.2f ms, whole and together %.2f ms; "
-                     "reading them %s.", SAYS, times.alone_ms, times.together_ms, "together" if together else "alone")
         else:
-            log.info("Says with a cached persona prefix: their turns are read alone (the slots are too few or too "
-                     "short to time a burst of %d).", SAYS)
+            if times is None:
+                log.info("Says with a cached persona prefix: their turns are read alone (the slots are too few or "
+                         "too short to time a burst of %d).", SAYS)
+            else:
+                together = times.together
+                log.info("%d says with a cached persona prefix: read alone %.2f ms, whole and together %.2f ms; "
+                         "reading them %s.", SAYS, times.alone_ms, times.together_ms, "together" if together else "alone")
     if together:
         scheduler = dataclasses.replace(scheduler, group_cached=True, prefill_chunk=0 if default_chunk else scheduler.prefill_chunk)
     return dataclasses.replace(config, scheduler=scheduler) if scheduler != config.scheduler else config
