@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import sys
 import threading
@@ -152,6 +153,7 @@ def install(pace: Pace) -> Callable[[], None]:
     import onnxruntime as ort
 
     from npctalk.engine import server, slots
+    from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK
 
     decoder = slots.SlotDecoder
     session, step, prefill, prefill_run = decoder._session, decoder._step, decoder.prefill, decoder._prefill_run
@@ -189,17 +191,32 @@ def install(pace: Pace) -> Callable[[], None]:
 
     decoder._session = synthetic_session  # type: ignore[method-assign]
     decoder._step, decoder.prefill, decoder._prefill_run = paced_step, paced_prefill, paced_prefill_run  # type: ignore[method-assign]
-    settings = server.slot_settings
+    settings = getattr(server, "slot_settings", None)
+    load_model = server.load_model
 
     def settings_on_gpu(model: Any, config: Any, *, on_gpu: bool) -> Any:
         """The server's settings as for a CUDA bundle: its prompt budget, and the timed read policy."""
-        return settings(model, config, on_gpu=True)
+        return settings(model, config, on_gpu=True)  # type: ignore[misc]
 
-    server.slot_settings = settings_on_gpu
+    def load_on_gpu(*args: Any, **kwargs: Any) -> Any:
+        """An engine older than ``slot_settings`` (a checkout compared through the shim): its CUDA
+        prompt budget, which was all it set for a GPU."""
+        model, config = load_model(*args, **kwargs)
+        if config.scheduler.prefill_chunk == DEFAULT_PREFILL_CHUNK:
+            config = dataclasses.replace(config, scheduler=dataclasses.replace(
+                config.scheduler, prefill_chunk=server.CUDA_PREFILL_CHUNK))
+        return model, config
+
+    if settings is not None:
+        server.slot_settings = settings_on_gpu
+    else:
+        server.load_model = load_on_gpu
 
     def restore() -> None:
         decoder._session, decoder._step, decoder.prefill, decoder._prefill_run = session, step, prefill, prefill_run  # type: ignore[method-assign]
-        server.slot_settings = settings
+        if settings is not None:
+            server.slot_settings = settings
+        server.load_model = load_model
 
     return restore
 
