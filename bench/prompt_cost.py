@@ -24,6 +24,7 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,23 @@ log = logging.getLogger("bench.prompt_cost")
 RESULTS = Path(__file__).resolve().parent / "results"
 LINES = ("Hello there, smith! How goes the forge today? Any work for a traveller like me?",
          "Aye, busy as ever. The mayor wants new hinges for the hall doors, and the miller broke his axle again.")
+
+
+def alternate(rounds: int, says: int, clear: Callable[[], None], say: Callable[[int], None]) -> tuple[float, float]:
+    """Median ms of ``say(n)`` with ``clear()`` run before each (the caches emptied) and without it,
+    in alternating rounds of ``says`` each; the first of each is left out (warm-up)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    count = 0
+    for _ in range(rounds):
+        for cleared in times:
+            for _ in range(says):
+                if cleared:
+                    clear()
+                start = time.perf_counter()
+                say(count)
+                times[cleared].append((time.perf_counter() - start) * 1000)
+                count += 1
+    return statistics.median(times[True][1:]), statistics.median(times[False][1:])
 
 
 def measure(bundle: Path, npc: str, turns: int, says: int, rounds: int) -> dict[str, Any]:
@@ -45,21 +63,16 @@ def measure(bundle: Path, npc: str, turns: int, says: int, rounds: int) -> dict[
     builder = PromptBuilder(load_manifest(bundle), Tokenizer.from_file(bundle / "tokenizer.json"))
     persona = builtin_personas()[npc]
     history = [Turn("user" if i % 2 == 0 else "assistant", f"{LINES[i % 2]} ({i})") for i in range(turns)]
-    times: dict[str, list[float]] = {"tokenized": [], "cached": []}
-    prompt_tokens = 0
-    for _ in range(rounds):
-        for mode in times:
-            for say in range(says):
-                if mode == "tokenized":
-                    builder.formatter._encode.cache_clear()
-                start = time.perf_counter()
-                prefix = builder.persona_prefix(persona, "Ava")
-                ids = builder.build(persona, history, f"What news from the village? ({say})", {"location": "the forge"},
-                                    128, player="Ava", persona_prefix=prefix)
-                times[mode].append((time.perf_counter() - start) * 1000)
-                prompt_tokens = len(ids)
-    tokenized, cached = (statistics.median(times[m][1:]) for m in ("tokenized", "cached"))
-    return {"turns": turns, "prompt_tokens": prompt_tokens, "tokenized_ms": round(tokenized, 4),
+    prompt_tokens = [0]
+
+    def say(n: int) -> None:
+        prefix = builder.persona_prefix(persona, "Ava")
+        ids = builder.build(persona, history, f"What news from the village? ({n})", {"location": "the forge"},
+                            128, player="Ava", persona_prefix=prefix)
+        prompt_tokens[0] = len(ids)
+
+    tokenized, cached = alternate(rounds, says, builder.formatter._encode.cache_clear, say)
+    return {"turns": turns, "prompt_tokens": prompt_tokens[0], "tokenized_ms": round(tokenized, 4),
             "cached_ms": round(cached, 4), "speedup": round(tokenized / cached, 1)}
 
 
@@ -84,22 +97,14 @@ def measure_handle(bundle: Path, npc: str, says: int, rounds: int) -> dict[str, 
         for cached in (grounding._words, grounding.content, grounding._fact):
             cached.cache_clear()
 
-    times: dict[str, list[float]] = {"uncached": [], "cached": []}
-    count = 0
-    for _ in range(rounds):
-        for mode in times:
-            for _ in range(says):
-                if mode == "uncached":
-                    clear()
-                frame = msgpack.packb({"v": 1, "id": f"s{count}", "op": "say", "npc": npc, "player": "Ava",
-                                       "text": f"What news from the village? ({count})", "max_new_tokens": 64})
-                count += 1
-                start = time.perf_counter()
-                reply = handlers.handle(b"bench", [frame])
-                times[mode].append((time.perf_counter() - start) * 1000)
-                if reply is not None:
-                    raise RuntimeError(f"the say was refused: {reply}")
-    uncached, cached = (statistics.median(times[m][1:]) for m in ("uncached", "cached"))
+    def say(n: int) -> None:
+        frame = msgpack.packb({"v": 1, "id": f"s{n}", "op": "say", "npc": npc, "player": "Ava",
+                               "text": f"What news from the village? ({n})", "max_new_tokens": 64})
+        reply = handlers.handle(b"bench", [frame])
+        if reply is not None:
+            raise RuntimeError(f"the say was refused: {reply}")
+
+    uncached, cached = alternate(rounds, says, clear, say)
     return {"uncached_ms": round(uncached, 4), "cached_ms": round(cached, 4), "speedup": round(uncached / cached, 1)}
 
 
