@@ -108,10 +108,10 @@ class SlotDecoder:
         self._physical = capacity + 1  # one spare position: where a slot left out of a step writes
         self._slot_shape = [1, m.num_kv_heads, self._physical, m.head_dim]
         self._slot_bytes = m.num_kv_heads * self._physical * m.head_dim * np.dtype(self._kv_dtype).itemsize
-        self._host: list[np.ndarray] = []  # CPU provider: the numpy arrays the buffers wrap (kept alive)
-        self._keys = [self._buffer() for _ in range(m.num_layers)]      # (slots, kv_heads, capacity + 1, head_dim)
-        self._values = [self._buffer() for _ in range(m.num_layers)]
-        self._kv_arrays = list(self._host) if self.device == "cpu" else None  # keys then values, on the CPU
+        self._host: list[np.ndarray] = []  # CPU provider: the numpy arrays step bindings wrap (kept alive)
+        self._keys, key_arrays = self._buffers(m.num_layers)      # (slots, kv_heads, capacity + 1, head_dim)
+        self._values, value_arrays = self._buffers(m.num_layers)
+        self._kv_arrays = [*key_arrays, *value_arrays] if self.device == "cpu" else None  # keys then values
         self._copier: SlotCopier | None = None  # made by the first snapshot
         self.copy_graphs = False  # True before the first snapshot: the CPU copies by the GPU's graphs too (tests)
         self._total_host = np.array(self._physical, np.int32)  # total_sequence_length: () stays on the CPU
@@ -145,13 +145,20 @@ class SlotDecoder:
         """Bytes of all KV buffers together (allocated once, at construction)."""
         return 2 * self.manifest.num_layers * self.slots * self._slot_bytes
 
-    def _buffer(self) -> ort.OrtValue:
+    def _buffers(self, count: int) -> tuple[list[ort.OrtValue], list[np.ndarray]]:
+        """``count`` zeroed KV buffers (slots, kv_heads, capacity + 1, head_dim) on the decoder's device,
+        and on the CPU the numpy arrays they wrap (kept alive by the caller; the snapshot copier slices
+        them); on a GPU no arrays."""
         shape = (self.slots, *self._slot_shape[1:])
-        zeros = np.zeros(shape, dtype=self._kv_dtype)  # never-written positions are zeros, not garbage
-        if self.device == "cpu":
-            self._host.append(zeros)
-            return ort.OrtValue.ortvalue_from_numpy(zeros)  # wraps the array: writes land in it
-        return ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0)  # copied to the GPU
+        values, arrays = [], []
+        for _ in range(count):
+            zeros = np.zeros(shape, dtype=self._kv_dtype)  # never-written positions are zeros, not garbage
+            if self.device == "cpu":
+                arrays.append(zeros)
+                values.append(ort.OrtValue.ortvalue_from_numpy(zeros))  # wraps the array: writes land in it
+            else:
+                values.append(ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", 0))  # copied to the GPU
+        return values, arrays
 
     def _device_value(self, array: np.ndarray) -> ort.OrtValue:
         if self.device == "cpu":

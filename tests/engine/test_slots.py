@@ -180,8 +180,8 @@ def test_prefill_many_reads_new_prompts_together_as_one_at_a_time_would(family: 
         np.testing.assert_allclose(together.logits()[slot], want[slot][1], atol=1e-4)
     assert together.lengths.tolist() == alone.lengths.tolist()
     for layer in range(together.manifest.num_layers):  # the host buffers the KV OrtValues wrap: keys, then values
-        for buffers in ((together._host[layer], alone._host[layer]),
-                        (together._host[together.manifest.num_layers + layer], alone._host[alone.manifest.num_layers + layer])):
+        for buffers in ((together._kv_arrays[layer], alone._kv_arrays[layer]),
+                        (together._kv_arrays[together.manifest.num_layers + layer], alone._kv_arrays[alone.manifest.num_layers + layer])):
             for slot in [*prompts, 3]:
                 held = int(together.lengths[slot])
                 np.testing.assert_allclose(buffers[0][slot, :, :held], buffers[1][slot, :, :held], atol=1e-5)
