@@ -51,6 +51,7 @@ from typing import Any
 DEFAULT_STEPS = ((1, 1.27), (16, 1.43), (64, 2.23))
 DEFAULT_PREFILL_MS = 2.5
 DEFAULT_PREFILL_MS_PER_TOKEN = 0.0018
+DEFAULT_TOPK_MS = 0.05  # a step's TopK over (rows, vocab) logits on the GPU: assumed, not measured
 
 
 @dataclass
@@ -61,7 +62,9 @@ class Pace:
     steps: tuple[tuple[int, float], ...] = DEFAULT_STEPS
     prefill_ms: float = DEFAULT_PREFILL_MS
     prefill_ms_per_token: float = DEFAULT_PREFILL_MS_PER_TOKEN
+    topk_ms: float = DEFAULT_TOPK_MS
     counts: dict[str, dict[str, float]] = field(default_factory=dict)
+    wide: dict[int, tuple[Any, Synthetic]] = field(default_factory=dict)  # id(step logits) → (binding, rule): big vocabularies
     device: threading.Lock = field(default_factory=threading.Lock)  # one run at a time, as on one CUDA stream
 
     def step_ms(self, rows: int) -> float:
@@ -95,26 +98,43 @@ class Pace:
 
     def summary(self) -> dict[str, Any]:
         return {"steps": [list(p) for p in self.steps], "prefill_ms": self.prefill_ms,
-                "prefill_ms_per_token": self.prefill_ms_per_token,
+                "prefill_ms_per_token": self.prefill_ms_per_token, "topk_ms": self.topk_ms,
                 "runs": {k: {**v, "target_ms": round(v["target_ms"], 1), "wall_ms": round(v["wall_ms"], 1)}
                          for k, v in self.counts.items()}}
 
 
 class Synthetic:
-    """Outputs by rule for one decoder: next tokens from (token, position), never an end-of-sequence
-    token, and logits rows peaked at them."""
+    """Outputs by rule for one decoder: next tokens from (token, position) among the ids its tokenizer
+    knows, never an end-of-sequence token; logits rows peaked at them over a fixed random row (every
+    other id far below); each row's top candidates as a GPU's TopK would find them in those rows."""
 
     def __init__(self, decoder: Any) -> None:
         import numpy as np
 
         vocab = decoder.manifest.vocab_size
         banned = set(decoder.manifest.eos_token_ids)
-        self.tokens = np.array([t for t in range(vocab) if t not in banned], dtype=np.int64)
-        self.base = np.random.default_rng(0).normal(0.0, 1.0, vocab).astype(np.float32)  # (vocab,)
+        known = min(vocab, decoder.tokenizer.vocab_size)
+        self.tokens = np.array([t for t in range(known) if t not in banned], dtype=np.int64)
+        self.base = np.full(vocab, -20.0, dtype=np.float32)                                  # (vocab,)
+        self.base[self.tokens] = np.random.default_rng(0).normal(0.0, 1.0, len(self.tokens))
+        self.order = self.tokens[np.argsort(-self.base[self.tokens], kind="stable")]         # best first
 
     def pick(self, ids: Any, positions: Any) -> Any:
         """(rows,) next tokens for (rows,) input tokens at (rows,) positions."""
         return self.tokens[(ids * 31 + positions * 7) % len(self.tokens)]
+
+    def top(self, picked: Any, k: int) -> tuple[Any, Any]:
+        """(rows, k) candidate ids and values of ``logits(picked)``'s rows, best first: each row's
+        picked token, then the fixed row's best others."""
+        import numpy as np
+
+        head = self.order[:k]
+        ids = np.empty((len(picked), k), dtype=np.int64)
+        for row, token in enumerate(picked):
+            ids[row] = [token, *head[head != token][:k - 1]]
+        values = self.base[ids]
+        values[:, 0] += 8.0
+        return ids, values
 
     def logits(self, picked: Any) -> Any:
         """(rows, 1, vocab) float32 logits whose argmax is ``picked``."""
@@ -129,8 +149,11 @@ class SyntheticSteps:
     """Stands in for a slot decoder's session: a run of one of its step bindings writes its outputs by
     rule; no other run reaches it (prompt reads are replaced before they would)."""
 
-    def __init__(self, session: Any, decoder: Any) -> None:
-        self._session, self._decoder, self.rule = session, decoder, Synthetic(decoder)
+    def __init__(self, session: Any, decoder: Any, pace: Pace) -> None:
+        from npctalk.engine.topk import MIN_VOCAB
+
+        self._session, self._decoder, self.rule, self._pace = session, decoder, Synthetic(decoder), pace
+        self.wide = decoder.manifest.vocab_size > MIN_VOCAB  # sampled rows take top candidates, not rows
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
@@ -142,7 +165,10 @@ class SyntheticSteps:
         ids, positions = made.ids.numpy().reshape(-1), made.positions.numpy().reshape(-1)   # (rows,)
         picked = self.rule.pick(ids, positions)                                              # (rows,)
         made.next.update_inplace(picked.reshape(-1, 1, 1))
-        made.logits.update_inplace(self.rule.logits(picked))
+        if self.wide:  # (rows, vocab) of floats would cost the host what the GPU's TopK spares it
+            self._pace.wide[id(made.logits)] = (made, self.rule)
+        else:
+            made.logits.update_inplace(self.rule.logits(picked))
 
 
 def install(pace: Pace) -> Callable[[], None]:
@@ -152,14 +178,33 @@ def install(pace: Pace) -> Callable[[], None]:
     import numpy as np
     import onnxruntime as ort
 
-    from npctalk.engine import server, slots
+    from npctalk.engine import server, slots, topk
     from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK
 
     decoder = slots.SlotDecoder
     session, step, prefill, prefill_run = decoder._session, decoder._step, decoder.prefill, decoder._prefill_run
 
     def synthetic_session(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return SyntheticSteps(session(self, *args, **kwargs), self)
+        return SyntheticSteps(session(self, *args, **kwargs), self, pace)
+
+    top_of_value, row_of_value = topk.TopK.of_value, topk.TopK.row_of_value
+
+    def paced_top(self: Any, logits: Any, vocab: int, bonus: Any = None) -> Any:
+        """A step's top candidates by rule, in the GPU's TopK time (a big vocabulary's step leaves no logits)."""
+        found = pace.wide.get(id(logits))
+        if found is None or found[0].logits is not logits:
+            return top_of_value(self, logits, vocab, bonus)
+        made, rule = found
+        return pace.hold("topk", pace.topk_ms, lambda: rule.top(made.next.numpy().reshape(-1), self.k))
+
+    def paced_row(self: Any, logits: Any, index: int, vocab: int) -> Any:
+        found = pace.wide.get(id(logits))
+        if found is None or found[0].logits is not logits:
+            return row_of_value(self, logits, index, vocab)
+        made, rule = found
+        return rule.logits(made.next.numpy().reshape(-1)[index:index + 1]).reshape(1, vocab)
+
+    topk.TopK.of_value, topk.TopK.row_of_value = paced_top, paced_row  # type: ignore[method-assign]
 
     def paced_step(self: Any, ids: Any, mask: Any) -> Any:
         rows = min(self.slots, 1 << int(mask.nonzero()[0][-1]).bit_length())  # as _step counts them
@@ -217,6 +262,7 @@ def install(pace: Pace) -> Callable[[], None]:
         if settings is not None:
             server.slot_settings = settings
         server.load_model = load_model
+        topk.TopK.of_value, topk.TopK.row_of_value = top_of_value, row_of_value  # type: ignore[method-assign]
 
     return restore
 
@@ -260,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(its npctalk-slots rows of --model-name), instead of --step-ms and --prefill-ms")
     parser.add_argument("--model-name", default="dialogpt-medium", help="the architecture's rows in --from-decode")
     parser.add_argument("--prefill-ms-per-token", type=float, default=DEFAULT_PREFILL_MS_PER_TOKEN)
+    parser.add_argument("--topk-ms", type=float, default=DEFAULT_TOPK_MS,
+                        help="a sampled step's TopK on the GPU (big vocabularies; assumed, not measured)")
     parser.add_argument("--report", type=Path, default=None, help="write the run counts here when the server exits")
     args = parser.parse_args(ours)
     try:
@@ -268,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             steps, prefill_ms = from_decode(args.from_decode, args.model_name)
     except (argparse.ArgumentTypeError, ValueError, OSError, KeyError) as exc:
         parser.error(str(exc))
-    pace = Pace(steps, prefill_ms, args.prefill_ms_per_token)
+    pace = Pace(steps, prefill_ms, args.prefill_ms_per_token, args.topk_ms)
     install(pace)
     if args.report is not None:
         atexit.register(lambda: args.report.write_text(json.dumps(pace.summary(), indent=2) + "\n", encoding="utf-8"))

@@ -93,14 +93,18 @@ class FactSteering:
         """The answer words' bonus alone: empty after the first sentence or ``MAX_STATED`` words."""
         if not self.spellings:
             return {}
-        if reply and _SENTENCE_END.search(self.tokenizer.decode(list(reply))):
-            return {}
-        unsaid = [(spaced, bare) for spaced, bare in zip(self.spellings, self.openers)
-                  if not any(_contains(reply, s) for s in spaced + bare)]
-        if len(self.spellings) - len(unsaid) >= MAX_STATED:
+        ended = bool(reply) and _SENTENCE_END.search(self.tokenizer.decode(list(reply))) is not None
+        said = {w for w, (spaced, bare) in enumerate(zip(self.spellings, self.openers))
+                if any(_contains(reply, s) for s in spaced + bare)}
+        return self.nudge_given(reply, ended, said)
+
+    def nudge_given(self, reply: Sequence[int], ended: bool, said: set[int]) -> dict[int, float]:
+        """``nudge`` once it is known whether ``reply`` has a sentence end (``ended``) and which answer
+        words it states (``said``: their indexes): what ``SteeringCursor`` keeps as a reply grows."""
+        if ended or len(said) >= MAX_STATED:
             return {}
         out: dict[int, float] = {}
-        for spaced, bare in unsaid:
+        for spaced, bare in (pair for w, pair in enumerate(zip(self.spellings, self.openers)) if w not in said):
             for spelling in spaced + bare:
                 for k in range(min(len(spelling) - 1, len(reply)), 0, -1):  # the word begun: its next token
                     if tuple(reply[len(reply) - k:]) == spelling[:k]:
@@ -116,28 +120,53 @@ class SteeringCursor:
     and not at all once it has come back empty. Empty means the reply has a sentence end or
     ``MAX_STATED`` answer words (an unfinished reply otherwise always gets the words' first tokens),
     and both stay true as the reply grows, so this is exact; the penalty is the same at every
-    length. It keeps a server's per-token cost flat: ``FactSteering.nudge`` reads the whole reply
-    (decode, word search) every call. ``over``: nothing is added to any later token."""
+    length. It keeps a server's per-token cost flat: where ``FactSteering.nudge`` reads the whole
+    reply every call (decode, word search), the cursor reads only the tokens added since its last
+    call (a sentence end is one ASCII character, so it lies within one token's text; a word's
+    spelling is found in the windows that end in them); a reply that got shorter (rewound) is read
+    again from its start. ``over``: nothing is added to any later token."""
 
     def __init__(self, steering: FactSteering | None) -> None:
         self.steering = steering
+        self._start()
+
+    def _start(self) -> None:
+        """Nothing read yet (a new reply, or one rewound)."""
         self._at, self._bonus = -1, {}  # the reply length ``_bonus`` was computed for
-        self._nudging = steering is not None
-        self.over = steering is None
+        self._nudging = self.steering is not None
+        self.over = self.steering is None
+        self._read, self._ended, self._said = 0, False, set()  # tokens read; a sentence end; words stated
 
     def bonus(self, reply: Sequence[int]) -> dict[int, float]:
         if self.steering is None:
             return {}
+        if len(reply) < self._read:  # rewound: read it whole again
+            self._start()
         if not self._nudging:
             return self.steering.penalty
         if self._at != len(reply):
-            nudge = self.steering.nudge(reply)
+            self._scan(reply)
+            nudge = self.steering.nudge_given(reply, self._ended, self._said) if self.steering.spellings else {}
             self._at, self._nudging = len(reply), bool(nudge)
             self._bonus = self.steering.with_penalty(nudge)
             self.over = not self._bonus
         return self._bonus
 
+    def _scan(self, reply: Sequence[int]) -> None:
+        """Bring the sentence end and the stated words up to ``reply``, reading what is new in it."""
+        steering = self.steering
+        assert steering is not None
+        new = list(reply[self._read:])
+        if new and not self._ended:
+            self._ended = _SENTENCE_END.search(steering.tokenizer.decode(new)) is not None
+        for w, (spaced, bare) in enumerate(zip(steering.spellings, steering.openers)):
+            if w not in self._said and any(_contains(reply, s, self._read) for s in spaced + bare):
+                self._said.add(w)
+        self._read = len(reply)
 
-def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:
+
+def _contains(haystack: Sequence[int], needle: Sequence[int], since: int = 0) -> bool:
+    """Whether ``needle`` occurs in ``haystack`` ending after position ``since`` (0: anywhere)."""
     n = len(needle)
-    return any(tuple(haystack[i:i + n]) == tuple(needle) for i in range(len(haystack) - n + 1))
+    needle = tuple(needle)
+    return any(tuple(haystack[i:i + n]) == needle for i in range(max(0, since - n + 1), len(haystack) - n + 1))

@@ -48,8 +48,9 @@ def _train_tokenizer(special_tokens: list[str], vocab_size: int = 400):
     return tok
 
 
-def build_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 with DialoGPT's conventions: no chat template, turns joined by EOS."""
+def build_tiny_gpt2(folder: Path, *, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """A 2-layer GPT-2 with DialoGPT's conventions: no chat template, turns joined by EOS.
+    ``vocab_size``: logits wider than the tokenizer's ids (as a real model's padded vocabulary)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -61,7 +62,7 @@ def build_tiny_gpt2(folder: Path, *, seed: int = 0) -> Path:
     tok.save_pretrained(folder)
     eos = raw.token_to_id("<|endoftext|>")
     config = GPT2Config(
-        vocab_size=raw.get_vocab_size(), n_positions=1024, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
+        vocab_size=vocab_size or raw.get_vocab_size(), n_positions=1024, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2,
         bos_token_id=eos, eos_token_id=eos,
     )
     torch.manual_seed(seed)

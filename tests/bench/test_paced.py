@@ -78,9 +78,14 @@ def test_paced_steps_take_the_target_time_and_write_tokens_by_rule(paced_decoder
 def test_restore_gives_back_the_real_decoder(gpt2_slots_bundle: Path) -> None:
     from npctalk.engine.slots import SlotDecoder
 
+    from npctalk.engine import server, topk
+
     plain = SlotDecoder(gpt2_slots_bundle, 2, 32, provider="cpu").greedy([[5, 6, 7]], 6)
+    before = (topk.TopK.of_value, topk.TopK.row_of_value, server.slot_settings, server.load_model)
     restore = paced.install(paced.Pace(steps=((1, 1.0),), prefill_ms=1.0))
+    assert topk.TopK.of_value is not before[0] and server.slot_settings is not before[2]
     restore()
+    assert (topk.TopK.of_value, topk.TopK.row_of_value, server.slot_settings, server.load_model) == before
     again = SlotDecoder(gpt2_slots_bundle, 2, 32, provider="cpu")
     assert type(again.session).__name__ == "InferenceSession"
     assert again.greedy([[5, 6, 7]], 6) == plain
@@ -142,3 +147,61 @@ def test_the_table_comes_from_a_decode_results_file(tmp_path: Path) -> None:
     assert prefill == 2.49
     with pytest.raises(ValueError, match="no npctalk-slots decode row for 'smollm2-135m'"):
         paced.from_decode(run2, "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wide_slots_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with 5,000 logits a row (its tokenizer knows 400 ids): sampled rows take the
+    top-candidates path, as a real model's 50k vocabulary does."""
+    from tiny_models import build_tiny_gpt2
+
+    from npctalk.export.api import ExportOptions, export_bundle
+
+    hf = build_tiny_gpt2(tmp_path_factory.mktemp("hf") / "wide-gpt2", vocab_size=5000)
+    return export_bundle(hf, tmp_path_factory.mktemp("bundles") / "wide-gpt2-slots", ExportOptions(dtype="fp32", layout="slots"))
+
+
+def test_synthetic_candidates_are_what_topk_finds_in_the_synthetic_rows() -> None:
+    from types import SimpleNamespace
+
+    from npctalk.engine.topk import TopK
+
+    decoder = SimpleNamespace(manifest=SimpleNamespace(vocab_size=5000, eos_token_ids=(0,)),
+                              tokenizer=SimpleNamespace(vocab_size=400))
+    rule = paced.Synthetic(decoder)
+    picked = rule.pick(np.array([5, 9, 123]), np.array([10, 11, 12]))
+    assert set(picked.tolist()) <= set(range(1, 400))
+    ids, values = rule.top(picked, 64)
+    want_ids, want_values = TopK(64).of_array(rule.logits(picked).reshape(3, -1))
+    for row in range(3):
+        assert set(ids[row].tolist()) == set(want_ids[row].tolist()) and ids[row, 0] == picked[row]
+        assert sorted(values[row].tolist()) == pytest.approx(sorted(want_values[row].tolist()))
+
+
+def test_sampled_steps_of_a_big_vocabulary_take_candidates_by_rule(wide_slots_bundle: Path) -> None:
+    """A sampled stream on the 5,000-logit model: steps write no logits rows, the TopK is by rule and
+    held to its time, every token is one the tokenizer knows, and the reply runs to its length."""
+    import dataclasses
+
+    from npctalk.engine.request import Request, RequestKey
+    from npctalk.engine.sampling import CHAT_DEFAULTS
+    from npctalk.engine.scheduler import Scheduler, SchedulerConfig
+    from npctalk.engine.slot_model import SlotModel
+
+    pace = paced.Pace(steps=((1, 0.5), (4, 0.5)), prefill_ms=0.5, topk_ms=2.0)
+    restore = paced.install(pace)
+    try:
+        model = SlotModel.open(wide_slots_bundle, 4, 256, provider="cpu")
+        scheduler = Scheduler(model, SchedulerConfig(max_batch=2))
+        options = dataclasses.replace(CHAT_DEFAULTS, max_new_tokens=12, fact_bias=0.0, seed=3)
+        request = Request(RequestKey(b"c", "r"), [5, 6, 7], options, model.tokenizer,
+                          frozenset(model.manifest.eos_token_ids), 256, received_at=0.0)
+        assert scheduler.submit(request)
+        while scheduler.has_work:
+            scheduler.step()
+    finally:
+        restore()
+    assert request.finish_reason == "length" and len(request.tokens) >= 12
+    assert max(request.tokens) < model.tokenizer.vocab_size
+    assert scheduler.stats()["sampled"]["from_top"] >= 10  # the candidates decided the sampled steps
+    assert pace.counts["topk"]["runs"] >= 10 and pace.counts["topk"]["wall_ms"] >= 2.0 * pace.counts["topk"]["runs"]

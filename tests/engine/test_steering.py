@@ -156,6 +156,28 @@ def test_a_cursor_gives_the_steering_s_bonus_at_every_length_and_stops_for_good(
     assert SteeringCursor(None).bonus([1, 2]) == {}
 
 
+def test_a_cursor_reading_only_new_tokens_agrees_with_reading_the_whole_reply(byte_tokenizer: Tokenizer) -> None:
+    """Replies drawn at random from the answer words' spellings, sentence ends, multi-byte characters and
+    other tokens, grown one or several tokens at a time and sometimes cut back (a rewind): at every
+    length the cursor, which reads only what is new, gives what the whole reply gives."""
+    from npctalk.engine.steering import SteeringCursor
+
+    s = steering("Do you remember my name? And yours?", byte_tokenizer)
+    assert s is not None and len(s.words) >= 2
+    pool = [t for group in s.spellings + s.openers for spelling in group for t in spelling]
+    pool += byte_tokenizer.encode(". ! ? \n é 東 🐉 and the forge Mira Bram")
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        reply: list[int] = []
+        cursor = SteeringCursor(s)
+        for _ in range(40):
+            if reply and rng.random() < 0.1:
+                reply = reply[:int(rng.integers(0, len(reply)))]  # rewound
+            else:
+                reply += [int(t) for t in rng.choice(pool, size=int(rng.integers(1, 4)))]
+            assert cursor.bonus(reply) == s.bonus(reply), reply
+
+
 def test_a_role_pushed_on_the_npc_is_penalised_for_the_whole_reply(byte_tokenizer: Tokenizer) -> None:
     from npctalk.engine.steering import SteeringCursor
 
