@@ -128,10 +128,12 @@ class Synthetic:
         picked token, then the fixed row's best others."""
         import numpy as np
 
-        head = self.order[:k]
-        ids = np.empty((len(picked), k), dtype=np.int64)
-        for row, token in enumerate(picked):
-            ids[row] = [token, *head[head != token][:k - 1]]
+        head = self.order[:k]                                                                # (k,)
+        picked = np.asarray(picked, dtype=np.int64).reshape(-1)                              # (rows,)
+        hits = head[None, :] == picked[:, None]                                              # (rows, k)
+        at = np.where(hits.any(axis=1), hits.argmax(axis=1), k)                              # picked's place, else k
+        rest = np.arange(k - 1)[None, :]
+        ids = np.concatenate([picked[:, None], head[rest + (rest >= at[:, None])]], axis=1)  # (rows, k)
         values = self.base[ids]
         values[:, 0] += 8.0
         return ids, values

@@ -31,6 +31,7 @@ still picks where it goes. ``bias`` 0 turns steering off. Stateless: ``bonus`` r
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,16 @@ class FactSteering:
         """Token id → logit bonus (or penalty) for the next token after ``reply`` (the reply's ids so far)."""
         return self.with_penalty(self.nudge(reply))
 
+    @functools.cached_property
+    def word_ends(self) -> dict[int, tuple[tuple[int, tuple[int, ...]], ...]]:
+        """Token id → (word index, spelling) of every answer-word spelling that ends with that token:
+        where a growing reply can state a word (``SteeringCursor`` looks up only its new tokens)."""
+        ends: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+        for w, (spaced, bare) in enumerate(zip(self.spellings, self.openers)):
+            for spelling in spaced + bare:
+                ends.setdefault(spelling[-1], []).append((w, tuple(spelling)))
+        return {token: tuple(found) for token, found in ends.items()}
+
     def with_penalty(self, nudge: dict[int, float]) -> dict[int, float]:
         """``nudge`` over the penalty (a token both nudged and penalised gets the nudge)."""
         return {**self.penalty, **nudge} if self.penalty else nudge
@@ -123,8 +134,8 @@ class SteeringCursor:
     length. It keeps a server's per-token cost flat: where ``FactSteering.nudge`` reads the whole
     reply every call (decode, word search), the cursor reads only the tokens added since its last
     call (a sentence end is one ASCII character, so it lies within one token's text; a word's
-    spelling is found in the windows that end in them); a reply that got shorter (rewound) is read
-    again from its start. ``over``: nothing is added to any later token."""
+    spelling is looked up by its last token, ``FactSteering.word_ends``); a reply that got shorter
+    (rewound) is read again from its start. ``over``: nothing is added to any later token."""
 
     def __init__(self, steering: FactSteering | None) -> None:
         self.steering = steering
@@ -159,14 +170,15 @@ class SteeringCursor:
         new = list(reply[self._read:])
         if new and not self._ended:
             self._ended = _SENTENCE_END.search(steering.tokenizer.decode(new)) is not None
-        for w, (spaced, bare) in enumerate(zip(steering.spellings, steering.openers)):
-            if w not in self._said and any(_contains(reply, s, self._read) for s in spaced + bare):
-                self._said.add(w)
+        ends = steering.word_ends
+        for end in range(self._read, len(reply)):  # a spelling stated now ends at a new token
+            for w, spelling in ends.get(reply[end], ()):
+                n = len(spelling)
+                if w not in self._said and end + 1 >= n and tuple(reply[end + 1 - n:end + 1]) == spelling:
+                    self._said.add(w)
         self._read = len(reply)
 
 
-def _contains(haystack: Sequence[int], needle: Sequence[int], since: int = 0) -> bool:
-    """Whether ``needle`` occurs in ``haystack`` ending after position ``since`` (0: anywhere)."""
+def _contains(haystack: Sequence[int], needle: Sequence[int]) -> bool:
     n = len(needle)
-    needle = tuple(needle)
-    return any(tuple(haystack[i:i + n]) == needle for i in range(max(0, since - n + 1), len(haystack) - n + 1))
+    return any(tuple(haystack[i:i + n]) == tuple(needle) for i in range(len(haystack) - n + 1))
