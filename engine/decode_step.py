@@ -17,7 +17,10 @@ Plainly, ``launch`` runs the step at once and ``join`` hands over its result. Wi
 (``serve --decode-ahead``) ``launch`` submits it to a worker thread and returns, so the engine loop
 books the last step's tokens, and the server sends them, while it runs; ``join`` waits for it.
 Nothing may touch the model or the batches between a ``launch`` and the next ``join`` (the
-scheduler keeps to that), so the worker needs no locks. On the 2-core CPU VM the thread hand-offs
+scheduler keeps to that), so the worker needs no locks. ONNX Runtime lets a session that replays CUDA
+graphs be run from one thread only, so with ``ahead`` every other run of the model (prompts read,
+candidates scored) goes to the worker too (``on_worker``, ``OnWorker``): the engine loop hands it over
+and waits. On the 2-core CPU VM the thread hand-offs
 cost more than the overlap saves (tiny model, one stream: 0.30–0.36 → 0.64–0.83 ms per token
 through the socket), so it is off by default; on a GPU the step is device time the host could use
 (not measured yet).
@@ -25,6 +28,7 @@ through the socket), so it is off by default; on a GPU the step is device time t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +39,22 @@ import numpy as np
 from . import topk
 from .request import Request, pick_from_many
 from .topk import TopTokens
+
+
+WORKER_NAME = "npctalk-decode"  # the decode worker thread's name prefix
+
+
+class OnWorker:
+    """``model`` with every method run through ``steps.on_worker``: the scheduler's view of its model
+    with decode-ahead, so prompt reads run on the thread that runs the decode steps. Attributes that
+    are not methods (manifest, decoder, ...) are the model's own."""
+
+    def __init__(self, model: Any, steps: DecodeSteps) -> None:
+        self._model, self._steps = model, steps
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._model, name)
+        return self._steps.on_worker(attr) if callable(attr) and not isinstance(attr, type) else attr
 
 
 @dataclass
@@ -62,7 +82,7 @@ class DecodeSteps:
 
     def __init__(self, *, ahead: bool, top_tokens: int) -> None:
         self.top_tokens = top_tokens
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npctalk-decode") if ahead else None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME) if ahead else None
         self._flights: list[Flight] = []  # launched, not yet joined
         # Sampled tokens of decode steps: picked from the top candidates, or from the whole logits row.
         self.sampled = {"from_top": 0, "from_full": 0}
@@ -70,6 +90,20 @@ class DecodeSteps:
     @property
     def ahead(self) -> bool:
         return self._worker is not None
+
+    def on_worker(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        """``call``, run on the decode worker when there is one (the caller waits), else as it is; a
+        call already on the worker runs at once."""
+        worker = self._worker
+        if worker is None:
+            return call
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread().name.startswith(WORKER_NAME):
+                return call(*args, **kwargs)
+            return worker.submit(call, *args, **kwargs).result()
+
+        return run
 
     def launch(self, groups: Sequence[Any], vocab_size: int) -> None:
         """Start one decode step for every row of every group (on the worker when ``ahead``)."""

@@ -30,7 +30,9 @@ With ``decode_ahead`` (``serve --decode-ahead``) the order changes so that host 
 model (``decode_step``): a call first joins the step the previous call launched on a worker thread
 and takes its tokens (rows whose reply ends with one, by EOS or length, leave the batch), then
 reaps, prefills, launches the next step and books the taken tokens while it runs. A reply that
-ends on a stop string (found when booking) has one extra step run, dropped at the next join.
+ends on a stop string (found when booking) has one extra step run, dropped at the next join. Every
+other run of the model (prompt reads, reranking's scoring) is handed to that worker too and waited for
+(``decode_step.OnWorker``): ONNX Runtime lets a session that replays CUDA graphs run on one thread only.
 
 Reranked says (``submit_reranked``): the client's request never decodes itself; its N candidate
 requests (same prompt, different seeds) do, batched like any others, and their messages are
@@ -60,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from .batch import DecodeBatch, close_cache, new_batch, supports_padding
-from .decode_step import DecodeSteps, Flight, StepOutput
+from .decode_step import DecodeSteps, OnWorker, Flight, StepOutput
 from .errors import ConfigError, ServeError
 from .generator import LanguageModel
 from .kv_cache import KVCache
@@ -135,6 +137,8 @@ class Scheduler:
         self._step_tokens = 0  # tokens sampled in the current step (prefill first tokens included)
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0, "prefilled_together": 0}
         self._steps = DecodeSteps(ahead=config.decode_ahead, top_tokens=config.top_tokens)
+        if config.decode_ahead:  # every run of the model on the decode worker (decode_step.OnWorker)
+            self.model = OnWorker(model, self._steps)  # type: ignore[assignment]
 
     # --- intake ----------------------------------------------------------------------------------------
 
@@ -165,7 +169,7 @@ class Scheduler:
         if not candidates or len(self._live) + 1 + len(candidates) > self.config.max_batch + self.config.max_queue:
             return False  # the say is live itself, and every candidate must fit: none is dropped on the way
         self._live[request.key] = request
-        self._reranked.add(request, candidates, scorer)
+        self._reranked.add(request, candidates, self._steps.on_worker(scorer))  # scoring runs the model
         for child in candidates:
             self.submit(child, prefix)
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,57 @@ def test_decode_ahead_gives_the_replies_of_the_plain_loop(gpt2_model: Model, opt
     # The cancel lands within one step either way; ahead, one token fewer may have been taken.
     shorter, longer = sorted((ahead_cancelled[0], plain_cancelled[0]), key=len)
     assert longer[:len(shorter)] == shorter and len(longer) - len(shorter) <= 1
+
+
+def test_with_decode_ahead_every_run_of_the_decoder_is_on_the_worker(llama_slots_bundle: Path) -> None:
+    """ONNX Runtime lets a session replaying CUDA graphs be run from one thread only: with
+    ``decode_ahead`` the prompt reads (alone, from a persona snapshot, and together), the decode steps
+    and a reranked say's scoring all run on the decode worker, and the replies are the plain loop's."""
+    from npctalk.engine.decode_step import WORKER_NAME
+    from npctalk.engine.request import Request, RequestKey
+    from npctalk.engine.sampling import SearchOptions
+    from npctalk.engine.slot_model import SlotModel
+
+    replies = []
+    for ahead in (False, True):
+        model = SlotModel.open(llama_slots_bundle, 8, 256, provider="cpu", intra_op_threads=1)
+        session, threads = model.decoder.session, []
+
+        class Recording:
+            def __getattr__(self, name: str) -> object:
+                return getattr(session, name)
+
+            def run_with_iobinding(self, *args: object) -> None:
+                threads.append(threading.current_thread().name)
+                session.run_with_iobinding(*args)
+
+        model.decoder.session = Recording()
+        scheduler = Scheduler(model, SchedulerConfig(max_batch=6, prefill_chunk=4096, decode_ahead=ahead))
+        prefix = [5, 6, 7, 8, 9, 10, 11, 12]
+
+        def say(rid: str, turn: list[int]) -> Request:
+            return Request(RequestKey(b"c", rid), prefix + turn, SearchOptions(max_new_tokens=6), model.tokenizer,
+                           frozenset(model.manifest.eos_token_ids), 256, received_at=0.0)
+
+        first = [say("a", [20, 21]), say("b", [22, 23, 24])]  # cold: read together, the prefix kept
+        for request in first:
+            assert scheduler.submit(request, ("npc", len(prefix)))
+        events = run(scheduler)
+        later = say("c", [25])  # warm: its turn alone after the snapshot
+        scored: list[str] = []
+
+        def scorer(texts: list[str]) -> list[float]:
+            scored.append(threading.current_thread().name)
+            return [0.0] * len(texts)
+
+        parent = say("d", [26])
+        candidates = [say(f"d{i}", [26]) for i in range(2)]
+        assert scheduler.submit(later, ("npc", len(prefix)))
+        assert scheduler.submit_reranked(parent, candidates, scorer, ("npc", len(prefix)))
+        events += run(scheduler)
+        check_streams(events, [*first, later, parent])
+        replies.append([r.tokens for r in (*first, later, parent)])
+        assert scheduler.counters["prefilled_together"] >= 2 and scorer and scored
+        on_worker = {name.startswith(WORKER_NAME) for name in [*threads, *scored]}
+        assert on_worker == ({True} if ahead else {False}), (ahead, set(threads), scored)
+    assert replies[0] == replies[1]
