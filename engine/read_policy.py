@@ -51,6 +51,9 @@ def time_reads(decoder: SlotDecoder, says: int = SAYS, prefix: int = PREFIX, tur
     vocab = decoder.manifest.vocab_size
     head = rng.integers(10, vocab, size=prefix).tolist()
     tails = [rng.integers(10, vocab, size=turn).tolist() for _ in range(says)]
+    # No CUDA graph is captured here, on the thread that loads the server: with decode-ahead the decode
+    # worker must be the only thread to run the graphs (ONNX Runtime), so it captures them all.
+    graphs, decoder.cuda_graph = decoder.cuda_graph, False
     try:
         decoder.prefill(says, head)
         snapshot = decoder.snapshot(says)
@@ -77,4 +80,5 @@ def time_reads(decoder: SlotDecoder, says: int = SAYS, prefix: int = PREFIX, tur
     finally:  # a failure leaves the slots as it found them: empty
         for slot in range(says + 1):
             decoder.release(slot)
+        decoder.cuda_graph = graphs
     return ReadTimes(float(np.median(times["alone"][1:])), float(np.median(times["together"][1:])))

@@ -38,6 +38,23 @@ def test_a_failing_read_leaves_the_slots_empty_and_the_server_reads_turns_alone(
     assert config.scheduler.group_cached is False and config.scheduler.prefill_chunk == server.CUDA_PREFILL_CHUNK
 
 
+def test_the_timing_captures_no_cuda_graph(gpt2_slots_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timing runs on the thread that loads the server; with decode-ahead only the decode worker
+    may run the graphs, so every step of the timing runs without one and the setting comes back."""
+    decoder = SlotDecoder(gpt2_slots_bundle, 5, 400, provider="cpu")
+    decoder.cuda_graph = True  # as on a GPU (the CPU session never sees a graph id: every step below is plain)
+    seen: list[bool] = []
+    step = decoder._step
+
+    def recording(ids: object, mask: object) -> object:
+        seen.append(decoder.cuda_graph)
+        return step(ids, mask)
+
+    monkeypatch.setattr(decoder, "_step", recording)
+    assert time_reads(decoder, repeats=1) is not None
+    assert seen and not any(seen) and decoder.cuda_graph is True
+
+
 def test_no_timing_without_room_for_the_burst(gpt2_slots_bundle: Path) -> None:
     assert time_reads(SlotDecoder(gpt2_slots_bundle, 4, 400, provider="cpu")) is None  # 4 says + 1 slot
     assert time_reads(SlotDecoder(gpt2_slots_bundle, 5, 200, provider="cpu")) is None  # 256 + 48 tokens
