@@ -20,10 +20,10 @@ Nothing may touch the model or the batches between a ``launch`` and the next ``j
 scheduler keeps to that), so the worker needs no locks. ONNX Runtime lets a session that replays CUDA
 graphs be run from one thread only, so with ``ahead`` every other run of the model (prompts read,
 candidates scored) goes to the worker too (``on_worker``, ``OnWorker``): the engine loop hands it over
-and waits. On the 2-core CPU VM the thread hand-offs
-cost more than the overlap saves (tiny model, one stream: 0.30–0.36 → 0.64–0.83 ms per token
-through the socket), so it is off by default; on a GPU the step is device time the host could use
-(not measured yet).
+and waits. On the 2-core CPU VM the thread hand-offs cost more than the overlap saves (tiny model,
+one stream: 0.30–0.36 → 0.64–0.83 ms per token through the socket), so it is off by default; on a GPU
+the step is device time the host could use (not measured there yet; at the H100's pace,
+``bench/paced.py``, +15-25 % at 32-64 streams).
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class DecodeSteps:
 
     def __init__(self, *, ahead: bool, top_tokens: int) -> None:
         self.top_tokens = top_tokens
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME) if ahead else None
+        self._thread: threading.Thread | None = None  # the worker's thread, once it runs
+        self._worker = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME, initializer=self._started)
+                        if ahead else None)
         self._flights: list[Flight] = []  # launched, not yet joined
         # Sampled tokens of decode steps: picked from the top candidates, or from the whole logits row.
         self.sampled = {"from_top": 0, "from_full": 0}
@@ -91,15 +93,18 @@ class DecodeSteps:
     def ahead(self) -> bool:
         return self._worker is not None
 
+    def _started(self) -> None:
+        self._thread = threading.current_thread()
+
     def on_worker(self, call: Callable[..., Any]) -> Callable[..., Any]:
-        """``call``, run on the decode worker when there is one (the caller waits), else as it is; a
-        call already on the worker runs at once."""
+        """``call``, run on this scheduler's decode worker when there is one (the caller waits), else as
+        it is; a call already on that worker runs at once."""
         worker = self._worker
         if worker is None:
             return call
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread().name.startswith(WORKER_NAME):
+            if threading.current_thread() is self._thread:
                 return call(*args, **kwargs)
             return worker.submit(call, *args, **kwargs).result()
 
