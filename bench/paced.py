@@ -181,7 +181,7 @@ def install(pace: Pace) -> Callable[[], None]:
     import onnxruntime as ort
 
     from npctalk.engine import server, slots, topk
-    from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK
+    from npctalk.engine.scheduler_config import DEFAULT_PREFILL_CHUNK
 
     decoder = slots.SlotDecoder
     session, step, prefill, prefill_run = decoder._session, decoder._step, decoder.prefill, decoder._prefill_run

@@ -174,7 +174,7 @@ def _consistency_main(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .scheduler import DEFAULT_PREFILL_CHUNK
+    from .scheduler_config import DEFAULT_PREFILL_CHUNK
     from .topk import DEFAULT_TOP_TOKENS
 
     parser = argparse.ArgumentParser(prog="npctalk", description="NPC dialogue engine for games.")

@@ -56,7 +56,8 @@ from .npcs import NpcRegistry
 from .request import Event
 from .read_policy import SAYS, time_reads
 from .sampling import CHAT_DEFAULTS, SearchOptions
-from .scheduler import DEFAULT_PREFILL_CHUNK, Scheduler, SchedulerConfig
+from .scheduler import Scheduler
+from .scheduler_config import DEFAULT_PREFILL_CHUNK, SchedulerConfig
 from .store import MemoryStore
 from .security import CurveServer, CurveServerConfig
 from .slot_model import SlotModel, open_model

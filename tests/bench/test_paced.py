@@ -121,7 +121,7 @@ def test_the_paced_server_takes_a_cuda_server_s_settings(gpt2_slots_bundle: Path
     turns alone (4 × 10 ms) lose to four whole prompts together (one 10 ms read and a step): together,
     with whole prompts a step."""
     from npctalk.engine import server
-    from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK, SchedulerConfig
+    from npctalk.engine.scheduler_config import DEFAULT_PREFILL_CHUNK, SchedulerConfig
 
     restore = paced.install(paced.Pace(steps=((1, 2.0), (8, 2.0)), prefill_ms=10.0))
     try:

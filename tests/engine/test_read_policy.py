@@ -9,7 +9,7 @@ import pytest
 
 from npctalk.engine import server
 from npctalk.engine.read_policy import ReadTimes, time_reads
-from npctalk.engine.scheduler import DEFAULT_PREFILL_CHUNK, SchedulerConfig
+from npctalk.engine.scheduler_config import DEFAULT_PREFILL_CHUNK, SchedulerConfig
 from npctalk.engine.slot_model import SlotModel
 from npctalk.engine.slots import SlotDecoder
 
