@@ -157,7 +157,7 @@ class SteeringCursor:
             return self.steering.penalty
         if self._at != len(reply):
             self._scan(reply)
-            nudge = self.steering.nudge_given(reply, self._ended, self._said) if self.steering.spellings else {}
+            nudge = self.steering.nudge_given(reply, self._ended, self._said)
             self._at, self._nudging = len(reply), bool(nudge)
             self._bonus = self.steering.with_penalty(nudge)
             self.over = not self._bonus
