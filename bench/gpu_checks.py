@@ -22,8 +22,9 @@ what loading it costs in device memory, and whether the CUDA-graph step gives th
 - reads: what a burst of N says with a cached persona prefix costs the device to admit, N = 2 and 6
   (prompts of a 280-token prefix and a 44-token turn): each turn read alone after the prefix's
   snapshot is copied into its slot (the default), against the N whole prompts read together in one
-  ``prefill_many`` (``serve --group-cached-prompts``); median ms of each, their ratio, and whether
-  both ways give every say the same greedy first token.
+  ``prefill_many`` (``serve --group-cached-prompts``), timed as the server times them at start
+  (``read_policy.time_reads``); median ms of each, their ratio, and whether both ways give every say
+  the same greedy first token.
 
 Writes ``gpu-checks-<model>-<device>.json`` (and logs a summary) under ``--out``.
 """
@@ -264,48 +265,22 @@ def snapshots(bundle: Path, device: str, out: Path, repeats: int = 20) -> dict[s
 
 def reads(bundle: Path, device: str, repeats: int = 10, groups: tuple[int, ...] = (2, 6),
           prefix_tokens: int = 280, turn_tokens: int = 44) -> dict[str, Any]:
-    import time
-
     from npctalk.engine.bundle import load_manifest
+    from npctalk.engine.read_policy import time_reads
     from npctalk.engine.slots import SlotDecoder
 
-    n_max = max(groups)
-    decoder = SlotDecoder(bundle, slots=n_max + 1, capacity=min(512, load_manifest(bundle).max_context), provider=device)
-    rng = np.random.default_rng(5)
-    vocab = decoder.manifest.vocab_size
-    prefix = rng.integers(10, vocab, size=prefix_tokens).tolist()
-    turns = [rng.integers(10, vocab, size=turn_tokens).tolist() for _ in range(n_max)]
-    decoder.prefill(n_max, prefix)
-    snapshot = decoder.snapshot(n_max)
-    decoder.release(n_max)
-
-    def alone(n: int) -> list[int]:
-        first = []
-        for slot in range(n):
-            decoder.restore(slot, snapshot)
-            decoder.prefill(slot, turns[slot])
-            first.append(int(decoder.logits()[0].argmax()))  # sampled from these: the read has finished
-        return first
-
-    def together(n: int) -> list[int]:
-        decoder.prefill_many(list(range(n)), [prefix + turns[slot] for slot in range(n)])
-        return [int(t) for t in decoder.logits()[:n].argmax(axis=1)]
-
+    decoder = SlotDecoder(bundle, slots=max(groups) + 1, capacity=min(512, load_manifest(bundle).max_context),
+                          provider=device)
     report: dict[str, Any] = {"prefix_tokens": prefix_tokens, "turn_tokens": turn_tokens}
-    for n in groups:
-        times: dict[str, list[float]] = {"alone_ms": [], "together_ms": []}
-        first: dict[str, list[int]] = {}
-        for _ in range(repeats + 2):  # the first two warm up
-            for name, run in (("alone_ms", alone), ("together_ms", together)):
-                start = time.perf_counter()
-                first[name] = run(n)
-                times[name].append((time.perf_counter() - start) * 1e3)
-                for slot in range(n):
-                    decoder.release(slot)
-        medians = {key: round(float(np.median(values[2:])), 3) for key, values in times.items()}
-        report[f"says_{n}"] = {**medians, "alone_over_together": round(medians["alone_ms"] / medians["together_ms"], 2),
-                               "same_first_tokens": first["alone_ms"] == first["together_ms"]}
-    return report  # the decoder goes with this frame
+    for n in groups:  # the server's own timing (read_policy), at each burst size
+        times = time_reads(decoder, says=n, prefix=prefix_tokens, turn=turn_tokens, repeats=repeats)
+        if times is None:
+            raise ValueError(f"the decoder's slots cannot hold {n} says of {prefix_tokens} + {turn_tokens} tokens")
+        alone, together = round(times.alone_ms, 3), round(times.together_ms, 3)
+        report[f"says_{n}"] = {"alone_ms": alone, "together_ms": together,
+                               "alone_over_together": round(alone / together, 2),
+                               "same_first_tokens": times.same_first_tokens}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ class ReadTimes:
 
     alone_ms: float
     together_ms: float
+    same_first_tokens: bool  # both ways gave every say the same greedy first token (last round)
 
     @property
     def together(self) -> bool:
@@ -59,21 +60,24 @@ def time_reads(decoder: SlotDecoder, says: int = SAYS, prefix: int = PREFIX, tur
         snapshot = decoder.snapshot(says)
         decoder.release(says)
 
-        def alone() -> None:
+        def alone() -> list[int]:
+            first = []
             for slot in range(says):
                 decoder.restore(slot, snapshot)
                 decoder.prefill(slot, tails[slot])
-                decoder.logits()  # on the host: the read has finished
+                first.append(int(decoder.logits()[0].argmax()))  # on the host: the read has finished
+            return first
 
-        def together() -> None:
+        def together() -> list[int]:
             decoder.prefill_many(list(range(says)), [head + tail for tail in tails])
-            decoder.logits()
+            return [int(t) for t in decoder.logits()[:says].argmax(axis=1)]
 
         times: dict[str, list[float]] = {"alone": [], "together": []}
+        first: dict[str, list[int]] = {}
         for _ in range(repeats + 1):
             for name, run in (("alone", alone), ("together", together)):
                 start = time.perf_counter()
-                run()
+                first[name] = run()
                 times[name].append((time.perf_counter() - start) * 1e3)
                 for slot in range(says):
                     decoder.release(slot)
@@ -81,4 +85,5 @@ def time_reads(decoder: SlotDecoder, says: int = SAYS, prefix: int = PREFIX, tur
         for slot in range(says + 1):
             decoder.release(slot)
         decoder.cuda_graph = graphs
-    return ReadTimes(float(np.median(times["alone"][1:])), float(np.median(times["together"][1:])))
+    return ReadTimes(float(np.median(times["alone"][1:])), float(np.median(times["together"][1:])),
+                     first["alone"] == first["together"])

@@ -18,6 +18,7 @@ def test_both_ways_are_timed_and_the_slots_left_empty(gpt2_slots_bundle: Path) -
     decoder = SlotDecoder(gpt2_slots_bundle, 5, 400, provider="cpu")
     times = time_reads(decoder, repeats=1)
     assert times is not None and times.alone_ms > 0 and times.together_ms > 0
+    assert times.same_first_tokens  # both ways read the same prompts to the same first tokens
     assert not decoder.lengths.any(), "every slot the timing used is empty again"
     assert decoder.greedy([[5, 6, 7]], 4)  # and the decoder still decodes
 
@@ -64,9 +65,9 @@ def test_no_timing_without_room_for_the_burst(gpt2_slots_bundle: Path) -> None:
 
 
 def test_together_only_when_clearly_cheaper() -> None:
-    assert ReadTimes(alone_ms=10.0, together_ms=7.9).together
-    assert not ReadTimes(alone_ms=10.0, together_ms=8.0).together  # under MARGIN of alone, not just under
-    assert not ReadTimes(alone_ms=2.0, together_ms=6.0).together
+    assert ReadTimes(alone_ms=10.0, together_ms=7.9, same_first_tokens=True).together
+    assert not ReadTimes(alone_ms=10.0, together_ms=8.0, same_first_tokens=True).together  # under MARGIN of alone, not just under
+    assert not ReadTimes(alone_ms=2.0, together_ms=6.0, same_first_tokens=True).together
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def slots(gpt2_slots_bundle: Path) -> SlotModel:
 @pytest.mark.parametrize("alone, together, grouped", [(10.0, 3.0, True), (3.0, 10.0, False)])
 def test_a_gpu_server_reads_the_way_it_timed_cheaper(slots: SlotModel, monkeypatch: pytest.MonkeyPatch,
                                                      alone: float, together: float, grouped: bool) -> None:
-    monkeypatch.setattr(server, "time_reads", lambda decoder: ReadTimes(alone, together))
+    monkeypatch.setattr(server, "time_reads", lambda decoder: ReadTimes(alone, together, True))
     config = server.slot_settings(slots, server.ServerConfig(), on_gpu=True)
     assert config.scheduler.group_cached is grouped
     assert config.scheduler.prefill_chunk == (0 if grouped else server.CUDA_PREFILL_CHUNK)
